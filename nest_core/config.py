@@ -1,0 +1,108 @@
+"""Decoder settings: one frozen, validated dataclass.
+
+Glossary (paper symbol -> field), Li et al. 2024, "Nearest Neighbor Speculative Decoding":
+
+=====  ==========================  =========================================================
+ α     ``confidence_offset``       offset of the Relative Retrieval Confidence (Eq. 4)
+ τ     ``confidence_scale``        scale (temperature) of the RRC sigmoid (Eq. 4)
+ δ(β)  ``span_threshold``          propose a span when λ < δ (Eq. 6)
+ γ     ``relaxation``              leniency of relaxed speculative verification (Eq. 7)
+ n     ``span_length``             longest span proposed in one step
+ r     ``num_neighbors``           tokens retrieved per kNN search
+ b     ``num_passages``            passages a passage source returns per query
+ μ     (fixed: 1/sqrt(d))          inverse temperature of the kNN softmax (Eq. 2)
+ λ     ``knn_lambda``              fixed weight on p_LM in ``knn-lm`` mode (Eq. 3)
+=====  ==========================  =========================================================
+
+λ always weighs the **LM**: p_M = λ·p_LM + (1-λ)·p_kNN.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Literal
+
+Mode = Literal["nest", "knn-lm", "base"]
+MODES: tuple[str, ...] = ("nest", "knn-lm", "base")
+
+
+@dataclass(frozen=True)
+class NestConfig:
+    """Settings of :class:`~nest_core.decoder.NestDecoder`; defaults follow the paper (App. A).
+
+    ``mode`` picks the system on the same decoder: ``"nest"`` (RRC mixture + spans +
+    relaxed speculative verification), ``"knn-lm"`` (fixed λ, one token per step) or
+    ``"base"`` (plain greedy decoding, passages ignored). ``passages_in_prompt`` adds the top
+    passages to the prompt as background context (RA-Nest when combined with ``"nest"``,
+    in-context RAG with ``"base"``).
+    """
+
+    mode: Mode = "nest"
+    confidence_offset: float = 0.3  # α
+    confidence_scale: float = 0.1  # τ
+    span_threshold: float = 0.5  # δ
+    relaxation: float = 5e-2  # γ (paper: 7B 5e-4, 13B 5e-3, 70B 5e-2)
+    span_length: int = 64  # n
+    initial_span_length: int = 64  # drafts start this long and double while fully accepted
+    num_neighbors: int = 1024  # r
+    num_passages: int = 40  # b
+    lm_temperature: float = 0.7  # official code tempers p_LM before mixing
+    knn_lambda: float = 0.7  # λ for knn-lm mode
+    key_layer: int = -2  # hidden_states index used for keys and queries
+    passages_in_prompt: bool = False
+    prompt_passages: int = 3  # passages placed in the prompt when passages_in_prompt
+    max_passage_tokens: int = 512  # longer passages are encoded in windows of this size
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            msg = f"mode={self.mode!r} is not one of {MODES}"
+            raise ValueError(msg)
+        _check_range("confidence_scale", self.confidence_scale, low=0.0, low_open=True)
+        _check_range("span_threshold", self.span_threshold, low=0.0, high=1.0)
+        _check_range("relaxation", self.relaxation, low=0.0, high=1.0, low_open=True)
+        _check_range("lm_temperature", self.lm_temperature, low=0.0, low_open=True)
+        _check_range("knn_lambda", self.knn_lambda, low=0.0, high=1.0)
+        for name in ("span_length", "initial_span_length", "num_neighbors", "num_passages",
+                     "max_passage_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name}={value!r} must be a positive integer"
+                raise ValueError(msg)
+        if self.initial_span_length > self.span_length:
+            msg = (f"initial_span_length={self.initial_span_length} exceeds span_length="
+                   f"{self.span_length}; lower initial_span_length or raise span_length")
+            raise ValueError(msg)
+        if not isinstance(self.key_layer, int) or self.key_layer == 0:
+            msg = f"key_layer={self.key_layer!r} must be a non-zero hidden_states index (e.g. -2)"
+            raise ValueError(msg)
+        if self.max_passage_tokens < 8:
+            msg = f"max_passage_tokens={self.max_passage_tokens} is too small; use at least 8"
+            raise ValueError(msg)
+
+    @property
+    def uses_retrieval(self) -> bool:
+        return self.mode != "base"
+
+    def with_overrides(self, **changes: Any) -> NestConfig:
+        """A copy with ``changes`` applied (validated); unknown names raise ``TypeError``."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            msg = f"unknown NestConfig field(s) {unknown}; valid fields: {sorted(known)}"
+            raise TypeError(msg)
+        return replace(self, **changes)
+
+
+def _check_range(name: str, value: float, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        msg = f"{name}={value!r} must be a number"
+        raise ValueError(msg)
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = ">" if low_open else ">="
+        msg = f"{name}={value!r} must be {bound} {low}"
+        raise ValueError(msg)
+    if high is not None and value > high:
+        msg = f"{name}={value!r} must be <= {high}"
+        raise ValueError(msg)
