@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama with a tiny byte-level BPE tokenizer (unit tests),
+and the real bundled SmolLM2 (integration tests, loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_CORPUS = [
+    "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather in Ostrava.",
+    "Nearest neighbor speculative decoding copies spans of text from retrieved passages.",
+    "A compiler translates source code into machine code; an interpreter runs it directly.",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.",
+    "Chroma and FAISS store vectors; a retriever returns the passages nearest to a query.",
+    "Unicode: café, naïve, 東京, emoji 🙂 and the end.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tiny_tokenizer():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(TINY_CORPUS * 4, vocab_size=400, min_frequency=1,
+                            special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+                            show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, unk_token="<unk>",
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny_model(vocab_size: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm():
+    """A randomly initialised 3-layer Llama (float32, CPU) with a real BPE tokenizer."""
+    from nest_core.lm import LanguageModel
+
+    tok = make_tiny_tokenizer()
+    return LanguageModel(make_tiny_model(len(tok)), tok, name="tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The bundled SmolLM2-135M-Instruct, float32 (converted once into NEST_CACHE_DIR)."""
+    from nest_core.models import load_model
+
+    return load_model()
