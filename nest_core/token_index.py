@@ -1,0 +1,102 @@
+"""The per-query token datastore: rows of all retrieved passages, searched by exact L2 kNN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from nest_core.encoding import EncodedPassage
+from nest_core.types import Passage
+
+
+@dataclass(frozen=True)
+class Neighbors:
+    """Result of one batched search; rows sorted by ascending distance, all finite.
+
+    ``dist2``: ``(Q, k)`` float32 squared L2 distances; ``rows``: ``(Q, k)`` int64 row ids.
+    """
+
+    dist2: torch.Tensor
+    rows: torch.Tensor
+
+
+class TokenIndex:
+    """Concatenation of the encoded passages of one query.
+
+    A row is *active* while it may still be retrieved or copied: its value is passage text
+    (not title/BOS), fits the LM's vocabulary, and has not been masked after being copied.
+    Search is an exact ``matmul + topk`` in float32 (cdist is ~6x slower on CPU).
+    """
+
+    def __init__(self, passages: Sequence[Passage], encoded: Sequence[EncodedPassage],
+                 vocab_size: int, device: torch.device | str = "cpu") -> None:
+        if len(passages) != len(encoded):
+            msg = f"{len(passages)} passages but {len(encoded)} encodings"
+            raise ValueError(msg)
+        self.passages = list(passages)
+        dim = next((e.keys.shape[1] for e in encoded if e.num_rows), 0)
+        sizes = [e.num_rows for e in encoded]
+        self.keys = (torch.cat([e.keys for e in encoded if e.num_rows]).to(device, torch.float32)
+                     if dim else torch.zeros(0, 0, device=device))  # [N, D]
+        self.key_sq = (self.keys * self.keys).sum(-1)  # [N]
+        self.values = (torch.cat([e.values for e in encoded]).to(device) if sizes
+                       else torch.zeros(0, dtype=torch.long, device=device))  # [N]
+        self.char_spans = (torch.cat([e.char_spans for e in encoded]) if sizes
+                           else torch.zeros(0, 2, dtype=torch.int32))  # [N, 2], on CPU
+        counts = torch.tensor(sizes, dtype=torch.long)
+        self.passage_of = torch.repeat_interleave(torch.arange(len(sizes)), counts)  # [N]
+        self.row_start = torch.cumsum(counts, 0) - counts  # [P] first row of each passage
+        self.active = ((self.char_spans[:, 0] >= 0) & (self.values.cpu() < vocab_size)) \
+            .to(device)  # [N]
+        self.dim = dim
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def num_active(self) -> int:
+        return int(self.active.sum())
+
+    def search(self, queries: torch.Tensor, k: int) -> Neighbors | None:
+        """The ``min(k, active rows)`` nearest active rows for each query ``(Q, D)``.
+
+        Clamping k to the active rows keeps every returned distance finite, so the
+        confidence ratio never sees an infinite "farthest" neighbour (PAPER.md pitfall 2).
+        """
+        n_active = self.num_active
+        if n_active == 0:
+            return None
+        q = queries.to(self.keys.device, torch.float32)  # [Q, D]
+        # ||q - k||^2 = ||k||^2 - 2 q.k + ||q||^2, computed in float32
+        d2 = self.key_sq[None, :] - 2.0 * (q @ self.keys.T) + (q * q).sum(-1, keepdim=True)
+        d2 = d2.clamp_min_(0.0).masked_fill_(~self.active[None, :], float("inf"))  # [Q, N]
+        top = torch.topk(d2, min(k, n_active), dim=-1, largest=False, sorted=True)
+        return Neighbors(dist2=top.values, rows=top.indices)
+
+    def continuation(self, row: int, n: int) -> list[int]:
+        """Up to ``n`` rows following ``row`` in its passage, stopping at the passage end or
+        at the first inactive row (already copied text is never proposed twice)."""
+        passage = int(self.passage_of[row])
+        end = (int(self.row_start[passage + 1]) if passage + 1 < len(self.row_start)
+               else self.num_rows)
+        stop = min(row + 1 + n, end)
+        active = self.active[row + 1:stop].tolist()
+        out = []
+        for offset, ok in enumerate(active):
+            if not ok:
+                break
+            out.append(row + 1 + offset)
+        return out
+
+    def mask(self, rows: Sequence[int]) -> None:
+        """Never retrieve or propose these rows again in this generation (paper Sec. 3.4)."""
+        if rows:
+            self.active[torch.tensor(list(rows), dtype=torch.long)] = False
+
+    def source(self, row: int) -> tuple[Passage, int, int]:
+        """The passage of ``row`` and the character offsets of its value token."""
+        start, end = self.char_spans[row].tolist()
+        return self.passages[int(self.passage_of[row])], int(start), int(end)
