@@ -1,0 +1,160 @@
+"""A chromadb collection as a passage source: embedded (``PersistentClient``) or a server
+(``HttpClient`` against ``chroma run``), the path past one machine's memory.
+
+We always send vectors: chromadb's default embedding function downloads a model on first use,
+which fails offline and silently differs from the model the collection was built with.
+Collections written by LangChain or LlamaIndex work too (``_``-prefixed bookkeeping keys are
+stripped from metadata; the title is read from ``metadata["title"]`` when present).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from nest_core.embeddings import (
+    EmbeddingFunction,
+    embed_texts,
+    embedding_name,
+    resolve_embedding,
+)
+from nest_core.sources.base import (
+    EmptyStoreError,
+    SyncPassageSource,
+    check_query,
+    public_metadata,
+)
+from nest_core.types import Passage
+
+logger = logging.getLogger(__name__)
+
+CHROMA_INSTALL_HINT = 'pip install "nest-decoding[chroma]"'
+DEFAULT_COLLECTION = "nest"
+EMBEDDING_KEY, DIM_KEY = "nest:embedding", "nest:dim"  # collection metadata we write
+
+
+def chroma_module() -> Any:
+    try:
+        import chromadb
+    except ImportError as err:
+        msg = f"chromadb is needed for Chroma stores: `{CHROMA_INSTALL_HINT}`"
+        raise ImportError(msg) from err
+    return chromadb
+
+
+def persistent_client(path: str | os.PathLike[str]) -> Any:
+    """An embedded Chroma database stored under ``path``."""
+    return chroma_module().PersistentClient(path=str(path))
+
+
+def http_client(host: str = "127.0.0.1", port: int = 8000, *, ssl: bool = False,
+                headers: dict[str, str] | None = None) -> Any:
+    """A client of a running Chroma server; a clear ``ConnectionError`` when none answers."""
+    try:
+        return chroma_module().HttpClient(host=host, port=port, ssl=ssl, headers=headers)
+    except ValueError as err:  # chromadb's "Could not connect to a Chroma server"
+        msg = (f"no Chroma server answers at {host}:{port} ({err}). Start one with "
+               f"`chroma run --path <DIR> --host {host} --port {port}`, or use "
+               f"ChromaSource.from_path(<DIR>) for an embedded database")
+        raise ConnectionError(msg) from err
+
+
+def get_collection(client: Any, name: str = DEFAULT_COLLECTION, *, create: bool = False,
+                   embed: EmbeddingFunction | None = None, dim: int | None = None) -> Any:
+    """A collection with no embedding function attached (we always pass vectors).
+
+    ``create=True`` makes it when missing, cosine space, recording the embedding name and
+    dimension in its metadata so later queries with another model are caught.
+    """
+    if not create:
+        try:
+            return client.get_collection(name, embedding_function=None)
+        except Exception as err:  # chromadb raises NotFoundError / ValueError by version
+            if "does not exist" not in str(err) and "not found" not in str(err).lower():
+                raise
+            known = [getattr(c, "name", c) for c in client.list_collections()]
+            msg = (f"Chroma collection {name!r} does not exist (collections: {known}); ingest "
+                   f"documents into it first (nest_core.ingest or `nest index`)")
+            raise EmptyStoreError(msg) from err
+    metadata: dict[str, Any] = {"hnsw:space": "cosine"}
+    if embed is not None:
+        metadata[EMBEDDING_KEY] = embedding_name(embed)
+    if dim is not None:
+        metadata[DIM_KEY] = int(dim)
+    return client.get_or_create_collection(name, embedding_function=None, metadata=metadata)
+
+
+class ChromaSource(SyncPassageSource):
+    """Top-k passages from a chromadb collection; ``Passage.score`` is Chroma's distance
+    (lower is closer), ``Passage.title`` comes from ``metadata["title"]``."""
+
+    def __init__(self, collection: Any, *, embed: EmbeddingFunction | None = None) -> None:
+        self.collection = collection
+        self.embed = resolve_embedding(embed)
+        meta = getattr(collection, "metadata", None) or {}
+        self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
+        built_with = meta.get(EMBEDDING_KEY)
+        if built_with and built_with != embedding_name(self.embed):
+            logger.warning("Chroma collection %r was built with embeddings %r but is queried "
+                           "with %r; results will be poor unless they are the same model",
+                           collection.name, built_with, embedding_name(self.embed))
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike[str], collection: str = DEFAULT_COLLECTION, *,
+                  embed: EmbeddingFunction | None = None) -> ChromaSource:
+        """An existing collection of an embedded Chroma database at ``path``."""
+        return cls(get_collection(persistent_client(path), collection), embed=embed)
+
+    @classmethod
+    def from_server(cls, host: str = "127.0.0.1", port: int = 8000,
+                    collection: str = DEFAULT_COLLECTION, *,
+                    embed: EmbeddingFunction | None = None, ssl: bool = False,
+                    headers: dict[str, str] | None = None) -> ChromaSource:
+        """An existing collection on a Chroma server (``chroma run --path DIR --port P``)."""
+        client = http_client(host, port, ssl=ssl, headers=headers)
+        return cls(get_collection(client, collection), embed=embed)
+
+    def __len__(self) -> int:
+        return int(self.collection.count())
+
+    def retrieve(self, query: str, k: int) -> list[Passage]:
+        check_query(query, k)
+        vector = embed_texts(self.embed, [query], self.dim)
+        try:
+            res = self.collection.query(query_embeddings=vector.tolist(), n_results=k,
+                                        include=["documents", "metadatas", "distances"])
+        except Exception as err:
+            raise _translate(err, self.collection.name) from err
+        ids = res["ids"][0]
+        if not ids:
+            if self.collection.count() == 0:
+                msg = (f"Chroma collection {self.collection.name!r} is empty; ingest documents "
+                       f"first (nest_core.ingest.ingest(documents, collection) or `nest index`)")
+                raise EmptyStoreError(msg)
+            return []
+        docs, metas, dists = res["documents"][0], res["metadatas"][0], res["distances"][0]
+        out = []
+        for pid, doc, meta, dist in zip(ids, docs, metas, dists, strict=True):
+            if not doc or not doc.strip():
+                logger.warning("Chroma passage %r has no text; skipped", pid)
+                continue
+            metadata = public_metadata(meta)
+            title = metadata.get("title")
+            out.append(Passage(id=str(pid), text=doc, title=title if isinstance(title, str)
+                               and title else None, metadata=metadata, score=float(dist)))
+        return out
+
+
+def _translate(err: Exception, name: str) -> Exception:
+    """chromadb's errors, restated with the fix."""
+    text = str(err)
+    if "dimension" in text:
+        msg = (f"Chroma collection {name!r} rejected the query vector: {text}. Query with the "
+               f"embedding model the collection was built with, or re-ingest it")
+        return ValueError(msg)
+    if "connect" in text.lower():
+        msg = (f"lost the Chroma server ({text}); is `chroma run` still running at the "
+               f"client's host and port?")
+        return ConnectionError(msg)
+    return err
