@@ -1,0 +1,29 @@
+"""LlamaIndex integration: ``NestQueryEngine`` (span-cited ``Response`` objects over any
+retriever, index or vector store) and ``NestLLM`` (Nest behind ``Settings.llm``, text only).
+
+Install: ``pip install "nest-decoding[llamaindex]"``.
+"""
+
+from nest_integrations.llama_index._deps import require
+
+require("llama_index.core")
+
+from nest_integrations.llama_index.embeddings import (  # noqa: E402
+    bundled_embedding,
+    bundled_minilm_path,
+)
+from nest_integrations.llama_index.llm import NestLLM  # noqa: E402
+from nest_integrations.llama_index.nodes import nodes_to_passages  # noqa: E402
+from nest_integrations.llama_index.query_engine import (  # noqa: E402
+    NestQueryEngine,
+    NestRetrievalError,
+)
+
+__all__ = [
+    "NestLLM",
+    "NestQueryEngine",
+    "NestRetrievalError",
+    "bundled_embedding",
+    "bundled_minilm_path",
+    "nodes_to_passages",
+]

@@ -1,0 +1,126 @@
+"""Decoder chunks -> response text (optionally with ``[n]`` markers) and span dicts.
+
+Both the streaming and the non-streaming paths run through :class:`SpanAssembler`, so the
+two cannot drift: the non-streaming response is the joined stream.
+
+Markers follow ``CitationQueryEngine``'s convention: ``[n]`` refers to ``source_nodes[n-1]``
+and follows the cited text (``"... founded in 1987 [1]."``). A span only ends when the next
+chunk does not continue it, so with markers on, the whitespace after a copied piece is held
+back until the next chunk (or the end) shows where the marker goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from llama_index.core.schema import NodeWithScore
+
+from nest_core.types import NestChunk, NestResult, Span
+from nest_integrations.llama_index.nodes import span_dict
+
+
+@dataclass
+class _OpenSpan:
+    """The span being extended: the first and the latest chunk span it merges."""
+
+    first: Span
+    last: Span
+
+
+class SpanAssembler:
+    """Feeds on :class:`NestChunk` objects; returns the text to emit for each.
+
+    ``spans`` (the list given, e.g. ``Response.metadata["nest_spans"]``) receives one dict
+    per span as soon as the span is known to be complete. Output offsets in those dicts
+    index the *emitted* text: with ``citation_markers=True`` that is the marked text.
+    Positions are tracked in the decoder's plain text (``plain``); a marker is a pending
+    insertion at a plain position, emitted when the output reaches it.
+    """
+
+    def __init__(self, nodes: Mapping[str, tuple[int, NodeWithScore]], spans: list[Any],
+                 *, citation_markers: bool = False) -> None:
+        self._nodes = nodes  # passage id -> (1-based source index, node)
+        self._markers_on = citation_markers
+        self.spans = spans
+        self.plain = ""  # the decoder's text so far
+        self._pos = 0  # plain characters already emitted
+        self._markers: list[tuple[int, str]] = []  # (plain position, marker), ascending
+        self._marker_chars_before = 0  # marker characters already emitted
+        self._open: _OpenSpan | None = None
+        self.result: NestResult | None = None
+
+    def feed(self, chunk: NestChunk) -> str:
+        """Account for ``chunk``; return what may be emitted now (possibly ``""``)."""
+        self.plain += chunk.text
+        if chunk.result is not None:
+            self.result = chunk.result
+        span = chunk.span
+        if span is not None and span.passage.id not in self._nodes:
+            span = None  # not one of our passages: cite nothing rather than guess
+        if span is not None and self._continues(span):
+            assert self._open is not None
+            self._open.last = span
+        else:
+            self._close()
+            if span is not None:
+                self._open = _OpenSpan(first=span, last=span)
+        return self._flush()
+
+    def finish(self) -> str:
+        """Close the last span; return all remaining text and markers."""
+        self._close()
+        return self._flush()
+
+    # --- internals -------------------------------------------------------------------------
+    def _flush(self) -> str:
+        """Emit plain text up to what is safe, with the markers that fall inside it."""
+        limit = len(self.plain)
+        if self._markers_on and self._open is not None:
+            # whether a marker follows the open span is unknown until the next chunk
+            limit = min(limit, self._open.last.out_end)
+        out = []
+        while self._markers and self._markers[0][0] <= limit:
+            at, marker = self._markers.pop(0)
+            out.append(self.plain[self._pos:at])
+            out.append(marker)
+            self._pos = max(self._pos, at)
+            self._marker_chars_before += len(marker)
+        if limit > self._pos:
+            out.append(self.plain[self._pos:limit])
+            self._pos = limit
+        return "".join(out)
+
+    def _continues(self, span: Span) -> bool:
+        """Same passage, next token, and the text between matches the passage's text."""
+        if self._open is None:
+            return False
+        last = self._open.last
+        if span.passage.id != last.passage.id or span.token_start != last.token_end:
+            return False
+        if span.src_start < last.src_end:
+            return False
+        gap_out = self.plain[last.out_end:span.out_start]
+        return gap_out == span.passage.text[last.src_end:span.src_start]
+
+    def _close(self) -> None:
+        """Record the open span as a dict and queue its marker."""
+        if self._open is None:
+            return
+        first, last = self._open.first, self._open.last
+        self._open = None
+        passage = first.passage
+        index, scored = self._nodes[passage.id]
+        merged = Span(text=passage.text[first.src_start:last.src_end],
+                      out_start=first.out_start, out_end=last.out_end, passage=passage,
+                      src_start=first.src_start, src_end=last.src_end,
+                      token_start=first.token_start, token_end=last.token_end)
+        # markers already placed at or before the span start shift it right
+        shift = self._marker_chars_before + sum(
+            len(m) for at, m in self._markers if at <= first.out_start)
+        start = first.out_start + shift
+        self.spans.append(span_dict(merged, scored, index, out_start=start,
+                                    out_end=start + (last.out_end - first.out_start)))
+        if self._markers_on:
+            self._markers.append((last.out_end, f" [{index}]"))
