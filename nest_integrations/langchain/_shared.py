@@ -1,0 +1,253 @@
+"""What ChatNest and NestLLM share: fields, lazy model loading, passage retrieval, decoding.
+
+Nothing heavy happens at construction (langchain-tests times ``__init__``, and users build
+models at import time): torch, the LM and the decoder are touched on the first call. The LM is
+shared between instances through :func:`nest_core.models.load_model` (``shared=True``), and so
+is the cache of encoded passage keys, so a second instance re-uses both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.vectorstores import VectorStore
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from nest_core.config import NestConfig
+from nest_core.types import NestChunk, NestResult, Passage
+from nest_integrations.langchain.documents import documents_to_passages
+
+if TYPE_CHECKING:
+    from nest_core.encoding import KeyCache
+    from nest_core.lm import LanguageModel
+
+logger = logging.getLogger(__name__)
+
+PROVIDER = "nest"
+CALL_OPTIONS = ("documents", "model", "max_tokens")
+_T = TypeVar("_T")
+_DONE = object()
+_CACHE_LOCK = threading.Lock()
+_KEY_CACHES: dict[tuple[str, str | None], KeyCache] = {}
+
+
+def default_model_name() -> str:
+    from nest_core.models import DEFAULT_MODEL_NAME
+
+    return DEFAULT_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """Per-call settings after merging call kwargs over the instance fields."""
+
+    model: str | None
+    max_tokens: int
+    stop: list[str] | None
+    documents: list[Document] | None
+
+    @property
+    def model_name(self) -> str:
+        return self.model or default_model_name()
+
+
+class NestParams(BaseModel):
+    """Fields and helpers common to :class:`ChatNest` and :class:`NestLLM` (a pydantic mixin)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    model: str | None = Field(
+        default=None,
+        description="Hugging Face id, local directory or .gguf path of the causal LM; None is "
+        "the bundled SmolLM2-135M-Instruct. Loaded on the first call, shared between instances.",
+    )
+    retriever: BaseRetriever | None = Field(
+        default=None, description="Where passages come from: any LangChain retriever.")
+    vectorstore: VectorStore | None = Field(
+        default=None,
+        description="Alternative to `retriever`: any LangChain VectorStore (Chroma, FAISS, ...), "
+        "searched with `similarity_search_with_score` so the raw score is kept.")
+    k: int = Field(default=4, ge=1, description="Passages fetched from `vectorstore` per query "
+                   "(a `retriever` uses its own setting).")
+    nest_config: NestConfig | None = Field(
+        default=None, description="Decoder settings; None is NestConfig() (paper defaults).")
+    nest_overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="NestConfig fields to override, e.g. {'relaxation': 0.1, 'mode': 'base'}.")
+    max_tokens: int = Field(default=128, ge=1, description="Most tokens generated per call.")
+    stop: list[str] | None = Field(
+        default=None, description="Stop strings; generation ends before the first match.")
+    temperature: float | None = Field(
+        default=None,
+        description="Nest decodes greedily: only None or 0 are accepted (anything else raises).")
+    dtype: str | None = Field(
+        default=None, description="Model dtype: None/'float32', or 'bfloat16' (faster on CPU).")
+    device: str | None = Field(default=None, description="torch device; None is CPU.")
+    datastore_dir: str | None = Field(
+        default=None,
+        description="Directory of a persistent span datastore (encoded passage keys survive "
+        "restarts); None keeps them in a shared in-memory cache.")
+
+    _lm: Any = PrivateAttr(default=None)  # LanguageModel, loaded on the first call
+    _lm_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="after")
+    def _check_settings(self) -> NestParams:
+        if self.temperature not in (None, 0, 0.0):
+            msg = (f"temperature={self.temperature!r} is not supported: Nest decodes greedily "
+                   f"(its speculative verification and citations assume it). Use "
+                   f"temperature=0 or leave it unset")
+            raise ValueError(msg)
+        if self.retriever is not None and self.vectorstore is not None:
+            msg = ("pass either `retriever` or `vectorstore`, not both "
+                   "(vectorstore.as_retriever(...) makes a retriever from a store)")
+            raise ValueError(msg)
+        self.resolved_config()  # fail at construction on unknown or invalid overrides
+        return self
+
+    def resolved_config(self) -> NestConfig:
+        base = self.nest_config if self.nest_config is not None else NestConfig()
+        return base.with_overrides(**self.nest_overrides) if self.nest_overrides else base
+
+    # --- per call --------------------------------------------------------------------------
+    def _call_options(self, stop: list[str] | None, kwargs: dict[str, Any]) -> CallOptions:
+        unknown = sorted(set(kwargs) - set(CALL_OPTIONS))
+        if unknown:
+            msg = (f"unexpected keyword argument(s) {unknown}; per-call options are "
+                   f"{list(CALL_OPTIONS)} (set Nest settings with `nest_overrides`)")
+            raise TypeError(msg)
+        documents = kwargs.get("documents")
+        if documents is not None and not isinstance(documents, (list, tuple)):
+            msg = f"documents must be a list of Document, got {type(documents).__name__}"
+            raise TypeError(msg)
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            msg = f"max_tokens={max_tokens!r} must be a positive integer"
+            raise ValueError(msg)
+        stops = stop if stop is not None else self.stop
+        return CallOptions(model=kwargs.get("model") or self.model, max_tokens=max_tokens,
+                           stop=list(stops) if stops else None,
+                           documents=None if documents is None else list(documents))
+
+    def _load_lm(self, name: str | None) -> LanguageModel:
+        """The LM for ``name`` (this instance's model unless a call overrides it)."""
+        from nest_core.models import load_model
+
+        if name != self.model:
+            return load_model(name, dtype=self.dtype, device=self.device)
+        with self._lm_lock:
+            if self._lm is None:
+                logger.info("loading %s (first call)", name or default_model_name())
+                self._lm = load_model(name, dtype=self.dtype, device=self.device)
+            return self._lm
+
+    def _decoder_stream(self, prompt: str | list[dict[str, str]], passages: list[Passage],
+                        opts: CallOptions) -> Iterator[NestChunk]:
+        from nest_core.decoder import NestDecoder
+
+        lm = self._load_lm(opts.model)
+        decoder = NestDecoder(lm, self.resolved_config(),
+                              key_cache=_key_cache(lm, self.datastore_dir))
+        return decoder.stream(prompt, passages or None, max_new_tokens=opts.max_tokens,
+                              stop=opts.stop)
+
+    # --- retrieval -------------------------------------------------------------------------
+    def _retrieve(self, query: str, opts: CallOptions,
+                  run_manager: CallbackManagerForLLMRun | None
+                  ) -> tuple[list[Passage], list[Document]]:
+        if opts.documents is not None:
+            return documents_to_passages(opts.documents)
+        config = {"callbacks": run_manager.get_child()} if run_manager else None
+        if self.retriever is not None:
+            return documents_to_passages(self.retriever.invoke(query, config=config))
+        if self.vectorstore is not None:
+            return documents_to_passages(_search(self.vectorstore, query, self.k))
+        return [], []
+
+    async def _aretrieve(self, query: str, opts: CallOptions,
+                         run_manager: AsyncCallbackManagerForLLMRun | None
+                         ) -> tuple[list[Passage], list[Document]]:
+        if opts.documents is not None:
+            return documents_to_passages(opts.documents)
+        config = {"callbacks": run_manager.get_child()} if run_manager else None
+        if self.retriever is not None:
+            docs = await self.retriever.ainvoke(query, config=config)
+            return documents_to_passages(docs)
+        if self.vectorstore is not None:
+            return documents_to_passages(await _asearch(self.vectorstore, query, self.k))
+        return [], []
+
+
+def _search(store: VectorStore, query: str, k: int) -> Sequence[Document | tuple[Document, float]]:
+    """Scored search when the store offers it (keeps the raw score), plain search otherwise."""
+    try:
+        return store.similarity_search_with_score(query, k=k)
+    except NotImplementedError:
+        return store.similarity_search(query, k=k)
+
+
+async def _asearch(store: VectorStore, query: str, k: int
+                   ) -> Sequence[Document | tuple[Document, float]]:
+    try:
+        return await store.asimilarity_search_with_score(query, k=k)
+    except NotImplementedError:
+        return await store.asimilarity_search(query, k=k)
+
+
+def _key_cache(lm: LanguageModel, datastore_dir: str | None) -> KeyCache:
+    """One key cache per (model, datastore): encoded passages are reused across instances."""
+    key = (lm.fingerprint, datastore_dir)
+    with _CACHE_LOCK:
+        cache = _KEY_CACHES.get(key)
+        if cache is None:
+            if datastore_dir is None:
+                from nest_core.encoding import MemoryKeyCache
+
+                cache = MemoryKeyCache()
+            else:
+                from nest_core.datastore import SpanDatastore
+
+                cache = SpanDatastore(datastore_dir)
+            _KEY_CACHES[key] = cache
+        return cache
+
+
+async def aiter_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]:
+    """Drive a blocking iterator from async code, one ``next`` per worker-thread hop, so the
+    event loop stays free while the LM runs (``make`` itself may load the model)."""
+    iterator = await asyncio.to_thread(make)
+    try:
+        while True:
+            item = await asyncio.to_thread(next, iterator, _DONE)
+            if item is _DONE:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
+
+
+def usage(result: NestResult) -> dict[str, int]:
+    prompt = int(result.stats.prompt_tokens)
+    output = len(result.token_ids)
+    return {"input_tokens": prompt, "output_tokens": output, "total_tokens": prompt + output}
+
+
+def nest_metadata(result: NestResult) -> dict[str, Any]:
+    """Spans and stats of one answer, JSON-ready (what tracing and UIs read)."""
+    return {
+        "spans": [s.to_dict() for s in result.spans],
+        "stats": result.stats.to_dict(),
+        "attribution_ratio": result.attribution_ratio,
+        "mean_span_length": result.mean_span_length,
+        "prompt_truncated": result.prompt_truncated,
+    }

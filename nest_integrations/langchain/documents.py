@@ -1,0 +1,131 @@
+"""LangChain ``Document`` <-> Nest ``Passage`` adapters, and spans -> standard citations.
+
+Passage ids key citations (and tie a cited span back to its source document), so they must be
+stable across runs and stores: ``Document.id`` when the store gave one, else
+``"{source}#{start_index}"`` when a text splitter recorded where the chunk starts, else a hash
+of the content. Vector stores disagree on score scales (squared L2, ``exp(-d)``, inner
+product); Nest only needs the order, so the raw score is kept, never reinterpreted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from langchain_core.documents import Document
+from langchain_core.messages.content import Citation, create_citation
+
+from nest_core.types import Passage, Span
+
+TITLE_KEYS = ("title", "name", "heading")
+SCORE_KEY = "nest_score"
+
+
+def stable_document_id(doc: Document) -> str:
+    """The id a document's passage and citations use (see the module docstring for the order).
+
+    A bare ``source`` is not enough: a text splitter makes many chunks of one source.
+    """
+    if doc.id:
+        return str(doc.id)
+    source = doc.metadata.get("source")
+    start = doc.metadata.get("start_index")
+    if source is not None and start is not None:
+        return f"{source}#{start}"
+    digest = hashlib.sha256(doc.page_content.encode("utf-8")).hexdigest()
+    return f"sha256:{digest[:16]}"
+
+
+def document_to_passage(doc: Document, score: float | None = None) -> Passage:
+    """A passage over ``doc.page_content``; the title comes from ``metadata`` when present.
+
+    Citation offsets index ``page_content`` exactly, so the text is passed through unchanged.
+    """
+    if not isinstance(doc, Document):
+        msg = f"expected a langchain_core Document, got {type(doc).__name__}"
+        raise TypeError(msg)
+    title = next((str(doc.metadata[k]) for k in TITLE_KEYS if doc.metadata.get(k)), None)
+    metadata = dict(doc.metadata)
+    if score is not None:
+        metadata[SCORE_KEY] = float(score)
+    return Passage(id=stable_document_id(doc), text=doc.page_content, title=title,
+                   metadata=metadata, score=None if score is None else float(score))
+
+
+def documents_to_passages(
+    docs: Iterable[Document | tuple[Document, float]],
+) -> tuple[list[Passage], list[Document]]:
+    """Passages for the decoder, and the source documents (with their stable ``id`` set) to
+    hand back in ``response_metadata``. Duplicate ids keep the first (best-ranked) document."""
+    passages: list[Passage] = []
+    sources: list[Document] = []
+    seen: set[str] = set()
+    for item in docs:
+        doc, score = item if isinstance(item, tuple) else (item, None)
+        passage = document_to_passage(doc, score)
+        if passage.id in seen:
+            continue
+        seen.add(passage.id)
+        passages.append(passage)
+        sources.append(passage_to_document(passage))
+    return passages, sources
+
+
+def passage_to_document(passage: Passage) -> Document:
+    """The inverse adapter: a ``Document`` whose ``id`` is the passage id."""
+    metadata: dict[str, Any] = dict(passage.metadata)
+    if passage.title is not None and not any(metadata.get(k) for k in TITLE_KEYS):
+        metadata["title"] = passage.title
+    return Document(id=passage.id, page_content=passage.text, metadata=metadata)
+
+
+def span_to_citation(span: Span) -> Citation:
+    """A standard ``Citation``: ``answer[start_index:end_index] == cited_text ==
+    page_content[src_start:src_end]`` (the decoder's span invariant).
+
+    The id is derived from the span, not random, so a streamed answer and an invoked answer
+    carry identical citations.
+    """
+    passage = span.passage
+    source = passage.metadata.get("source")
+    return create_citation(
+        id=f"nest-{span.out_start}-{span.out_end}-{passage.id}",
+        url=None if source is None else str(source),
+        title=passage.title,
+        start_index=span.out_start,
+        end_index=span.out_end,
+        cited_text=span.text,
+        doc_id=passage.id,
+        src_start=span.src_start,
+        src_end=span.src_end,
+    )
+
+
+def spans_to_citations(spans: Sequence[Span]) -> list[Citation]:
+    return [span_to_citation(s) for s in spans]
+
+
+def format_citations(answer: str, citations: Sequence[Citation]) -> str:
+    """The answer with ``[n]`` after each cited span, then a numbered source list.
+
+    One number per source document, in order of first citation (what the examples print).
+    """
+    numbers: dict[str, int] = {}
+    marks: list[tuple[int, str]] = []
+    for c in citations:
+        key = str(c.get("extras", {}).get("doc_id", c.get("url") or c.get("title")))
+        n = numbers.setdefault(key, len(numbers) + 1)
+        marks.append((int(c.get("end_index", 0)), f"[{n}]"))
+    out = answer
+    for end, mark in sorted(marks, reverse=True):
+        out = out[:end] + mark + out[end:]
+    lines = [out, ""]
+    for c in citations:
+        key = str(c.get("extras", {}).get("doc_id", c.get("url") or c.get("title")))
+        n = numbers.pop(key, None)
+        if n is None:
+            continue
+        label = c.get("title") or c.get("url") or key
+        lines.append(f"[{n}] {label}")
+    return "\n".join(lines).rstrip()

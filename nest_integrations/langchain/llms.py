@@ -1,0 +1,127 @@
+"""``NestLLM``: the string-in, string-out LangChain surface of Nest.
+
+A ``BaseLLM`` (not ``LLM``, whose ``_call`` returns a bare string with nowhere to put
+citations). Each ``Generation.generation_info`` holds ``spans`` (with output and source
+offsets), ``source_documents`` and ``stats``; the streamed ``GenerationChunk``s carry only
+text until the last one, so adding them up gives exactly the invoked generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.documents import Document
+from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+
+from nest_core.types import NestResult
+from nest_integrations.langchain._shared import (
+    PROVIDER,
+    CallOptions,
+    NestParams,
+    aiter_in_thread,
+    default_model_name,
+    nest_metadata,
+    usage,
+)
+
+
+class NestLLM(NestParams, BaseLLM):
+    """Nest as a LangChain LLM: a prompt string in, an attributed completion out.
+
+    The prompt goes through the model's chat template as one user message (SmolLM2 is an
+    instruct model); it is also the retrieval query. Same fields as :class:`ChatNest`.
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "nest"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model or default_model_name(), "k": self.k,
+                "max_tokens": self.max_tokens, "nest_config": repr(self.resolved_config())}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider=PROVIDER,
+            ls_model_name=kwargs.get("model") or self.model or default_model_name(),
+            ls_model_type="llm",
+            ls_temperature=0.0,
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stops := (stop if stop is not None else self.stop):
+            params["ls_stop"] = list(stops)
+        return params
+
+    # --- generation: _generate is built from _stream so the two cannot drift ----------------
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,
+                  **kwargs: Any) -> LLMResult:
+        generations = []
+        for prompt in prompts:
+            chunks = list(self._stream(prompt, stop, run_manager, **kwargs))
+            generations.append([_merge(chunks)])
+        return LLMResult(generations=generations, llm_output=self._llm_output(kwargs))
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> LLMResult:
+        generations = []
+        for prompt in prompts:
+            chunks = [c async for c in self._astream(prompt, stop, run_manager, **kwargs)]
+            generations.append([_merge(chunks)])
+        return LLMResult(generations=generations, llm_output=self._llm_output(kwargs))
+
+    def _stream(self, prompt: str, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:
+        opts = self._call_options(stop, kwargs)
+        passages, sources = self._retrieve(prompt, opts, run_manager)
+        for piece in self._decoder_stream(prompt, passages, opts):
+            chunks = []
+            if piece.text:
+                chunks.append(GenerationChunk(text=piece.text))
+            if piece.result is not None:
+                chunks.append(_last_chunk(piece.result, sources, opts))
+            for chunk in chunks:
+                # BaseLLM.stream does not report tokens itself: callbacks rely on this call.
+                if run_manager:
+                    run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        opts = self._call_options(stop, kwargs)
+        passages, sources = await self._aretrieve(prompt, opts, run_manager)
+        pieces = aiter_in_thread(lambda: self._decoder_stream(prompt, passages, opts))
+        async for piece in pieces:
+            chunks = []
+            if piece.text:
+                chunks.append(GenerationChunk(text=piece.text))
+            if piece.result is not None:
+                chunks.append(_last_chunk(piece.result, sources, opts))
+            for chunk in chunks:
+                if run_manager:
+                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                yield chunk
+
+    def _llm_output(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {"model_name": kwargs.get("model") or self.model or default_model_name()}
+
+
+def _last_chunk(result: NestResult, sources: list[Document],
+                opts: CallOptions) -> GenerationChunk:
+    info = {"source_documents": sources, "finish_reason": result.finish_reason,
+            "model_name": opts.model_name, "usage": usage(result), **nest_metadata(result)}
+    return GenerationChunk(text="", generation_info=info)
+
+
+def _merge(chunks: list[GenerationChunk]) -> Generation:
+    total = chunks[0]
+    for chunk in chunks[1:]:
+        total += chunk
+    return Generation(text=total.text, generation_info=total.generation_info)
