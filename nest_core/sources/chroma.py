@@ -125,7 +125,7 @@ class ChromaSource(SyncPassageSource):
             res = self.collection.query(query_embeddings=vector.tolist(), n_results=k,
                                         include=["documents", "metadatas", "distances"])
         except Exception as err:
-            raise _translate(err, self.collection.name) from err
+            raise translate_chroma_error(err, self.collection.name) from err
         ids = res["ids"][0]
         if not ids:
             if self.collection.count() == 0:
@@ -146,7 +146,7 @@ class ChromaSource(SyncPassageSource):
         return out
 
 
-def _translate(err: Exception, name: str) -> Exception:
+def translate_chroma_error(err: Exception, name: str) -> Exception:
     """chromadb's errors, restated with the fix."""
     text = str(err)
     if "dimension" in text:

@@ -215,6 +215,21 @@ class FaissStore:
             self.meta.rows = len(self._records)
             return len(keep)
 
+    def delete(self, ids: Sequence[str]) -> int:
+        """Tombstone passages by id (rows stay, unsearchable); returns how many were live."""
+        with self._lock:
+            removed = 0
+            for pid in ids:
+                row = self._by_id.pop(pid, None)
+                if row is not None:
+                    self._records[row] = {"row": row, "id": pid, "deleted": True}
+                    removed += 1
+            return removed
+
+    def ids(self) -> list[str]:
+        """Ids of the live passages, in row order."""
+        return sorted(self._by_id, key=self._by_id.__getitem__)
+
     def save(self) -> None:
         """Write sidecar, index, then header, each atomically (a reader racing a save sees a
         sidecar at least as long as the index, which :meth:`open` accepts)."""

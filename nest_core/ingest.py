@@ -1,0 +1,300 @@
+"""Ingest: documents -> ~100-word passages -> vectors -> a Chroma collection or FAISS store,
+and optionally -> the span datastore, so the first query already runs no LM over passages.
+
+Passage ids are stable (``"{doc_id}#{chunk}"``), so re-ingesting the same documents writes
+nothing; a changed document replaces its passages and drops the ones it no longer has.
+Each passage's ``metadata`` holds ``doc_id``, ``title``, ``chunk`` and ``start``/``end``: the
+character offsets of the passage in its document (``document.text[start:end] == text``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from nest_core.embeddings import EmbeddingFunction, embed_texts, embedding_name, resolve_embedding
+from nest_core.sources.base import drop_empty, embedding_text
+from nest_core.sources.chroma import (
+    DEFAULT_COLLECTION,
+    DIM_KEY,
+    ChromaSource,
+    get_collection,
+    http_client,
+    persistent_client,
+    translate_chroma_error,
+)
+from nest_core.sources.faiss_store import FaissStore, IndexKind
+from nest_core.types import Passage
+
+if TYPE_CHECKING:
+    from nest_core.config import NestConfig
+    from nest_core.encoding import KeyCache
+    from nest_core.lm import LanguageModel
+
+logger = logging.getLogger(__name__)
+
+_WORD = re.compile(r"\S+")
+_SENTENCE_END = (".", "!", "?", ".\"", ".)", ";")
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to ingest. ``id`` keys its passages; by default it is derived from the
+    title (or the text when untitled), so an edited document replaces its old passages."""
+
+    text: str
+    title: str | None = None
+    id: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def doc_id(self) -> str:
+        if self.id:
+            return self.id
+        basis = f"title:{self.title}" if self.title else f"text:{self.text}"
+        return hashlib.sha256(basis.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class IngestReport:
+    """What one :func:`ingest` call did (counts of passages)."""
+
+    documents: int = 0
+    passages: int = 0
+    written: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    empty_skipped: int = 0
+    encoded_rows: int = 0
+
+
+def chunk_document(doc: Document, words_per_passage: int = 100) -> list[Passage]:
+    """Split ``doc`` into passages of about ``words_per_passage`` words.
+
+    A chunk ends at a sentence end when one falls within 25% of the target, so passages
+    read as whole sentences; the text is an exact slice of the document (offsets stored).
+    """
+    if words_per_passage < 1:
+        msg = f"words_per_passage={words_per_passage} must be positive"
+        raise ValueError(msg)
+    words = [(m.start(), m.end()) for m in _WORD.finditer(doc.text)]
+    low, high = max(1, int(words_per_passage * 0.75)), int(words_per_passage * 1.25)
+    passages, i = [], 0
+    while i < len(words):
+        end = min(i + words_per_passage, len(words))
+        if end < len(words):
+            for j in range(min(i + high, len(words)) - 1, i + low - 2, -1):
+                if doc.text[words[j][0]:words[j][1]].endswith(_SENTENCE_END):
+                    end = j + 1
+                    break
+        start_char, end_char = words[i][0], words[end - 1][1]
+        n = len(passages)
+        meta = {**_scalar_metadata(doc.metadata), "doc_id": doc.doc_id, "chunk": n,
+                "start": start_char, "end": end_char}
+        if doc.title:
+            meta["title"] = doc.title
+        passages.append(Passage(id=f"{doc.doc_id}#{n}", text=doc.text[start_char:end_char],
+                                title=doc.title, metadata=meta))
+        i = end
+    return passages
+
+
+def ingest(documents: Iterable[Document], store: Any, *,
+           embed: EmbeddingFunction | None = None, words_per_passage: int = 100,
+           batch_size: int = 64, progress: bool = True, lm: LanguageModel | None = None,
+           datastore: KeyCache | None = None, config: NestConfig | None = None) -> IngestReport:
+    """Chunk, embed and write ``documents`` into ``store``: a :class:`FaissStore` (saved at
+    the end), a :class:`ChromaSource` or a chromadb collection. Idempotent by passage id.
+
+    With ``lm``, also precompute the span datastore (``datastore``, default: the one inside a
+    FAISS store's directory) with the key layer and window of ``config``, so queries over
+    these passages run no LM on them.
+    """
+    embed = resolve_embedding(embed)
+    docs = list(documents)
+    report = IngestReport(documents=len(docs))
+    chunked = [chunk_document(d, words_per_passage) for d in docs]
+    all_passages = [p for ps in chunked for p in ps]
+    passages = drop_empty(all_passages, "ingest")
+    empty_docs = [d.doc_id for d in docs if not d.text.strip()]
+    if empty_docs:
+        logger.warning("ingest: skipped %d document(s) with no text (ids %s)", len(empty_docs),
+                       ", ".join(empty_docs[:5]))
+    report.empty_skipped = len(empty_docs)
+    report.passages = len(passages)
+    _check_unique(passages)
+    writer = _FaissWriter(store) if isinstance(store, FaissStore) else _ChromaWriter(store)
+    bar = _progress(len(passages), "embedding passages", progress)
+    try:
+        for start in range(0, len(passages), batch_size):
+            batch = writer.changed(passages[start:start + batch_size])
+            report.unchanged += min(batch_size, len(passages) - start) - len(batch)
+            if batch:
+                vectors = embed_texts(embed, [embedding_text(p) for p in batch], writer.dim)
+                writer.dim = vectors.shape[1]
+                writer.write(batch, vectors, embed)
+                report.written += len(batch)
+            bar.update(min(batch_size, len(passages) - start))
+    finally:
+        bar.close()
+    keep = {p.id for p in passages}
+    report.removed = writer.remove_stale([d.doc_id for d in docs], keep)
+    writer.finish()
+    if lm is not None:
+        report.encoded_rows = precompute(passages, lm, datastore=datastore or writer.datastore(),
+                                         config=config, progress=progress)
+    logger.info("ingest: %s", report)
+    return report
+
+
+def open_faiss_store(path: str | os.PathLike[str], *, embed: EmbeddingFunction | None = None,
+                     kind: IndexKind = "flat", **kwargs: Any) -> FaissStore:
+    """The FAISS store at ``path``, created for ``embed``'s dimension when missing."""
+    embed = resolve_embedding(embed)
+    dim = embed_texts(embed, ["dimension probe"]).shape[1]
+    return FaissStore.open_or_create(path, dim, kind=kind, embedding=embedding_name(embed),
+                                     **kwargs)
+
+
+def open_chroma_collection(path: str | os.PathLike[str] | None = None, *,
+                           host: str | None = None, port: int = 8000,
+                           name: str = DEFAULT_COLLECTION,
+                           embed: EmbeddingFunction | None = None) -> Any:
+    """A collection to ingest into: embedded at ``path``, or on the server at ``host:port``;
+    created (cosine, with the embedding name and dimension recorded) when missing."""
+    if (path is None) == (host is None):
+        msg = "pass exactly one of path= (embedded Chroma) or host= (a Chroma server)"
+        raise ValueError(msg)
+    embed = resolve_embedding(embed)
+    dim = embed_texts(embed, ["dimension probe"]).shape[1]
+    client = persistent_client(path) if path is not None else http_client(str(host), port)
+    return get_collection(client, name, create=True, embed=embed, dim=dim)
+
+
+def precompute(passages: Sequence[Passage], lm: LanguageModel, *, datastore: KeyCache | None,
+               config: NestConfig | None = None, progress: bool = True,
+               batch_size: int = 20) -> int:
+    """Encode ``passages`` into ``datastore`` (default: :func:`default_datastore_dir`) with the
+    decoder's key layer and window; cached ones cost a file read. Returns rows stored."""
+    from nest_core.config import NestConfig
+    from nest_core.datastore import SpanDatastore
+    from nest_core.encoding import PassageEncoder
+
+    cfg = config or NestConfig()
+    encoder = PassageEncoder(lm, key_layer=cfg.key_layer,
+                             max_passage_tokens=cfg.max_passage_tokens,
+                             cache=datastore if datastore is not None else SpanDatastore())
+    rows = 0
+    bar = _progress(len(passages), "encoding span datastore", progress)
+    try:
+        for start in range(0, len(passages), batch_size):
+            batch = passages[start:start + batch_size]
+            rows += sum(e.num_rows for e in encoder.encode(batch))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    return rows
+
+
+class _FaissWriter:
+    def __init__(self, store: FaissStore) -> None:
+        self.store = store
+        self.dim: int | None = store.dim
+
+    def changed(self, batch: list[Passage]) -> list[Passage]:
+        return [p for p in batch if not self.store.contains(p)]
+
+    def write(self, batch: list[Passage], vectors: Any, embed: EmbeddingFunction) -> None:
+        if self.store.meta.embedding is None:
+            self.store.meta.embedding = embedding_name(embed)
+        self.store.add(batch, vectors)
+
+    def remove_stale(self, doc_ids: list[str], keep: set[str]) -> int:
+        prefixes = tuple(f"{d}#" for d in doc_ids)
+        return self.store.delete([i for i in self.store.ids()
+                                  if i.startswith(prefixes) and i not in keep])
+
+    def finish(self) -> None:
+        self.store.save()
+
+    def datastore(self) -> KeyCache:
+        from nest_core.datastore import SpanDatastore
+
+        return SpanDatastore.for_store(self.store.path)
+
+
+class _ChromaWriter:
+    def __init__(self, store: Any) -> None:
+        collection = store.collection if isinstance(store, ChromaSource) else store
+        if not callable(getattr(collection, "upsert", None)):
+            msg = (f"store must be a FaissStore, a ChromaSource or a chromadb collection, got "
+                   f"{type(store).__name__}")
+            raise TypeError(msg)
+        self.collection = collection
+        meta = getattr(collection, "metadata", None) or {}
+        self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
+
+    def changed(self, batch: list[Passage]) -> list[Passage]:
+        got = self.collection.get(ids=[p.id for p in batch], include=["documents", "metadatas"])
+        have = {i: (doc, (m or {}).get("title"))
+                for i, doc, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
+        return [p for p in batch if have.get(p.id) != (p.text, p.title)]
+
+    def write(self, batch: list[Passage], vectors: Any, embed: EmbeddingFunction) -> None:
+        try:
+            self.collection.upsert(ids=[p.id for p in batch], embeddings=vectors.tolist(),
+                                   documents=[p.text for p in batch],
+                                   metadatas=[dict(p.metadata) for p in batch])
+        except Exception as err:
+            raise translate_chroma_error(err, self.collection.name) from err
+
+    def remove_stale(self, doc_ids: list[str], keep: set[str]) -> int:
+        stale: list[str] = []
+        for start in range(0, len(doc_ids), 100):
+            where: Any = {"doc_id": {"$in": doc_ids[start:start + 100]}}
+            got = self.collection.get(where=where, include=[])
+            stale.extend(i for i in got["ids"] if i not in keep)
+        if stale:
+            self.collection.delete(ids=stale)
+        return len(stale)
+
+    def finish(self) -> None:
+        return None
+
+    def datastore(self) -> KeyCache:
+        from nest_core.datastore import SpanDatastore
+
+        return SpanDatastore()  # a collection does not reveal its directory
+
+
+def _check_unique(passages: list[Passage]) -> None:
+    counts = Counter(p.id for p in passages)
+    dupes = sorted(i for i, n in counts.items() if n > 1)
+    if dupes:
+        msg = (f"documents produce duplicate passage ids {dupes[:5]}: give documents distinct "
+               f"ids or titles (Document(id=...))")
+        raise ValueError(msg)
+
+
+def _scalar_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Vector stores keep str/int/float/bool metadata only: others become JSON strings."""
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if value is None:
+            continue
+        out[str(key)] = value if isinstance(value, (str, int, float, bool)) \
+            else json.dumps(value, ensure_ascii=False, default=str)
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="passage", disable=not enabled or total == 0)
