@@ -1,0 +1,132 @@
+"""Ingest: exact chunk offsets, idempotent re-ingest into FAISS and Chroma, datastore
+precompute that leaves the decoder nothing to encode."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from nest_core.config import NestConfig
+from nest_core.datastore import SpanDatastore
+from nest_core.embeddings import HashingEmbeddings
+from nest_core.ingest import (
+    Document,
+    chunk_document,
+    ingest,
+    open_chroma_collection,
+    open_faiss_store,
+)
+from nest_core.sources import ChromaSource, FaissSource, FaissStore
+
+EMBED = HashingEmbeddings(64)
+SENTENCE = "Word{i} is a term in the glossary of computing and it has a meaning."  # 14 words
+LONG_TEXT = " ".join(SENTENCE.format(i=i) for i in range(30))  # 420 words, 30 sentences
+DOCS = [
+    Document(text=LONG_TEXT, title="Glossary", metadata={"source": "foldoc", "tags": ["a"]}),
+    Document(text="The Zephyr Widget Company was founded in 1987 in Ostrava.", title="Zephyr"),
+    Document(text="A compiler translates source code into machine code.", id="compiler"),
+]
+
+
+def test_chunks_are_exact_slices_with_offsets_and_stable_ids():
+    doc = DOCS[0]
+    passages = chunk_document(doc, words_per_passage=100)
+    assert [p.id for p in passages] == [f"{doc.doc_id}#{i}" for i in range(len(passages))]
+    for p in passages:
+        assert p.text == doc.text[p.metadata["start"]:p.metadata["end"]]
+        assert p.title == "Glossary" == p.metadata["title"]
+        assert p.metadata["doc_id"] == doc.doc_id
+        assert p.metadata["source"] == "foldoc"
+        assert p.metadata["tags"] == '["a"]'  # vector stores keep scalars only
+        assert p.text.endswith("meaning.")  # cut at a sentence end near 100 words
+        assert 75 <= len(p.text.split()) <= 125
+    # Every word of the document lands in exactly one passage, in order.
+    assert [w for p in passages for w in p.text.split()] == doc.text.split()
+    assert chunk_document(doc, 100) == passages
+
+
+def test_chunking_edge_cases():
+    assert chunk_document(Document(text="   \n  ", title="Blank")) == []
+    one = chunk_document(Document(text="  just four words here  "))
+    assert [(p.text, p.metadata["start"], p.metadata["end"]) for p in one] == \
+        [("just four words here", 2, 22)]
+    words = " ".join(f"w{i}" for i in range(250))  # no sentence ends: hard cuts at 100
+    assert [len(p.text.split()) for p in chunk_document(Document(text=words))] == [100, 100, 50]
+    with pytest.raises(ValueError, match="must be positive"):
+        chunk_document(Document(text="x"), 0)
+    assert Document(text="a", title="T").doc_id == Document(text="b", title="T").doc_id
+
+
+def test_faiss_ingest_is_idempotent_and_replaces_changed_documents(tmp_path, caplog):
+    store = open_faiss_store(tmp_path, embed=EMBED)
+    with caplog.at_level(logging.WARNING):
+        report = ingest([*DOCS, Document(text="  ", title="Empty")], store, embed=EMBED,
+                        progress=False)
+    assert "no text" in caplog.text
+    n = len(chunk_document(DOCS[0])) + 2
+    assert (report.passages, report.written, report.unchanged, report.empty_skipped) == \
+        (n, n, 0, 1)
+    again = ingest(DOCS, FaissStore.open(tmp_path), embed=EMBED, progress=False)
+    assert (again.written, again.unchanged, again.removed) == (0, n, 0)
+
+    shorter = Document(text=" ".join(SENTENCE.format(i=i) for i in range(100, 108)), title="Glossary",
+                       metadata={"source": "foldoc"})
+    store = FaissStore.open(tmp_path)
+    changed = ingest([shorter], store, embed=EMBED, progress=False)
+    assert (changed.written, changed.removed) == (1, n - 3)
+    reopened = FaissStore.open(tmp_path)
+    assert len(reopened) == 3
+    hit = FaissSource(reopened, embed=EMBED).retrieve("Word103 glossary term", 1)[0]
+    assert hit.id == f"{shorter.doc_id}#0"
+    assert hit.text == shorter.text
+    assert reopened.meta.embedding == "hashing-64"
+
+
+def test_chroma_ingest_is_idempotent(tmp_path):
+    col = open_chroma_collection(tmp_path / "chroma", name="ingest-test", embed=EMBED)
+    first = ingest(DOCS, col, embed=EMBED, progress=False)
+    second = ingest(DOCS, ChromaSource(col, embed=EMBED), embed=EMBED, progress=False)
+    assert first.written == first.passages == col.count()
+    assert (second.written, second.unchanged) == (0, first.passages)
+    source = ChromaSource.from_path(tmp_path / "chroma", "ingest-test", embed=EMBED)
+    hit = source.retrieve("Zephyr Widget Company founded", 1)[0]
+    assert (hit.id, hit.title) == (f"{DOCS[1].doc_id}#0", "Zephyr")
+    assert (hit.metadata["start"], hit.metadata["end"]) == (0, len(DOCS[1].text))
+
+
+def test_ingest_bad_input(tmp_path):
+    store = open_faiss_store(tmp_path, embed=EMBED)
+    with pytest.raises(ValueError, match="dimension 32 does not match the store's dimension 64"):
+        ingest(DOCS[1:], store, embed=HashingEmbeddings(32), progress=False)
+    with pytest.raises(ValueError, match=re.escape("give documents distinct ids or titles")):
+        ingest([DOCS[1], DOCS[1]], store, embed=EMBED, progress=False)
+    with pytest.raises(TypeError, match="FaissStore, a ChromaSource or a chromadb collection"):
+        ingest(DOCS, object(), embed=EMBED, progress=False)
+    with pytest.raises(ValueError, match="exactly one of path="):
+        open_chroma_collection(embed=EMBED)
+    store.save()
+    with pytest.raises(ValueError, match="holds 64-d vectors but the embedding function gives 16"):
+        open_faiss_store(tmp_path, embed=HashingEmbeddings(16))
+
+
+def test_precompute_fills_the_datastore_the_decoder_reads(tiny_lm, tmp_path):
+    from nest_core.decoder import NestDecoder
+
+    config = NestConfig(max_passage_tokens=64)
+    store = open_faiss_store(tmp_path, embed=EMBED)
+    report = ingest(DOCS[1:], store, embed=EMBED, progress=False, lm=tiny_lm, config=config)
+    datastore = SpanDatastore.for_store(tmp_path)
+    assert len(datastore) == 2
+    assert report.encoded_rows > 0
+
+    calls = []
+    handle = tiny_lm.model.base_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        decoder = NestDecoder(tiny_lm, config, key_cache=SpanDatastore.for_store(tmp_path))
+        passages = FaissSource(FaissStore.open(tmp_path), embed=EMBED).retrieve("Zephyr", 2)
+        assert decoder.prepare(passages) == report.encoded_rows
+    finally:
+        handle.remove()
+    assert calls == []  # every passage came from disk: the LM ran on none of them
