@@ -113,6 +113,14 @@ class NestParams(BaseModel):
         self.resolved_config()  # fail at construction on unknown or invalid overrides
         return self
 
+    @classmethod
+    def from_lm(cls, lm: LanguageModel, **kwargs: Any) -> Any:
+        """An instance over an already built :class:`~nest_core.lm.LanguageModel` (inject,
+        then offer factories: tests and custom loaders use this instead of ``model=``)."""
+        obj = cls(model=lm.name, **kwargs)
+        obj._lm = lm
+        return obj
+
     def resolved_config(self) -> NestConfig:
         base = self.nest_config if self.nest_config is not None else NestConfig()
         return base.with_overrides(**self.nest_overrides) if self.nest_overrides else base
@@ -165,9 +173,10 @@ class NestParams(BaseModel):
                   ) -> tuple[list[Passage], list[Document]]:
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
-        config = {"callbacks": run_manager.get_child()} if run_manager else None
+        # LLM runs are leaves in LangChain's run tree (no get_child): the retriever run
+        # inherits the caller's context instead, so traces show it beside the model run.
         if self.retriever is not None:
-            return documents_to_passages(self.retriever.invoke(query, config=config))
+            return documents_to_passages(self.retriever.invoke(query))
         if self.vectorstore is not None:
             return documents_to_passages(_search(self.vectorstore, query, self.k))
         return [], []
@@ -177,9 +186,8 @@ class NestParams(BaseModel):
                          ) -> tuple[list[Passage], list[Document]]:
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
-        config = {"callbacks": run_manager.get_child()} if run_manager else None
         if self.retriever is not None:
-            docs = await self.retriever.ainvoke(query, config=config)
+            docs = await self.retriever.ainvoke(query)
             return documents_to_passages(docs)
         if self.vectorstore is not None:
             return documents_to_passages(await _asearch(self.vectorstore, query, self.k))

@@ -1,0 +1,201 @@
+"""LangChain integration without a model: the standard unit suite, adapters, settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage
+from langchain_tests.unit_tests import ChatModelUnitTests
+
+import nest_integrations.langchain as lc
+from nest_core.types import DecodeStats, NestResult, Passage, Span
+from nest_integrations.langchain import (
+    ChatNest,
+    NestLLM,
+    document_to_passage,
+    documents_to_passages,
+    format_citations,
+    passage_to_document,
+    span_to_citation,
+    stable_document_id,
+)
+from nest_integrations.langchain._shared import CallOptions
+from nest_integrations.langchain.chat_models import (
+    _last_chunk,
+    _text_chunk,
+    messages_to_prompt,
+    retrieval_query,
+)
+
+
+class TestChatNestUnit(ChatModelUnitTests):
+    @property
+    def chat_model_class(self) -> type[ChatNest]:
+        return ChatNest
+
+    @property
+    def chat_model_params(self) -> dict:
+        return {"k": 2}
+
+    @property
+    def has_tool_calling(self) -> bool:
+        return False
+
+    @property
+    def has_structured_output(self) -> bool:
+        return False
+
+
+def test_all_is_exact() -> None:
+    assert sorted(lc.__all__) == [
+        "ChatNest", "NestLLM", "NestMiniLMEmbeddings", "create_nest_chain",
+        "document_to_passage", "documents_to_passages", "format_citations",
+        "passage_to_document", "span_to_citation", "stable_document_id",
+    ]
+    for name in lc.__all__:
+        assert getattr(lc, name) is not None
+
+
+def test_import_loads_no_community_and_no_model() -> None:
+    code = ("import sys, nest_integrations.langchain as m; m.ChatNest(); m.NestLLM(); "
+            "print('langchain_community' in sys.modules, 'sentence_transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# --- stable ids and adapters ---------------------------------------------------------------
+def test_stable_id_prefers_document_id_then_source_start_then_hash() -> None:
+    assert stable_document_id(Document(id="abc", page_content="x",
+                                       metadata={"source": "s", "start_index": 3})) == "abc"
+    assert stable_document_id(Document(page_content="x",
+                                       metadata={"source": "a.md", "start_index": 0})) == "a.md#0"
+    hashed = stable_document_id(Document(page_content="same text", metadata={"source": "a.md"}))
+    assert hashed == stable_document_id(Document(page_content="same text"))
+    assert hashed.startswith("sha256:")
+    assert len(hashed) == len("sha256:") + 16
+    assert hashed != stable_document_id(Document(page_content="other text"))
+
+
+def test_document_to_passage_keeps_text_title_and_raw_score() -> None:
+    doc = Document(id="d1", page_content="  Body text. ", metadata={"title": "T", "source": "u"})
+    p = document_to_passage(doc, score=0.25)
+    assert (p.id, p.text, p.title, p.score) == ("d1", "  Body text. ", "T", 0.25)
+    assert dict(p.metadata) == {"title": "T", "source": "u", "nest_score": 0.25}
+    assert document_to_passage(Document(page_content="x")).title is None
+    with pytest.raises(TypeError, match="expected a langchain_core Document"):
+        document_to_passage("not a document")  # type: ignore[arg-type]
+
+
+def test_documents_to_passages_dedups_by_id_and_returns_sources_with_ids() -> None:
+    a = Document(page_content="alpha", metadata={"source": "a"})
+    b = Document(id="b", page_content="beta")
+    passages, sources = documents_to_passages([(a, 1.5), b, Document(page_content="alpha")])
+    assert [p.id for p in passages] == [stable_document_id(a), "b"]
+    assert [p.score for p in passages] == [1.5, None]
+    assert [(d.id, d.page_content) for d in sources] == [(stable_document_id(a), "alpha"),
+                                                        ("b", "beta")]
+
+
+def test_passage_to_document_round_trip() -> None:
+    p = Passage(id="p", text="body", title="Title", metadata={"source": "s"})
+    doc = passage_to_document(p)
+    assert (doc.id, doc.page_content, doc.metadata) == ("p", "body",
+                                                        {"source": "s", "title": "Title"})
+    assert document_to_passage(doc) == p
+
+
+def _result(answer: str, passage: Passage, cited: str) -> NestResult:
+    start = answer.index(cited)
+    src = passage.text.index(cited)
+    span = Span(text=cited, out_start=start, out_end=start + len(cited), passage=passage,
+                src_start=src, src_end=src + len(cited), token_start=1, token_end=4)
+    stats = DecodeStats(generated_tokens=6, copied_tokens=3, prompt_tokens=11)
+    return NestResult(text=answer, token_ids=[5, 6, 7, 8, 9, 10], spans=[span],
+                      passages=[passage], stats=stats, finish_reason="length")
+
+
+PASSAGE = Passage(id="doc-1", text="Marta Quillfeather founded it in Ostrava.", title="Zephyr",
+                  metadata={"source": "https://example.org/zephyr"})
+
+
+def test_span_to_citation_fields() -> None:
+    result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
+    c = span_to_citation(result.spans[0])
+    assert c == {
+        "type": "citation", "id": "nest-7-25-doc-1", "url": "https://example.org/zephyr",
+        "title": "Zephyr", "start_index": 7, "end_index": 25, "cited_text": "Marta Quillfeather",
+        "extras": {"doc_id": "doc-1", "src_start": 0, "src_end": 18},
+    }
+    assert result.text[c["start_index"]:c["end_index"]] == c["cited_text"] \
+        == PASSAGE.text[c["extras"]["src_start"]:c["extras"]["src_end"]]
+
+
+def test_format_citations_numbers_sources() -> None:
+    result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
+    text = format_citations(result.text, [span_to_citation(result.spans[0])])
+    assert text == "It was Marta Quillfeather[1], in 1987.\n\n[1] Zephyr"
+
+
+def test_stream_chunks_add_up_to_one_block_with_citations_last() -> None:
+    result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
+    opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
+    pieces = ["It was ", "Marta Quillfeather", ", in 1987."]
+    chunks = [_text_chunk(t).message for t in pieces]
+    chunks.append(_last_chunk(result, [passage_to_document(PASSAGE)], opts).message)
+    full = chunks[0]
+    for c in chunks[1:]:
+        full = full + c
+    assert full.chunk_position == "last"
+    assert full.content == [{"type": "text", "text": result.text, "index": 0,
+                             "annotations": [span_to_citation(result.spans[0])]}]
+    assert full.usage_metadata == {"input_tokens": 11, "output_tokens": 6, "total_tokens": 17}
+    assert full.response_metadata["finish_reason"] == "length"
+    assert [d.id for d in full.response_metadata["source_documents"]] == ["doc-1"]
+    assert full.response_metadata["nest"]["spans"] == [result.spans[0].to_dict()]
+
+
+# --- settings and messages -----------------------------------------------------------------
+@pytest.mark.parametrize("cls", [ChatNest, NestLLM])
+def test_temperature_other_than_zero_is_an_error(cls: type) -> None:
+    assert cls(temperature=0).temperature == 0
+    assert cls().temperature is None
+    with pytest.raises(ValueError, match="decodes greedily"):
+        cls(temperature=0.7)
+
+
+def test_settings_are_checked_at_construction() -> None:
+    from langchain_core.vectorstores import InMemoryVectorStore
+
+    from nest_integrations.langchain import NestMiniLMEmbeddings
+
+    store = InMemoryVectorStore(NestMiniLMEmbeddings())
+    with pytest.raises(ValueError, match="either `retriever` or `vectorstore`"):
+        ChatNest(vectorstore=store, retriever=store.as_retriever())
+    with pytest.raises(TypeError, match="unknown NestConfig field"):
+        ChatNest(nest_overrides={"not_a_field": 1})
+    with pytest.raises(ValueError, match="relaxation"):
+        ChatNest(nest_overrides={"relaxation": 0.0})
+    assert ChatNest(nest_overrides={"mode": "base"}).resolved_config().mode == "base"
+
+
+def test_unknown_call_option_is_a_clear_error() -> None:
+    with pytest.raises(TypeError, match=r"per-call options are \['documents', 'model'"):
+        ChatNest()._call_options(None, {"top_p": 0.9})
+    opts = ChatNest(stop=["x"], max_tokens=9)._call_options(None, {})
+    assert (opts.stop, opts.max_tokens, opts.documents) == (["x"], 9, None)
+    assert ChatNest(stop=["x"])._call_options([], {}).stop is None
+
+
+def test_messages_to_prompt_and_query() -> None:
+    messages = [SystemMessage("be brief"), HumanMessage("first?"), AIMessage("yes"),
+                ChatMessage(role="user", content="second?")]
+    assert messages_to_prompt(messages) == [
+        {"role": "system", "content": "be brief"}, {"role": "user", "content": "first?"},
+        {"role": "assistant", "content": "yes"}, {"role": "user", "content": "second?"},
+    ]
+    assert retrieval_query(messages) == "first?"
+    assert retrieval_query([HumanMessage("a"), HumanMessage("b"), AIMessage("c")]) == "b"
