@@ -81,7 +81,7 @@ def make_span(text: str, ids: Sequence[int], rows: Sequence[int], run: tuple[int
         return None
     return Span(text=text[out_start:out_end], out_start=out_start, out_end=out_end,
                 passage=passage, src_start=src_start, src_end=src_end,
-                token_start=t0, token_end=t1)
+                token_start=t0, token_end=t1, source_row=index.row_in_passage(rows[t0]))
 
 
 def build_spans(text: str, ids: Sequence[int], rows: Sequence[int], index: TokenIndex | None,

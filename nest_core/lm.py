@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._fingerprint: str | None = None
+        # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
+        params = inspect.signature(model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     # --- properties ------------------------------------------------------------------------
     @property
@@ -108,8 +112,8 @@ class LanguageModel:
     def forward(self, input_ids: Sequence[int], cache: Any, key_layer: int) -> LMOutput:
         """Feed ``input_ids`` (T new tokens) after what ``cache`` holds; the cache grows by T."""
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)  # [1, T]
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                         output_hidden_states=True)
+        out = self.model(input_ids=ids, use_cache=True, output_hidden_states=True,
+                         **{self._cache_arg: cache})
         logits = out.logits[0].float()  # [T, V]
         hidden = out.hidden_states[key_layer][0].float()  # [T, D]
         return LMOutput(logits=logits, hidden=hidden)

@@ -96,6 +96,9 @@ class TokenIndex:
         if rows:
             self.active[torch.tensor(list(rows), dtype=torch.long)] = False
 
+    def row_in_passage(self, row: int) -> int:
+        return row - int(self.row_start[int(self.passage_of[row])])
+
     def source(self, row: int) -> tuple[Passage, int, int]:
         """The passage of ``row`` and the character offsets of its value token."""
         start, end = self.char_spans[row].tolist()

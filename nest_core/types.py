@@ -41,7 +41,9 @@ class Span:
 
     Invariant (checked in tests): ``output_text[out_start:out_end] == text ==
     passage.text[src_start:src_end]``. Both slices exclude leading and trailing whitespace,
-    so a copied " Paris" cites "Paris". ``token_start:token_end`` index the generated ids.
+    so a copied " Paris" cites "Paris". ``token_start:token_end`` index the generated ids;
+    ``source_row`` is the passage's datastore row of the first copied token (row j holds the
+    passage token j+1, see :class:`~nest_core.encoding.EncodedPassage`).
     """
 
     text: str
@@ -52,6 +54,7 @@ class Span:
     src_end: int
     token_start: int
     token_end: int
+    source_row: int = 0
 
     @property
     def num_tokens(self) -> int:

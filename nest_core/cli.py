@@ -1,0 +1,371 @@
+"""The ``nest`` command: index files, ask questions with attribution, run the demo.
+
+Everything a user sees goes to stdout (answers, JSON); progress and errors go to stderr, so
+``nest ask ... --json | jq`` works. Expected failures (no store, no files, no passages, a
+missing extra) end with one ``nest: error: ...`` line that names the fix and exit code 1;
+a traceback appears only with ``--debug``. Heavy imports (torch, transformers, chromadb)
+happen inside the commands, so ``nest --help`` and argument errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from nest_core.render import render_comparison, render_html, render_terminal, use_color
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+PDF_SUFFIX = ".pdf"
+PDF_INSTALL_HINT = "pip install pypdf"
+STORE_KINDS = ("chroma", "faiss")
+DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line on stderr, exit code 1, no traceback."""
+
+
+# --- files -> documents ----------------------------------------------------------------------
+def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
+    """``(file, id)`` for every supported file under ``paths``; ids are relative to the
+    folder given, so re-indexing from another directory keeps the same passage ids.
+
+    A named file of an unsupported type is an error; inside folders such files are skipped
+    with a note, because folders of notes usually hold images and the like too.
+    """
+    found: list[tuple[Path, str]] = []
+    skipped: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            msg = f"{raw}: no such file or folder; check the path"
+            raise CliError(msg)
+        if path.is_file():
+            if not _supported(path):
+                msg = (f"{raw}: unsupported file type {path.suffix or '(none)'!r}; nest index "
+                       f"reads {_supported_list()} files (convert others to text first)")
+                raise CliError(msg)
+            found.append((path, path.name))
+            continue
+        files = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not files:
+            msg = f"{raw}: the folder is empty; put {_supported_list()} files in it"
+            raise CliError(msg)
+        ok = [p for p in files if _supported(p)]
+        skipped += [p for p in files if not _supported(p)]
+        if not ok:
+            kinds = sorted({p.suffix or "(none)" for p in files})
+            msg = (f"{raw}: no supported files (found {', '.join(kinds)}); nest index reads "
+                   f"{_supported_list()} files")
+            raise CliError(msg)
+        found += [(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in ok]
+    if skipped:
+        names = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
+        _note(f"skipped {len(skipped)} unsupported file(s): {names}")
+    return found
+
+
+def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
+    """Files as :class:`~nest_core.ingest.Document` (title: the first markdown heading, else
+    the file name); empty files are skipped with a note."""
+    from nest_core.ingest import Document
+
+    docs = []
+    for path, doc_id in files:
+        text = _read_pdf(path) if path.suffix.lower() == PDF_SUFFIX else _read_text(path)
+        if not text.strip():
+            _note(f"skipped empty file {path}")
+            continue
+        docs.append(Document(text=text, title=_title(text, path), id=doc_id,
+                             metadata={"source": str(path)}))
+    if not docs:
+        msg = "every file is empty: there is no text to index"
+        raise CliError(msg)
+    return docs
+
+
+def _supported(path: Path) -> bool:
+    return path.suffix.lower() in (*TEXT_SUFFIXES, PDF_SUFFIX)
+
+
+def _supported_list() -> str:
+    return "/".join(s.lstrip(".") for s in (*TEXT_SUFFIXES, PDF_SUFFIX))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        msg = f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8 or leave it out"
+        raise CliError(msg) from err
+
+
+def _read_pdf(path: Path) -> str:
+    try:
+        from pypdf import PdfReader
+    except ImportError as err:
+        msg = f"{path}: reading PDF needs pypdf: `{PDF_INSTALL_HINT}` (or convert it to text)"
+        raise CliError(msg) from err
+    try:
+        pages = [page.extract_text() or "" for page in PdfReader(str(path)).pages]
+    except Exception as err:  # pypdf raises many types for damaged files
+        msg = f"{path}: cannot read this PDF ({err}); convert it to text first"
+        raise CliError(msg) from err
+    return "\n\n".join(p.strip() for p in pages if p.strip())
+
+
+def _title(text: str, path: Path) -> str:
+    for line in text.splitlines()[:20]:
+        if line.startswith("# "):
+            return line[2:].strip()
+    return path.stem.replace("_", " ").replace("-", " ")
+
+
+# --- stores ----------------------------------------------------------------------------------
+def detect_store(path: str | os.PathLike[str]) -> str:
+    """``"faiss"`` or ``"chroma"`` from the files in ``path``; a clear error otherwise."""
+    from nest_core.sources.faiss_store import META_FILE
+
+    p = Path(path).expanduser()
+    if (p / META_FILE).is_file():
+        return "faiss"
+    if (p / "chroma.sqlite3").is_file():
+        return "chroma"
+    what = "does not exist" if not p.exists() else "holds no nest vector store"
+    msg = (f"{path} {what}; build one with `nest index FILES... --out {path}` "
+           f"(or run `nest demo`)")
+    raise CliError(msg)
+
+
+def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], kind: str, *,
+                precompute: bool = True, progress: bool = True) -> Any:
+    """Chunk, embed and write ``files`` into a ``kind`` store at ``out``, and precompute the
+    span datastore inside it, so ``nest ask`` runs no LM over passages."""
+    from nest_core.datastore import SpanDatastore
+    from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
+
+    docs = read_documents(files)
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    store = open_faiss_store(out) if kind == "faiss" else open_chroma_collection(out)
+    lm = _load_model() if precompute else None
+    return ingest(docs, store, progress=progress, lm=lm,
+                  datastore=SpanDatastore.for_store(out) if precompute else None)
+
+
+def open_source(path: str | os.PathLike[str]) -> Any:
+    """The passage source of a store built by ``nest index`` (kind detected from its files)."""
+    from nest_core.sources import ChromaSource, FaissSource
+
+    kind = detect_store(path)
+    p = Path(path).expanduser()
+    return FaissSource.from_path(p) if kind == "faiss" else ChromaSource.from_path(p)
+
+
+def _load_model() -> Any:
+    from nest_core.models import load_model
+
+    _note("loading the language model ...")
+    return load_model()
+
+
+# --- commands --------------------------------------------------------------------------------
+def cmd_index(args: argparse.Namespace) -> int:
+    files = collect_files(args.paths)
+    _note(f"indexing {len(files)} file(s) into a {args.store} store at {args.out}")
+    report = build_store(files, args.out, args.store, precompute=not args.no_precompute,
+                         progress=not args.quiet)
+    _note(f"done: {report.passages} passages from {report.documents} file(s) "
+          f"({report.written} new, {report.unchanged} unchanged, {report.removed} removed); "
+          f"ask with: nest ask \"your question\" --store {args.out}")
+    return 0
+
+
+def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_tokens: int,
+           compare: bool) -> tuple[Any, Any | None]:
+    """Retrieve, then decode with Nest (and the plain model when ``compare``)."""
+    from nest_core import NestConfig, NestDecoder
+    from nest_core.datastore import SpanDatastore
+
+    source = open_source(store)
+    passages = source.retrieve(question, k)
+    if not passages:
+        msg = (f"no passages found in {store} for this question; index more files with "
+               f"`nest index FILES... --out {store}`")
+        raise CliError(msg)
+    lm = _load_model()
+    cache = SpanDatastore.for_store(store)
+    result = NestDecoder(lm, NestConfig(), key_cache=cache).generate(
+        question, passages, max_new_tokens=max_new_tokens)
+    base = None
+    if compare:
+        base = NestDecoder(lm, NestConfig(mode="base")).generate(
+            question, max_new_tokens=max_new_tokens)
+    return result, base
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    if not args.question.strip():
+        msg = "the question is empty; pass it in quotes: nest ask \"...\" --store DIR"
+        raise CliError(msg)
+    detect_store(args.store)  # fail before loading anything heavy
+    result, base = answer(args.question, args.store, k=args.k,
+                          max_new_tokens=args.max_new_tokens, compare=args.compare)
+    if args.html:
+        page = render_html(result, question=args.question, baseline=base)
+        Path(args.html).expanduser().write_text(page, encoding="utf-8")
+        _note(f"wrote {args.html}")
+    if args.json:
+        doc: dict[str, Any] = {"question": args.question, "nest": result.to_dict()}
+        if base is not None:
+            doc["base"] = base.to_dict()
+        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        return 0
+    color = _color(args.color)
+    width = min(shutil.get_terminal_size((100, 24)).columns, 120)
+    if base is not None:
+        print(render_comparison(base, result, color=color, width=width))
+    else:
+        print(render_terminal(result, color=color, width=width))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nest_core.cli_demo import run_demo
+
+    width = min(shutil.get_terminal_size((100, 24)).columns, 120)
+    return run_demo(store_kind=args.store, max_new_tokens=args.max_new_tokens,
+                    color=_color(args.color), width=width, rebuild=args.rebuild)
+
+
+def cmd_cache_clear(args: argparse.Namespace) -> int:
+    from nest_core.cli_demo import demo_dir
+    from nest_core.datastore import clear_cache, default_datastore_dir
+
+    if args.store:
+        detect_store(args.store)
+        removed = clear_cache(args.store)
+        _note(f"removed {removed} span file(s) from {args.store}")
+        return 0
+    removed = clear_cache()
+    _note(f"removed {removed} span file(s) from {default_datastore_dir()}")
+    if demo_dir().exists():
+        shutil.rmtree(demo_dir())
+        _note(f"removed the demo store {demo_dir()}")
+    return 0
+
+
+# --- plumbing --------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nest", description="Nearest Neighbor Speculative Decoding: answers that copy "
+        "from your documents and say where each copied span came from.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("index", help="chunk, embed and store text/markdown files")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to index")
+    p.add_argument("--store", choices=STORE_KINDS, default="faiss", help="vector store kind")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the store")
+    p.add_argument("--no-precompute", action="store_true",
+                   help="skip the span datastore (the first questions will be slower)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("ask", help="answer a question from a store, with attribution")
+    p.add_argument("question")
+    p.add_argument("--store", required=True, metavar="DIR", help="a store from `nest index`")
+    p.add_argument("--compare", action="store_true", help="also show the plain model's answer")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--html", metavar="FILE", help="write a page linking spans to passages")
+    p.add_argument("--k", type=_positive, default=DEFAULT_K, help="passages to retrieve")
+    p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    _color_option(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
+    p.add_argument("--store", choices=STORE_KINDS, default="faiss")
+    p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
+    _color_option(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("cache", help="manage cached span datastores")
+    cache = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
+    c = cache.add_parser("clear", help="delete cached span datastores (rebuilt on demand)")
+    c.add_argument("--store", metavar="DIR", help="clear the datastore inside this store only")
+    c.set_defaults(func=cmd_cache_clear)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("nest: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        hint = "" if _expected(err) else " (run with --debug for the traceback)"
+        print(f"nest: error: {err}{hint}", file=sys.stderr)
+        return 1
+
+
+def _expected(err: Exception) -> bool:
+    from nest_core.sources.base import EmptyStoreError
+
+    return isinstance(err, (CliError, EmptyStoreError, FileNotFoundError, ImportError,
+                            ConnectionError, FileExistsError))
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
+                        format="nest: %(levelname)s: %(message)s")
+    if not debug:
+        for noisy in ("transformers", "sentence_transformers", "chromadb", "httpx"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _color_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour copied spans (auto: on a terminal unless NO_COLOR is set)")
+
+
+def _color(choice: str) -> bool:
+    return {"always": True, "never": False}.get(choice, use_color(sys.stdout))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"{text!r} is not a positive integer"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Decoder invariants on a tiny random Llama (float32, CPU): exact, fast, offline."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from nest_core import NestConfig, NestDecoder, Passage
+from nest_core.lm import LanguageModel
+
+PASSAGES = [
+    Passage("zw", "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather.",
+            title="Zephyr"),
+    Passage("nn", "Nearest neighbor speculative decoding copies spans of text from passages."),
+    Passage("fox", "The quick brown fox jumps over the lazy dog."),
+]
+PROMPT = "Who founded the Zephyr Widget Company?"
+# α = 1 makes λ < δ whenever ρ < 1 and a tiny γ accepts nearly every draft token: the
+# random model then copies a lot, which exercises spans, streaming and masking.
+COPY_HEAVY = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
+                        initial_span_length=2)
+
+
+def greedy_reference(lm: LanguageModel, prompt, max_new_tokens: int) -> list[int]:
+    ids = torch.tensor([lm.prompt_ids(prompt)])
+    out = lm.model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=lm.tokenizer.pad_token_id)
+    tokens = out[0, ids.shape[1]:].tolist()
+    return tokens[: tokens.index(2)] if 2 in tokens else tokens
+
+
+@pytest.mark.parametrize(("config", "passages"), [
+    (NestConfig(mode="base"), PASSAGES),
+    (NestConfig(mode="nest"), None),
+    (NestConfig(mode="nest"), []),
+    (NestConfig(mode="knn-lm"), [Passage("empty", "")]),
+])
+def test_without_retrieval_output_equals_greedy_search(tiny_lm, config, passages):
+    res = NestDecoder(tiny_lm, config).generate(PROMPT, passages, max_new_tokens=24)
+    assert res.token_ids == greedy_reference(tiny_lm, PROMPT, 24)
+    assert res.spans == []
+    assert res.attribution_ratio == 0.0
+
+
+def test_every_copied_token_is_the_passage_token_it_cites(tiny_lm):
+    dec = NestDecoder(tiny_lm, COPY_HEAVY)
+    res = dec.generate(PROMPT, PASSAGES, max_new_tokens=40)
+    assert res.spans, "the copy-heavy setting must copy something"
+    by_id = {p.id: p for p in PASSAGES}
+    for span in res.spans:
+        encoded = dec.encoder.encode([by_id[span.passage.id]])[0]
+        rows = encoded.values[span.source_row: span.source_row + span.num_tokens]
+        assert rows.tolist() == res.token_ids[span.token_start:span.token_end]
+        assert res.text[span.out_start:span.out_end] == span.text
+        assert span.passage.text[span.src_start:span.src_end] == span.text
+    assert res.stats.copied_tokens == sum(s.num_tokens for s in res.spans)
+    assert 0 < res.attribution_ratio <= 1
+
+
+def test_spans_are_maximal_and_ordered(tiny_lm):
+    res = NestDecoder(tiny_lm, COPY_HEAVY).generate(PROMPT, PASSAGES, max_new_tokens=40)
+    for a, b in zip(res.spans, res.spans[1:], strict=False):
+        assert a.token_end <= b.token_start
+        contiguous = a.token_end == b.token_start and a.passage.id == b.passage.id \
+            and b.source_row == a.source_row + a.num_tokens
+        assert not contiguous, "adjacent runs from the same passage must be one span"
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 3, 7, 16])
+def test_spans_never_run_past_max_new_tokens(tiny_lm, max_new_tokens):
+    res = NestDecoder(tiny_lm, COPY_HEAVY).generate(PROMPT, PASSAGES,
+                                                   max_new_tokens=max_new_tokens)
+    assert len(res.token_ids) <= max_new_tokens
+    assert all(s.token_end <= len(res.token_ids) for s in res.spans)
+
+
+def test_copying_stops_at_eos_inside_a_passage(tiny_lm):
+    passages = [Passage("e", "The quick brown fox<|im_end|> jumps over the lazy dog.")]
+    res = NestDecoder(tiny_lm, COPY_HEAVY).generate("The quick brown", passages,
+                                                   max_new_tokens=40)
+    eos = tiny_lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert eos not in res.token_ids
+    # the copy ran into the passage's EOS token: generation ends right there
+    assert res.finish_reason == "eos"
+    last = res.spans[-1]
+    assert last.token_end == len(res.token_ids)
+    assert passages[0].text[last.src_end:].startswith("<|im_end|>")
+
+
+def test_stop_string_is_never_emitted(tiny_lm):
+    full = NestDecoder(tiny_lm, COPY_HEAVY).generate(PROMPT, PASSAGES, max_new_tokens=40)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    res = NestDecoder(tiny_lm, COPY_HEAVY).generate(PROMPT, PASSAGES, max_new_tokens=40,
+                                                   stop=[stop])
+    assert res.finish_reason == "stop"
+    assert res.text == full.text[: full.text.index(stop)]
+    assert all(s.out_end <= len(res.text) for s in res.spans)
+
+
+def test_stream_pieces_add_up_to_the_result(tiny_lm):
+    dec = NestDecoder(tiny_lm, COPY_HEAVY)
+    chunks = list(dec.stream(PROMPT, PASSAGES, max_new_tokens=30))
+    result = chunks[-1].result
+    assert result is not None and all(c.result is None for c in chunks[:-1])
+    assert "".join(c.text for c in chunks) == result.text
+    for c in chunks:
+        if c.span is not None:
+            assert c.span.text in result.text and c.span.passage.text[
+                c.span.src_start:c.span.src_end] == c.span.text
+    assert result == dec.generate(PROMPT, PASSAGES, max_new_tokens=30) or \
+        result.token_ids == dec.generate(PROMPT, PASSAGES, max_new_tokens=30).token_ids
+
+
+class RecordingLM(LanguageModel):
+    """The real tiny LM, recording what each cached forward saw (not a mock)."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        super().__init__(lm.model, lm.tokenizer, name=lm.name)
+        self.calls: list[tuple[int, list[int], torch.Tensor]] = []
+
+    def forward(self, input_ids, cache, key_layer):
+        before = cache.get_seq_length()
+        out = super().forward(input_ids, cache, key_layer)
+        self.calls.append((before, list(input_ids), out.logits))
+        return out
+
+
+def test_cache_stays_aligned_after_partial_acceptance(tiny_lm):
+    lm = RecordingLM(tiny_lm)
+    cfg = NestConfig(confidence_offset=1.0, relaxation=1.0, span_length=8,
+                     initial_span_length=8)
+    res = NestDecoder(lm, cfg).generate(PROMPT, PASSAGES, max_new_tokens=40)
+    assert res.stats.accepted_draft_tokens < res.stats.drafted_tokens, "need a rejection"
+    fed: list[int] = []
+    cropped = False
+    for before, ids, logits in lm.calls:
+        cropped |= before < len(fed)
+        fed = fed[:before] + ids
+        fresh = tiny_lm.forward(fed, tiny_lm.new_cache(), -2).logits[-len(ids):]
+        torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=1e-4)
+    assert cropped, "a partial acceptance must crop the cache"
+    prompt = tiny_lm.prompt_ids(PROMPT)
+    assert fed[: len(prompt)] == prompt
+    assert res.token_ids[: len(fed) - len(prompt)] == fed[len(prompt):]
+
+
+def test_knn_lm_mode_never_drafts(tiny_lm):
+    res = NestDecoder(tiny_lm, NestConfig(mode="knn-lm")).generate(PROMPT, PASSAGES,
+                                                                  max_new_tokens=12)
+    assert res.stats.draft_steps == 0
+    assert res.stats.lm_forwards == len(res.token_ids) + (res.finish_reason == "eos")
+
+
+def test_one_passage_with_fewer_keys_than_neighbours(tiny_lm):
+    cfg = COPY_HEAVY.with_overrides(num_neighbors=1024)
+    res = NestDecoder(tiny_lm, cfg).generate(PROMPT, PASSAGES[:1], max_new_tokens=20)
+    assert res.stats.datastore_keys < 1024
+    assert all(s.passage.id == "zw" for s in res.spans)
+
+
+def test_passages_in_prompt_changes_the_prompt(tiny_lm):
+    plain = NestDecoder(tiny_lm, NestConfig(mode="base")).generate(PROMPT, PASSAGES,
+                                                                   max_new_tokens=4)
+    rag = NestDecoder(tiny_lm, NestConfig(mode="base", passages_in_prompt=True)).generate(
+        PROMPT, PASSAGES, max_new_tokens=4)
+    assert rag.stats.prompt_tokens > plain.stats.prompt_tokens + 20
+
+
+# --- bad input --------------------------------------------------------------------------
+@pytest.mark.parametrize(("prompt", "error"), [
+    ("", ValueError), ("   ", ValueError), (42, TypeError), ([], TypeError),
+    ([{"role": "user"}], TypeError), ([{"role": "user", "content": ""}], ValueError),
+])
+def test_bad_prompts_get_clear_errors(tiny_lm, prompt, error):
+    with pytest.raises(error, match="prompt"):
+        NestDecoder(tiny_lm).generate(prompt, PASSAGES, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("passages", ["some text", [{"id": "x", "text": "y"}], ["text"],
+                                      PASSAGES[0]])
+def test_passages_of_the_wrong_type_get_clear_errors(tiny_lm, passages):
+    with pytest.raises(TypeError, match="Passage"):
+        NestDecoder(tiny_lm).generate(PROMPT, passages, max_new_tokens=4)
+
+
+def test_bad_arguments_get_clear_errors(tiny_lm):
+    dec = NestDecoder(tiny_lm)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(PROMPT, PASSAGES, max_new_tokens=0)
+    with pytest.raises(TypeError, match="stop"):
+        dec.generate(PROMPT, PASSAGES, max_new_tokens=4, stop=[1])
+    with pytest.raises(ValueError, match="context window"):
+        dec.generate(PROMPT, PASSAGES, max_new_tokens=1000)
+    with pytest.raises(TypeError, match="load_model"):
+        NestDecoder("SmolLM2")
+    with pytest.raises(TypeError, match="Passage.id"):
+        Passage("", "text")
+
+
+def test_prompt_past_the_context_window_is_left_truncated(tiny_lm, caplog):
+    long_prompt = "fox " * 400  # tiny model: 256-token window
+    with caplog.at_level(logging.WARNING):
+        res = NestDecoder(tiny_lm).generate(long_prompt, PASSAGES, max_new_tokens=8)
+    assert res.prompt_truncated
+    assert res.stats.prompt_tokens == 256 - 8
+    assert "context" in caplog.text
+
+
+def test_huge_passage_is_encoded_in_windows(tiny_lm):
+    huge = Passage("big", " ".join(["The quick brown fox jumps over the lazy dog."] * 60))
+    cfg = NestConfig(max_passage_tokens=64)
+    dec = NestDecoder(tiny_lm, cfg)
+    encoded = dec.encoder.encode([huge])[0]
+    n_tokens = len(tiny_lm.tokenizer(huge.text, add_special_tokens=False)["input_ids"])
+    assert encoded.num_rows == n_tokens  # one key per context position (BOS included)
+    assert torch.isfinite(encoded.keys.float()).all()
+    res = dec.generate(PROMPT, [huge], max_new_tokens=8)
+    assert len(res.token_ids) <= 8
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="mode"):
+        NestConfig(mode="fast")
+    with pytest.raises(ValueError, match="relaxation"):
+        NestConfig(relaxation=0.0)
+    with pytest.raises(ValueError, match="initial_span_length"):
+        NestConfig(span_length=4, initial_span_length=8)
+    with pytest.raises(TypeError, match="unknown"):
+        NestConfig().with_overrides(gamma=0.1)

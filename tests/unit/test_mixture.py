@@ -1,0 +1,70 @@
+"""The paper's formulas against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from nest_core import mixture
+
+
+def test_knn_weights_use_inverse_sqrt_dim_temperature():
+    w = mixture.knn_weights(torch.tensor([[1.0, 4.0]]), dim=4)
+    a, b = math.exp(-0.5), math.exp(-2.0)  # -d2 / sqrt(4)
+    assert w.tolist()[0] == pytest.approx([a / (a + b), b / (a + b)], rel=1e-6)
+
+
+def test_knn_distribution_sums_weights_of_neighbours_with_the_same_token():
+    p = mixture.knn_distribution(torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([[3, 3, 1]]),
+                                 vocab_size=5, dim=1)
+    a, c = 1.0, math.exp(-2.0)
+    expected = [0.0, c / (2 * a + c), 0.0, 2 * a / (2 * a + c), 0.0]
+    assert p.tolist()[0] == pytest.approx(expected, rel=1e-6)
+    assert float(p.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("nearest", "farthest", "expected_rho"),
+                         [(1.0, 10.0, 0.1), (3.0, 10.0, 0.3), (0.0, 5.0, 0.0), (2.0, 2.0, 1.0)])
+def test_retrieval_confidence_is_sigmoid_of_distance_ratio(nearest, farthest, expected_rho):
+    lam = mixture.retrieval_confidence(torch.tensor([[nearest, 1.5, farthest]]), 0.3, 0.1)
+    assert float(lam[0]) == pytest.approx(1 / (1 + math.exp(-(expected_rho - 0.3) / 0.1)),
+                                          rel=1e-6)
+
+
+def test_retrieval_confidence_paper_table_values():
+    # PAPER.md 2.4: with α=0.3, τ=0.1: ρ=0 -> 0.047, ρ=0.3 -> 0.5, ρ=0.5 -> 0.88
+    d2 = torch.tensor([[0.0, 1.0], [0.3, 1.0], [0.5, 1.0]])
+    lam = mixture.retrieval_confidence(d2, 0.3, 0.1)
+    assert lam.tolist() == pytest.approx([0.0474, 0.5, 0.8808], abs=1e-4)
+
+
+def test_degenerate_neighbourhoods_trust_the_lm():
+    # one neighbour, or all distances zero: no relative confidence, ρ = 1
+    lam = mixture.retrieval_confidence(torch.tensor([[4.0], [0.0]]), 0.3, 0.1)
+    assert lam.tolist() == pytest.approx([1 / (1 + math.exp(-7.0))] * 2, rel=1e-6)
+
+
+def test_mixture_weights_lm_by_lambda():
+    p_lm = torch.tensor([[0.8, 0.2, 0.0]])
+    p_knn = torch.tensor([[0.0, 0.5, 0.5]])
+    p = mixture.mix(p_lm, p_knn, torch.tensor([0.25]))
+    assert p.tolist()[0] == pytest.approx([0.2, 0.425, 0.375])
+
+
+def test_relaxed_acceptance_threshold_is_half_gamma_times_max():
+    p_m = torch.tensor([[0.5, 0.02, 0.48]])
+    tok = torch.tensor([1])
+    # P_accept = min(1, 0.02 / (γ 0.5)); accept when > 1/2
+    assert float(mixture.accept_probability(p_m, tok, 0.05)[0]) == pytest.approx(0.8)
+    assert bool(mixture.relaxed_accept(p_m, tok, 0.05)[0]) is True
+    assert float(mixture.accept_probability(p_m, tok, 0.1)[0]) == pytest.approx(0.4)
+    assert bool(mixture.relaxed_accept(p_m, tok, 0.1)[0]) is False
+    # the argmax is always accepted for γ <= 1
+    assert bool(mixture.relaxed_accept(p_m, torch.tensor([0]), 1.0)[0]) is True
+
+
+def test_accepted_prefix_stops_at_first_rejection():
+    assert mixture.accepted_prefix(torch.tensor([True, True, False, True])) == 2
+    assert mixture.accepted_prefix(torch.tensor([True, True])) == 2
+    assert mixture.accepted_prefix(torch.tensor([False, True])) == 0
+    assert mixture.accepted_prefix(torch.tensor([], dtype=torch.bool)) == 0
