@@ -1,0 +1,170 @@
+"""The six systems of the comparison, each run on one item into a typed :class:`RunRecord`.
+
+All systems share the model, greedy decoding, ``max_new_tokens`` and the retrieved passages.
+Five run through :class:`~nest_core.NestDecoder` (so their latency split comes from its
+:class:`~nest_core.DecodeStats`); "RAG + prompt lookup" is transformers' own
+``generate(prompt_lookup_num_tokens=10)``, timed with forward hooks on the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.tasks import Item, answer_recall, rouge1_f1
+from nest_core import KeyCache, NestConfig, NestDecoder, Passage
+from nest_core.lm import LanguageModel
+from nest_core.prompts import with_background
+
+SYSTEMS: tuple[str, ...] = ("base", "rag", "rag+lookup", "knn-lm", "nest", "ra-nest")
+LABELS: dict[str, str] = {
+    "base": "Base LM", "rag": "In-context RAG (top-3)", "rag+lookup": "RAG + prompt lookup",
+    "knn-lm": "kNN-LM (λ=0.7)", "nest": "Nest", "ra-nest": "RA-Nest",
+}
+PROMPT_LOOKUP_TOKENS = 10
+
+
+@dataclass
+class RunRecord:
+    """One system on one item: output, quality, provenance and the latency split (seconds)."""
+
+    system: str
+    task: str
+    key: str
+    text: str
+    quality: float  # ROUGE-1 F1 (completion) or answer recall (QA)
+    attribution_ratio: float = 0.0
+    mean_span_length: float = 0.0
+    generated_tokens: int = 0
+    lm_forwards: int = 0
+    search_seconds: float = 0.0  # passage search (query embedding + vector search)
+    datastore_seconds: float = 0.0  # per-query token index from the (warm) span datastore
+    lm_seconds: float = 0.0
+    knn_seconds: float = 0.0  # token search + mixture
+    other_seconds: float = 0.0
+    total_seconds: float = 0.0  # end to end, passage search included
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.total_seconds if self.total_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+
+def score(item: Item, text: str) -> float:
+    if item.task == "completion":
+        return rouge1_f1(text, item.references[0])
+    return answer_recall(text, item.references)
+
+
+def base_config(system: str, overrides: dict[str, Any] | None = None) -> NestConfig:
+    """The decoder configuration of a NestDecoder-backed system (``overrides`` apply to the
+    Nest systems only: baselines keep their definitions)."""
+    overrides = overrides or {}
+    if system == "base":
+        return NestConfig(mode="base")
+    if system == "rag":
+        return NestConfig(mode="base", passages_in_prompt=True)
+    if system == "knn-lm":
+        return NestConfig(mode="knn-lm", knn_lambda=0.7)
+    if system == "nest":
+        return NestConfig(mode="nest").with_overrides(**overrides)
+    if system == "ra-nest":
+        return NestConfig(mode="nest", passages_in_prompt=True).with_overrides(**overrides)
+    msg = f"no decoder configuration for system {system!r}; known: {SYSTEMS}"
+    raise ValueError(msg)
+
+
+class Runner:
+    """Runs any system on any item with one model and one shared (warm) key cache."""
+
+    def __init__(self, lm: LanguageModel, key_cache: KeyCache, *, max_new_tokens: int,
+                 nest_overrides: dict[str, Any] | None = None) -> None:
+        self.lm = lm
+        self.key_cache = key_cache
+        self.max_new_tokens = max_new_tokens
+        self.decoders = {s: NestDecoder(lm, base_config(s, nest_overrides), key_cache=key_cache)
+                         for s in SYSTEMS if s != "rag+lookup"}
+        self.lookup = PromptLookup(lm)
+
+    def warm(self, passages: Sequence[Passage]) -> int:
+        """Encode ``passages`` into the key cache now (the "warm span datastore")."""
+        return self.decoders["nest"].prepare(passages)
+
+    def run(self, system: str, item: Item, passages: Sequence[Passage],
+            search_seconds: float) -> RunRecord:
+        uses_passages = system != "base"
+        search = search_seconds if uses_passages else 0.0
+        if system == "rag+lookup":
+            rec = self.lookup.run(item, passages[:NestConfig().prompt_passages],
+                                  self.max_new_tokens)
+            rec.search_seconds = search
+            rec.total_seconds += search
+            return rec
+        res = self.decoders[system].generate(item.prompt, list(passages) if uses_passages
+                                             else None, max_new_tokens=self.max_new_tokens)
+        st = res.stats
+        return RunRecord(system=system, task=item.task, key=item.key, text=res.text,
+                         quality=score(item, res.text), attribution_ratio=res.attribution_ratio,
+                         mean_span_length=res.mean_span_length,
+                         generated_tokens=st.generated_tokens, lm_forwards=st.lm_forwards,
+                         search_seconds=search, datastore_seconds=st.datastore_seconds,
+                         lm_seconds=st.lm_seconds, knn_seconds=st.knn_seconds,
+                         other_seconds=st.other_seconds, total_seconds=st.total_seconds + search,
+                         extra={"draft_steps": st.draft_steps, "drafted": st.drafted_tokens,
+                                "accepted": st.accepted_draft_tokens,
+                                "prompt_tokens": st.prompt_tokens,
+                                "datastore_keys": st.datastore_keys})
+
+
+class PromptLookup:
+    """In-context RAG decoded by transformers' prompt-lookup speculative decoding.
+
+    Forward hooks count the model's forwards and time them, so this row gets the same
+    latency split as the others (its "rest" is transformers' own loop and n-gram matching).
+    """
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self.forwards = 0
+        self.lm_seconds = 0.0
+        self._t0 = 0.0
+
+    def _before(self, *_: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def _after(self, *_: Any) -> None:
+        self.forwards += 1
+        self.lm_seconds += time.perf_counter() - self._t0
+
+    @torch.inference_mode()
+    def run(self, item: Item, passages: Sequence[Passage], max_new_tokens: int) -> RunRecord:
+        t0 = time.perf_counter()
+        ids = self.lm.prompt_ids(with_background(item.prompt, passages))
+        input_ids = torch.tensor([ids], device=self.lm.device)
+        self.forwards, self.lm_seconds = 0, 0.0
+        # Hooks only for this call, so the other systems' forwards carry no extra cost.
+        hooks = [self.lm.model.register_forward_pre_hook(self._before),
+                 self.lm.model.register_forward_hook(self._after)]
+        try:
+            out = self.lm.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                         do_sample=False, max_new_tokens=max_new_tokens,
+                                         prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS,
+                                         pad_token_id=self.lm.tokenizer.eos_token_id)
+        finally:
+            for h in hooks:
+                h.remove()
+        new = [int(t) for t in out[0, len(ids):] if int(t) not in self.lm.eos_token_ids]
+        text = self.lm.decode(new)
+        total = time.perf_counter() - t0
+        return RunRecord(system="rag+lookup", task=item.task, key=item.key, text=text,
+                         quality=score(item, text), generated_tokens=len(new),
+                         lm_forwards=self.forwards, lm_seconds=self.lm_seconds,
+                         other_seconds=max(0.0, total - self.lm_seconds), total_seconds=total,
+                         extra={"prompt_tokens": len(ids)})
