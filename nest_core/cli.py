@@ -159,7 +159,7 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     store = open_faiss_store(out) if kind == "faiss" else open_chroma_collection(out)
-    lm = _load_model() if precompute else None
+    lm = load_quietly() if precompute else None
     return ingest(docs, store, progress=progress, lm=lm,
                   datastore=SpanDatastore.for_store(out) if precompute else None)
 
@@ -173,9 +173,12 @@ def open_source(path: str | os.PathLike[str]) -> Any:
     return FaissSource.from_path(p) if kind == "faiss" else ChromaSource.from_path(p)
 
 
-def _load_model() -> Any:
+def load_quietly() -> Any:
+    from transformers.utils import logging as hf_logging
+
     from nest_core.models import load_model
 
+    hf_logging.disable_progress_bar()  # the per-load "Loading weights" bar is noise here
     _note("loading the language model ...")
     return load_model()
 
@@ -204,7 +207,7 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
         msg = (f"no passages found in {store} for this question; index more files with "
                f"`nest index FILES... --out {store}`")
         raise CliError(msg)
-    lm = _load_model()
+    lm = load_quietly()
     cache = SpanDatastore.for_store(store)
     result = NestDecoder(lm, NestConfig(), key_cache=cache).generate(
         question, passages, max_new_tokens=max_new_tokens)

@@ -141,7 +141,7 @@ def render_comparison(base: NestResult, nest: NestResult, *, color: bool = False
     for label, result in zip(labels, (base, nest), strict=True):
         stats = _words([(stats_line(result), _DIM if color else "", "", "")])
         panels.append([_style(label, _BOLD, color), *_wrap(_answer_words(result, color), col),
-                       *_wrap(stats, col)])
+                       "", *_wrap(stats, col)])
     lines: list[str] = []
     if two_columns:
         left, right = panels
@@ -224,6 +224,7 @@ def _answer_words(result: NestResult, color: bool) -> list[_Word]:
 
 def _source_lines(src: Source, color: bool, width: int) -> list[str]:
     text, marks = excerpt(src)
+    text = re.sub(r"\s", " ", text)  # one paragraph: same length, so marks stay valid
     style = _color_of(src.number) if color else ""
     pieces: list[_Piece] = []
     pos = 0
