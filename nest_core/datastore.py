@@ -170,6 +170,9 @@ class SpanDatastore:
     def __len__(self) -> int:
         return sum(1 for _ in self._entries())
 
+    def __bool__(self) -> bool:
+        return True  # an empty store is still a store (``x or default`` must not drop it)
+
     def disk_usage(self) -> int:
         """Bytes of all entries in the directory (re-scanned: other processes may write)."""
         return sum(_size_or_zero(f) for f in self._entries())

@@ -72,8 +72,8 @@ class SentenceTransformerEmbeddings:
     @property
     def dimension(self) -> int:
         model = self._load()
-        get_dim = getattr(model, "get_sentence_embedding_dimension", None) \
-            or model.get_embedding_dimension
+        get_dim = getattr(model, "get_embedding_dimension", None) \
+            or model.get_sentence_embedding_dimension  # renamed in sentence-transformers 6
         return int(get_dim())
 
     def __call__(self, texts: list[str]) -> list[list[float]]:

@@ -148,7 +148,8 @@ def ingest(documents: Iterable[Document], store: Any, *,
     report.removed = writer.remove_stale([d.doc_id for d in docs], keep)
     writer.finish()
     if lm is not None:
-        report.encoded_rows = precompute(passages, lm, datastore=datastore or writer.datastore(),
+        report.encoded_rows = precompute(passages, lm, datastore=datastore if datastore is not None
+                                         else writer.datastore(),
                                          config=config, progress=progress)
     logger.info("ingest: %s", report)
     return report
