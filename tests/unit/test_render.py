@@ -1,0 +1,194 @@
+"""Renderers on hand-made results: numbering, highlighting, wrapping, escaping.
+
+Results are built from the real dataclasses with spans that satisfy the Span invariant
+(``text == output[out_start:out_end] == passage.text[src_start:src_end]``), so the renderers
+see exactly what the decoder would give them, without loading a model.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+from nest_core.render import (
+    excerpt,
+    number_sources,
+    render_comparison,
+    render_html,
+    render_markdown,
+    render_terminal,
+    segments,
+    stats_line,
+    use_color,
+)
+from nest_core.types import DecodeStats, NestResult, Passage, Span
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+HISTORY = Passage(id="welcome#0", title="Welcome", metadata={"source": "data/welcome.md"},
+                  text="Halvorsen Orchard Robotics was founded in 2009 by Odile Halvorsen "
+                       "and Tomasz Brecker in Dunmore, Pennsylvania.")
+LEAVE = Passage(id="leave#0", title="Time off",
+                text="Every employee receives 27 days of paid leave per year.")
+EVIL = Passage(id="evil#0", title="<script>alert(1)</script> & co",
+               text='Use <b>bold</b> & "quotes" *here* [x](y).')
+
+
+def _span(output: str, piece: str, passage: Passage, token_start: int, after: int) -> Span:
+    out_start = output.index(piece, after)
+    src_start = passage.text.index(piece)
+    return Span(text=piece, out_start=out_start, out_end=out_start + len(piece),
+                passage=passage, src_start=src_start, src_end=src_start + len(piece),
+                token_start=token_start, token_end=token_start + len(piece.split()))
+
+
+def _result(text: str, pieces: list[tuple[str, Passage]]) -> NestResult:
+    spans: list[Span] = []
+    for i, (piece, p) in enumerate(pieces):
+        spans.append(_span(text, piece, p, i * 10, spans[-1].out_end if spans else 0))
+    stats = DecodeStats(generated_tokens=40, lm_forwards=10, total_seconds=2.0)
+    return NestResult(text=text, token_ids=list(range(40)), spans=spans,
+                      passages=[HISTORY, LEAVE, EVIL], stats=stats, finish_reason="length")
+
+
+@pytest.fixture
+def result() -> NestResult:
+    text = ("It was founded in 2009 by Odile Halvorsen. Staff get 27 days of paid leave, "
+            "and the company was founded in 2009 by Odile Halvorsen again.")
+    return _result(text, [("founded in 2009 by Odile Halvorsen", HISTORY),
+                          ("27 days of paid leave", LEAVE),
+                          ("founded in 2009 by Odile Halvorsen", HISTORY)])
+
+
+def test_sources_are_numbered_by_first_use_and_grouped(result: NestResult) -> None:
+    sources = number_sources(result)
+    assert [(s.number, s.passage.id, len(s.spans)) for s in sources] == [
+        (1, "welcome#0", 2), (2, "leave#0", 1)]
+    assert sources[0].label == "Welcome (data/welcome.md)"
+    assert sources[1].label == "Time off"
+
+
+def test_segments_rebuild_the_text_and_number_only_copies(result: NestResult) -> None:
+    pieces = segments(result)
+    assert "".join(text for text, _ in pieces) == result.text
+    copied = [(text, n) for text, n in pieces if n is not None]
+    assert copied == [("founded in 2009 by Odile Halvorsen", 1), ("27 days of paid leave", 2),
+                      ("founded in 2009 by Odile Halvorsen", 1)]
+
+
+def test_terminal_plain_puts_markers_after_spans_and_lists_sources(result: NestResult) -> None:
+    out = render_terminal(result, color=False, width=200)
+    assert not ANSI.search(out)
+    first_line = out.splitlines()[0]
+    assert first_line.startswith("It was founded in 2009 by Odile Halvorsen[1]. Staff get "
+                                 "27 days of paid leave[2], and")
+    assert "\nSources\n[1] Welcome (data/welcome.md)\n" in out
+    assert "[2] Time off" in out
+
+
+def test_terminal_colour_is_only_decoration(result: NestResult) -> None:
+    plain = render_terminal(result, color=False, width=60)
+    coloured = render_terminal(result, color=True, width=60)
+    assert ANSI.search(coloured)
+    assert ANSI.sub("", coloured) == plain
+
+
+@pytest.mark.parametrize("width", [30, 50, 80])
+def test_terminal_lines_fit_the_width(result: NestResult, width: int) -> None:
+    for line in render_terminal(result, color=True, width=width).splitlines():
+        assert len(ANSI.sub("", line)) <= width, line
+
+
+def test_uncopied_answer_has_no_sources() -> None:
+    res = _result("I do not know.", [])
+    assert render_terminal(res) == "I do not know."
+    assert "nothing copied" in stats_line(res)
+    assert "Sources" not in render_markdown(res)
+
+
+def test_use_color_respects_no_color_force_color_and_pipes(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.delenv("FORCE_COLOR", raising=False)
+    assert use_color(Tty()) is True
+    assert use_color(io.StringIO()) is False
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert use_color(Tty()) is False
+    monkeypatch.delenv("NO_COLOR")
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert use_color(io.StringIO()) is True
+
+
+def test_comparison_two_columns_then_stacked(result: NestResult) -> None:
+    base = _result("It was founded by a Danish engineer.", [])
+    wide = render_comparison(base, result, color=True, width=100)
+    lines = wide.splitlines()
+    assert lines[0].startswith("\x1b[1mPlain model")
+    assert all(len(ANSI.sub("", line)) <= 100 for line in lines)
+    assert " │ " in ANSI.sub("", lines[1])
+    narrow = ANSI.sub("", render_comparison(base, result, color=True, width=60))
+    assert "│" not in narrow
+    assert narrow.index("Plain model") < narrow.index("Nest\n") < narrow.index("Sources")
+
+
+def test_excerpt_marks_the_copied_text() -> None:
+    res = _result("Staff get 27 days of paid leave.", [("27 days of paid leave", LEAVE)])
+    text, marks = excerpt(number_sources(res)[0], context=3)
+    assert [text[a:b] for a, b in marks] == ["27 days of paid leave"]
+    assert text.startswith("…")
+    assert text.endswith("…")
+
+
+def test_markdown_bolds_spans_cites_and_escapes() -> None:
+    res = _result('Write "quotes" *here* [x](y) now.', [('"quotes" *here* [x](y)', EVIL)])
+    md = render_markdown(res, question="What *is* it?")
+    assert md.startswith("**Q:** What \\*is\\* it?")
+    assert '**"quotes" \\*here\\* \\[x\\](y)**[1]' in md
+    assert "1. \\<script\\>alert(1)\\</script\\> & co:" in md
+
+
+class _Collector(HTMLParser):
+    """Collects hrefs, ids, visible text and any <script> tag of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+        self.tags: list[str] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        found = dict(attrs)
+        if found.get("href"):
+            self.hrefs.append(str(found["href"]))
+        if found.get("id"):
+            self.ids.add(str(found["id"]))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def test_html_links_every_span_to_its_passage_and_escapes() -> None:
+    res = _result('Write <i>this</i> & "quotes" *here* [x](y) now.',
+                  [('"quotes" *here* [x](y)', EVIL)])
+    page = render_html(res, question="<b>why</b>?", baseline=_result("No idea <3", []))
+    parser = _Collector()
+    parser.feed(page)
+    assert "script" not in parser.tags
+    assert "i" not in parser.tags
+    assert parser.hrefs == ["#src-1"]
+    assert {"src-1"} <= parser.ids
+    text = "".join(parser.text)
+    assert "Question: <b>why</b>?" in text
+    assert 'Write <i>this</i> & "quotes" *here* [x](y)[1] now.' in text
+    assert "<script>alert(1)</script> & co" in text
+    assert "No idea <3" in text
+    assert "<mark>&quot;quotes&quot; *here* [x](y)</mark>" in page
