@@ -148,9 +148,9 @@ def ingest(documents: Iterable[Document], store: Any, *,
     report.removed = writer.remove_stale([d.doc_id for d in docs], keep)
     writer.finish()
     if lm is not None:
-        report.encoded_rows = precompute(passages, lm, datastore=datastore if datastore is not None
-                                         else writer.datastore(),
-                                         config=config, progress=progress)
+        target = datastore if datastore is not None else writer.datastore()
+        report.encoded_rows = precompute(passages, lm, datastore=target, config=config,
+                                         progress=progress)
     logger.info("ingest: %s", report)
     return report
 
