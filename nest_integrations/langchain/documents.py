@@ -107,25 +107,21 @@ def spans_to_citations(spans: Sequence[Span]) -> list[Citation]:
 
 
 def format_citations(answer: str, citations: Sequence[Citation]) -> str:
-    """The answer with ``[n]`` after each cited span, then a numbered source list.
-
-    One number per source document, in order of first citation (what the examples print).
-    """
+    """The answer with ``[n]`` after each cited span, then one line per source document:
+    ``[n] title (url): "cited text" ...`` (numbered in order of first citation)."""
     numbers: dict[str, int] = {}
+    quotes: dict[str, list[str]] = {}
+    labels: dict[str, str] = {}
     marks: list[tuple[int, str]] = []
     for c in citations:
-        key = str(c.get("extras", {}).get("doc_id", c.get("url") or c.get("title")))
+        key = str(c.get("extras", {}).get("doc_id") or c.get("url") or c.get("title"))
         n = numbers.setdefault(key, len(numbers) + 1)
         marks.append((int(c.get("end_index", 0)), f"[{n}]"))
+        quotes.setdefault(key, []).append(f'"{c.get("cited_text", "")}"')
+        title, url = c.get("title"), c.get("url")
+        labels[key] = f"{title} ({url})" if title and url else str(title or url or key)
     out = answer
-    for end, mark in sorted(marks, reverse=True):
+    for end, mark in sorted(marks, key=lambda m: m[0], reverse=True):
         out = out[:end] + mark + out[end:]
-    lines = [out, ""]
-    for c in citations:
-        key = str(c.get("extras", {}).get("doc_id", c.get("url") or c.get("title")))
-        n = numbers.pop(key, None)
-        if n is None:
-            continue
-        label = c.get("title") or c.get("url") or key
-        lines.append(f"[{n}] {label}")
-    return "\n".join(lines).rstrip()
+    lines = [f"[{n}] {labels[key]}: {' '.join(quotes[key])}" for key, n in numbers.items()]
+    return "\n".join([out, "", *lines]).rstrip()

@@ -78,6 +78,9 @@ def _load(path: str, device: str | None) -> Any:
             except ImportError as err:
                 msg = f"NestMiniLMEmbeddings needs sentence-transformers; run `{INSTALL_HINT}`"
                 raise ImportError(msg) from err
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # a per-load bar is noise inside a library call
             logger.info("loading sentence embeddings from %s", path)
             _MODELS[key] = SentenceTransformer(path, device=device or "cpu",
                                                local_files_only=True)

@@ -137,7 +137,8 @@ def test_span_to_citation_fields() -> None:
 def test_format_citations_numbers_sources() -> None:
     result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
     text = format_citations(result.text, [span_to_citation(result.spans[0])])
-    assert text == "It was Marta Quillfeather[1], in 1987.\n\n[1] Zephyr"
+    assert text == ("It was Marta Quillfeather[1], in 1987.\n\n"
+                    '[1] Zephyr (https://example.org/zephyr): "Marta Quillfeather"')
 
 
 def test_stream_chunks_add_up_to_one_block_with_citations_last() -> None:
