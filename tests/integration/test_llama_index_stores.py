@@ -198,3 +198,21 @@ def test_a_store_that_fails_mid_session_raises_with_its_cause(chroma_dir, embed_
     with pytest.raises(NestRetrievalError, match="VectorIndexRetriever failed") as info:
         engine.query(QUESTION)
     assert info.value.__cause__ is not None
+
+
+def test_nest_llm_behind_a_stock_query_engine(chroma_dir, embed_model):
+    """``NestLLM`` as the LLM of LlamaIndex's own engine: text comes back, spans do not."""
+    from nest_integrations.llama_index import NestLLM
+
+    index = VectorStoreIndex.from_vector_store(reopen_chroma(chroma_dir),
+                                               embed_model=embed_model)
+    llm = NestLLM(retriever=index.as_retriever(similarity_top_k=2), max_new_tokens=16)
+    stock = index.as_query_engine(llm=llm, similarity_top_k=2)
+    res = stock.query(QUESTION)
+    assert res.response.strip()
+    assert res.source_nodes[0].node.ref_doc_id == "zephyr"
+    assert "nest_spans" not in (res.metadata or {})  # stock engines drop LLM metadata
+    direct = llm.complete(QUESTION)
+    assert direct.additional_kwargs["nest_spans"]
+    for s in direct.additional_kwargs["nest_spans"]:
+        assert direct.text[s["out_start"]:s["out_end"]] == s["cited_text"]
