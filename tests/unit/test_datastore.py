@@ -236,7 +236,7 @@ def test_concurrent_readers_and_a_writer_see_whole_values(tmp_path):
     threads = [threading.Thread(target=read) for _ in range(3)]
     for t in threads:
         t.start()
-    for i in range(200):
+    for i in range(60):
         writer.put("k", versions[i % 2])
     stop.set()
     for t in threads:
