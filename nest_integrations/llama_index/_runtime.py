@@ -28,7 +28,8 @@ class LazyDecoder:
     ``lm`` injects a built ``LanguageModel`` (tests, custom loading); otherwise
     ``model_name``/``dtype`` go to :func:`nest_core.models.load_model`. ``key_cache`` (any
     ``KeyCache``) or ``datastore_dir`` (a persistent ``SpanDatastore``) keep passage keys
-    between queries; by default an in-memory LRU does.
+    between queries; by default an in-memory LRU does. Settings are captured when the
+    engine is built (changing ``engine.config`` later does not rebuild the decoder).
     """
 
     def __init__(self, *, model_name: str | None, dtype: str | None, config: NestConfig,
@@ -45,7 +46,8 @@ class LazyDecoder:
                 from nest_core.decoder import NestDecoder
                 from nest_core.models import load_model
 
-                lm = self._lm or load_model(self.model_name, dtype=self.dtype)
+                lm = (self._lm if self._lm is not None
+                      else load_model(self.model_name, dtype=self.dtype))
                 self._decoder = NestDecoder(lm, self.config, key_cache=self._cache())
             return self._decoder
 

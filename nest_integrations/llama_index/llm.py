@@ -15,6 +15,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
@@ -61,7 +62,7 @@ class NestLLM(CustomLLM):
         default=8192, gt=0, description="Prompt budget reported to LlamaIndex's prompt "
         "helper (SmolLM2: 8192). Not read from the model, which loads lazily.")
     stop: list[str] | None = Field(default=None, description="Stop strings (not included).")
-    datastore_dir: str | None = Field(
+    datastore_dir: Path | None = Field(
         default=None, description="Directory of a persistent SpanDatastore for passage keys.")
 
     _decoder: LazyDecoder = PrivateAttr()

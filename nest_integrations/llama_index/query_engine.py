@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from llama_index.core.base.base_retriever import BaseRetriever
@@ -70,7 +71,7 @@ class NestQueryEngine(CustomQueryEngine):
         "and metadata['nest_text'] holds the unmarked text.")
     title_key: str | None = Field(
         default="title", description="Node metadata key used as the passage title.")
-    datastore_dir: str | None = Field(
+    datastore_dir: Path | None = Field(
         default=None, description="Directory of a persistent SpanDatastore for passage keys "
         "(default: an in-memory cache per engine).")
 

@@ -85,6 +85,20 @@ def test_query_returns_stock_response_shape_with_spans(engine):
     assert res.metadata["nest_attribution_ratio"] > 0.5
 
 
+def test_spans_match_the_decoders_own_result(engine, tiny_lm):
+    """The assembler's merge of streamed pieces equals NestDecoder.generate's spans."""
+    from nest_core import NestDecoder
+    from nest_integrations.llama_index import nodes_to_passages
+
+    passages, _ = nodes_to_passages(corpus_nodes())
+    result = NestDecoder(tiny_lm).generate(QUESTION, passages, max_new_tokens=24)
+    res = engine.query(QUESTION)
+    assert res.response == result.text
+    assert [(s["node_id"], s["out_start"], s["out_end"], s["src_start"], s["src_end"])
+            for s in res.metadata["nest_spans"]] == [
+        (s.passage.id, s.out_start, s.out_end, s.src_start, s.src_end) for s in result.spans]
+
+
 def test_citation_markers(tiny_lm):
     eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
                           max_new_tokens=24, citation_markers=True)
