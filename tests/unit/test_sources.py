@@ -239,3 +239,12 @@ def test_chroma_server_not_running_names_the_command():
     with pytest.raises(ConnectionError, match=f"chroma run --path <DIR> --host 127.0.0.1 "
                                               f"--port {port}"):
         http_client("127.0.0.1", port)
+
+
+def test_public_names():
+    import nest_core.sources as sources
+
+    assert sorted(sources.__all__) == ["ChromaSource", "EmptyStoreError", "FaissSource",
+                                       "FaissStore", "InMemorySource", "PassageSource",
+                                       "SyncPassageSource"]
+    assert all(hasattr(sources, name) for name in sources.__all__)
