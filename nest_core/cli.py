@@ -88,11 +88,20 @@ def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
             _note(f"skipped empty file {path}")
             continue
         docs.append(Document(text=text, title=_title(text, path), id=doc_id,
-                             metadata={"source": str(path)}))
+                             metadata={"source": _display_path(path)}))
     if not docs:
         msg = "every file is empty: there is no text to index"
         raise CliError(msg)
     return docs
+
+
+def _display_path(path: Path) -> str:
+    """Relative to the working directory when inside it (shorter citations), else absolute."""
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(resolved)
 
 
 def _supported(path: Path) -> bool:

@@ -36,10 +36,14 @@ class Source:
 
     @property
     def label(self) -> str:
-        """Title, then the file or URL it came from when the store recorded one."""
+        """Title, then the file or URL and the chunk number when the store recorded them
+        (two passages of one file must not read as the same source)."""
+        meta = self.passage.metadata
+        where = [str(w) for w in (meta.get("source") or meta.get("url"),) if w]
+        if isinstance(meta.get("chunk"), int):
+            where.append(f"passage {meta['chunk'] + 1}")
         title = self.passage.title or self.passage.id
-        origin = self.passage.metadata.get("source") or self.passage.metadata.get("url")
-        return f"{title} ({origin})" if origin else title
+        return f"{title} ({', '.join(where)})" if where else title
 
 
 def number_sources(result: NestResult) -> list[Source]:
