@@ -206,3 +206,14 @@ async def test_nest_llm_acomplete(tiny_lm):
     llm = NestLLM(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm, max_new_tokens=24)
     out = await llm.acomplete(QUESTION)
     assert out.text == EXPECTED
+
+
+def test_nest_llm_without_passages_decodes_plainly_and_says_so(tiny_lm, caplog):
+    llm = NestLLM(retriever=ListRetriever([]), lm=tiny_lm, max_new_tokens=8)
+    with caplog.at_level(logging.WARNING):
+        out = llm.complete(QUESTION)
+    assert "gave no text nodes" in caplog.text
+    assert out.additional_kwargs["nest_spans"] == []
+    from nest_core import NestDecoder
+
+    assert out.text == NestDecoder(tiny_lm).generate(QUESTION, [], max_new_tokens=8).text

@@ -150,3 +150,10 @@ def test_bundled_minilm_path_points_at_a_model_dir():
     path = nli.bundled_minilm_path()
     assert (path / "config.json").is_file()
     assert (path / "modules.json").is_file()
+
+
+def test_missing_extra_names_the_install_line():
+    from nest_integrations.llama_index._deps import require
+
+    with pytest.raises(ImportError, match=r'pip install "nest-decoding\[llamaindex\]"'):
+        require("llama_index.no_such_module_for_nest")
