@@ -77,7 +77,7 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
 
 
 def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
-    """Files as :class:`~nest_core.ingest.Document` (title: the first markdown heading, else
+    """Files as :class:`~nest_core.ingest.Document` (title: a leading markdown heading, else
     the file name); empty files are skipped with a note."""
     from nest_core.ingest import Document
 
@@ -87,7 +87,8 @@ def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
         if not text.strip():
             _note(f"skipped empty file {path}")
             continue
-        docs.append(Document(text=text, title=_title(text, path), id=doc_id,
+        title, body = split_title(text, path)
+        docs.append(Document(text=body, title=title, id=doc_id,
                              metadata={"source": _display_path(path)}))
     if not docs:
         msg = "every file is empty: there is no text to index"
@@ -134,11 +135,16 @@ def _read_pdf(path: Path) -> str:
     return "\n\n".join(p.strip() for p in pages if p.strip())
 
 
-def _title(text: str, path: Path) -> str:
-    for line in text.splitlines()[:20]:
-        if line.startswith("# "):
-            return line[2:].strip()
-    return path.stem.replace("_", " ").replace("-", " ")
+def split_title(text: str, path: Path) -> tuple[str, str]:
+    """``(title, body)``: a leading markdown ``# heading`` becomes the title and leaves the
+    body (every passage is already read as ``"{title}\n{text}"``, so keeping the heading in
+    the text would repeat it in the first passage and in its citations); otherwise the file
+    name is the title and the text is kept whole."""
+    stripped = text.lstrip()
+    first, _, rest = stripped.partition("\n")
+    if first.startswith("# ") and rest.strip():
+        return first[2:].strip(), rest.strip("\n")
+    return path.stem.replace("_", " ").replace("-", " "), text
 
 
 # --- stores ----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ QUESTIONS = (
     "What is the Pomona 3?",
 )
 DEMO_K = 8
+STORE_VERSION = 2  # bump when indexing changes, so old demo stores are not reused
 
 
 def corpus_dir() -> Path:
@@ -119,7 +120,7 @@ def _built(store: Path) -> bool:
 
 def _fingerprint(files: list[tuple[Path, str]]) -> str:
     """A short hash of the corpus, so an edited handbook gets a fresh store."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"v{STORE_VERSION}".encode())
     for path, doc_id in files:
         h.update(doc_id.encode())
         h.update(path.read_bytes())

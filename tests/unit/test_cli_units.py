@@ -1,0 +1,75 @@
+"""The CLI's pure parts, without a model: file discovery, titles, store detection, the demo
+summary. (The commands themselves run as subprocesses in tests/integration/test_cli.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nest_core.cli import CliError, build_parser, collect_files, detect_store, split_title
+from nest_core.cli_demo import QUESTIONS, corpus_dir, summary
+from nest_core.types import DecodeStats, NestResult
+
+
+def test_collect_files_ids_are_relative_and_hidden_files_skipped(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes" / "sub").mkdir(parents=True)
+    (tmp_path / "notes" / "a.md").write_text("# A\n\nalpha", encoding="utf-8")
+    (tmp_path / "notes" / "sub" / "b.TXT").write_text("beta", encoding="utf-8")
+    (tmp_path / "notes" / "c.png").write_bytes(b"\x89PNG")
+    (tmp_path / "notes" / ".git").mkdir()
+    (tmp_path / "notes" / ".git" / "HEAD.md").write_text("ref", encoding="utf-8")
+    found = collect_files([str(tmp_path / "notes")])
+    assert [doc_id for _, doc_id in found] == ["notes/a.md", "notes/sub/b.TXT"]
+    assert "skipped 1 unsupported file(s)" in capsys.readouterr().err
+
+
+def test_collect_files_rejects_a_named_unsupported_file(tmp_path: Path) -> None:
+    (tmp_path / "x.docx").write_bytes(b"PK")
+    with pytest.raises(CliError, match=r"unsupported file type '\.docx'"):
+        collect_files([str(tmp_path / "x.docx")])
+
+
+def test_split_title_uses_a_leading_heading_only() -> None:
+    assert split_title("# Time off\n\nEvery employee...", Path("05-time-off.md")) == (
+        "Time off", "Every employee...")
+    assert split_title("No heading here.\n# Later", Path("my_notes-1.txt")) == (
+        "my notes 1", "No heading here.\n# Later")
+    assert split_title("# Only a heading\n", Path("t.md")) == ("t", "# Only a heading\n")
+
+
+def test_detect_store_names_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(CliError, match="nest index"):
+        detect_store(tmp_path / "missing")
+    (tmp_path / "chroma.sqlite3").write_bytes(b"")
+    assert detect_store(tmp_path) == "chroma"
+
+
+def test_parser_defaults() -> None:
+    args = build_parser().parse_args(["ask", "q", "--store", "s"])
+    assert (args.k, args.max_new_tokens, args.compare, args.json, args.html) == (
+        8, 64, False, False, None)
+    assert build_parser().parse_args(["demo"]).store == "faiss"
+
+
+def test_demo_corpus_is_in_the_checkout() -> None:
+    files = sorted(corpus_dir().glob("*.md"))
+    assert 8 <= len(files) <= 15
+    words = sum(len(f.read_text(encoding="utf-8").split()) for f in files)
+    assert 2000 <= words <= 4000
+    assert len(QUESTIONS) == 3
+
+
+def test_summary_totals_speed_and_attribution() -> None:
+    def result(tokens: int, forwards: int, seconds: float) -> NestResult:
+        stats = DecodeStats(generated_tokens=tokens, lm_forwards=forwards,
+                            total_seconds=seconds)
+        return NestResult(text="x", token_ids=list(range(tokens)), spans=[], passages=[],
+                          stats=stats, finish_reason="length")
+
+    text = summary([result(10, 10, 1.0), result(10, 10, 1.0)],
+                   [result(20, 5, 1.0), result(20, 5, 1.0)])
+    assert "plain model:  10.0 tokens/s, 1.00 tokens per LM forward" in text
+    assert "Nest:         20.0 tokens/s, 4.00 tokens per LM forward" in text
+    assert "2.0x the plain model" in text
