@@ -88,15 +88,24 @@ class Generation:
         yield self.final_chunk()
 
     def accepts(self, belief: Belief, token: int) -> bool:
-        return bool(mixture.relaxed_accept(belief.p_m[None], torch.tensor([token]),
-                                           self.cfg.relaxation)[0])
+        return self.verify([belief], [token]) == 1
 
     def verify(self, beliefs: Sequence[Belief], tokens: Sequence[int]) -> int:
         """How many leading ``tokens`` pass relaxed verification (Eq. 7, prefix rule)."""
         if not tokens:
             return 0
-        p_m = torch.stack([b.p_m for b in beliefs])  # [n-1, V]
-        ok = mixture.relaxed_accept(p_m, torch.tensor(list(tokens)), self.cfg.relaxation)
+        t0 = time.perf_counter()
+        tok = torch.tensor(list(tokens))  # [n]
+        lam = torch.tensor([b.lam for b in beliefs])  # [n]
+        has_knn = all(b.weights is not None for b in beliefs)
+        p_tok = mixture.token_probability(
+            torch.stack([b.scaled_logits for b in beliefs]), torch.stack([b.lse for b in beliefs]),
+            lam, torch.stack([b.weights for b in beliefs]) if has_knn else None,  # type: ignore[misc]
+            torch.stack([b.values for b in beliefs]) if has_knn else None,  # type: ignore[misc]
+            tok)  # [n]
+        p_max = torch.tensor([b.top_prob for b in beliefs])  # [n]
+        ok = mixture.relaxed_accept(p_tok, p_max, self.cfg.relaxation)
+        self.stats.knn_seconds += time.perf_counter() - t0
         return mixture.accepted_prefix(ok)
 
     # --- LM and mixture --------------------------------------------------------------------
@@ -110,27 +119,31 @@ class Generation:
     def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor) -> list[Belief]:
         """p_M at each fed position; ``logits``: ``(T, V)``, ``hidden``: ``(T, D)``."""
         t0 = time.perf_counter()
-        p_lm = torch.softmax(logits / self.cfg.lm_temperature, dim=-1)  # [T, V]
+        scaled = logits / self.cfg.lm_temperature  # [T, V]
         found = (self.index.search(hidden, self.cfg.num_neighbors)
                  if self.index is not None else None)
-        if found is None:
-            # base mode, no passages, or every key masked: plain LM
-            lam = torch.ones(logits.shape[0])
-            p_m = p_lm
-        else:
+        weights = values = None
+        lam = torch.ones(logits.shape[0])  # base mode, no passages, or all keys masked
+        if found is not None:
             assert self.index is not None
-            p_knn = mixture.knn_distribution(found.dist2, self.index.values[found.rows],
-                                             logits.shape[-1], self.index.dim)  # [T, V]
+            weights = mixture.knn_weights(found.dist2, self.index.dim)  # [T, k]
+            values = self.index.values[found.rows]  # [T, k]
             lam = (torch.full((logits.shape[0],), self.cfg.knn_lambda)
                    if self.cfg.mode == "knn-lm" else
                    mixture.retrieval_confidence(found.dist2, self.cfg.confidence_offset,
                                                 self.cfg.confidence_scale))  # [T]
-            p_m = mixture.mix(p_lm, p_knn, lam)
+        candidates, p_m, lse = mixture.sparse_mixture(scaled, lam, weights, values)
+        best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
+        tops = candidates[best.indices].tolist()
+        out = [Belief(top_token=tops[i], top_prob=float(best.values[i]), lam=float(lam[i]),
+                      neighbors=None if found is None else
+                      Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
+                      scaled_logits=scaled[i], lse=lse[i],
+                      weights=None if weights is None else weights[i],
+                      values=None if values is None else values[i],
+                      logits=logits[i], hidden=hidden[i]) for i in range(logits.shape[0])]
         self.stats.knn_seconds += time.perf_counter() - t0
-        return [Belief(p_m=p_m[i], lam=float(lam[i]),
-                       neighbors=None if found is None else
-                       Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
-                       logits=logits[i], hidden=hidden[i]) for i in range(logits.shape[0])]
+        return out
 
     def rescore(self, belief: Belief) -> Belief:
         """Recompute a belief after masking, so just-copied keys are not retrieved again."""

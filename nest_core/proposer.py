@@ -1,5 +1,8 @@
-"""Where drafts come from. The loop only asks a proposer for rows of the token index;
-"no draft" means "decode one token normally" (as transformers' CandidateGenerator)."""
+"""Where drafts come from, and what the decoder believes about the next token.
+
+The loop only asks a proposer for rows of the token index; "no draft" means "decode one
+token normally" (as transformers' CandidateGenerator).
+"""
 
 from __future__ import annotations
 
@@ -13,22 +16,24 @@ from nest_core.token_index import Neighbors, TokenIndex
 
 @dataclass(frozen=True)
 class Belief:
-    """The decoder's next-token distribution at one position.
+    """The mixture p_M at one position, kept sparse (see :func:`mixture.sparse_mixture`).
 
-    ``p_m``: ``(V,)`` mixture p_M; ``lam``: λ used (1.0 without retrieval);
-    ``neighbors``: this position's search result (batch of one) or ``None``;
-    ``logits``/``hidden``: ``(V,)``/``(D,)`` kept to rescore after keys are masked.
+    ``top_token``/``top_prob``: argmax and max of p_M; ``lam``: λ (1.0 without retrieval);
+    ``neighbors``: this position's search result (a batch of one) or ``None``;
+    ``scaled_logits`` ``(V,)`` and ``lse`` give p_LM; ``weights``/``values`` ``(k,)`` give
+    p_kNN; ``logits``/``hidden`` are kept to rescore after keys are masked.
     """
 
-    p_m: torch.Tensor
+    top_token: int
+    top_prob: float
     lam: float
     neighbors: Neighbors | None
+    scaled_logits: torch.Tensor
+    lse: torch.Tensor
+    weights: torch.Tensor | None
+    values: torch.Tensor | None
     logits: torch.Tensor
     hidden: torch.Tensor
-
-    @property
-    def top_token(self) -> int:
-        return int(self.p_m.argmax())
 
 
 class SpanProposer(Protocol):
@@ -55,10 +60,10 @@ class RetrievedSpanProposer:
             rows = self.index.continuation(stream_row, length)
             if rows:
                 return rows
-        if belief.neighbors is None or belief.lam >= self.span_threshold:
+        if belief.neighbors is None or belief.values is None \
+                or belief.lam >= self.span_threshold:
             return []  # Eq. 6: λ ≥ δ, the LM is trusted, emit a single token
-        values = self.index.values[belief.neighbors.rows[0]]  # [k]
-        carriers = (values == belief.top_token).nonzero()
+        carriers = (belief.values == belief.top_token).nonzero()
         if carriers.numel() == 0:
             return []  # no retrieved token carries the mixture's choice: nothing to copy
         start = int(belief.neighbors.rows[0, int(carriers[0, 0])])

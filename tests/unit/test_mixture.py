@@ -52,15 +52,37 @@ def test_mixture_weights_lm_by_lambda():
 
 
 def test_relaxed_acceptance_threshold_is_half_gamma_times_max():
-    p_m = torch.tensor([[0.5, 0.02, 0.48]])
-    tok = torch.tensor([1])
+    p_tok, p_max = torch.tensor([0.02]), torch.tensor([0.5])
     # P_accept = min(1, 0.02 / (γ 0.5)); accept when > 1/2
-    assert float(mixture.accept_probability(p_m, tok, 0.05)[0]) == pytest.approx(0.8)
-    assert bool(mixture.relaxed_accept(p_m, tok, 0.05)[0]) is True
-    assert float(mixture.accept_probability(p_m, tok, 0.1)[0]) == pytest.approx(0.4)
-    assert bool(mixture.relaxed_accept(p_m, tok, 0.1)[0]) is False
+    assert float(mixture.accept_probability(p_tok, p_max, 0.05)[0]) == pytest.approx(0.8)
+    assert bool(mixture.relaxed_accept(p_tok, p_max, 0.05)[0]) is True
+    assert float(mixture.accept_probability(p_tok, p_max, 0.1)[0]) == pytest.approx(0.4)
+    assert bool(mixture.relaxed_accept(p_tok, p_max, 0.1)[0]) is False
     # the argmax is always accepted for γ <= 1
-    assert bool(mixture.relaxed_accept(p_m, torch.tensor([0]), 1.0)[0]) is True
+    assert bool(mixture.relaxed_accept(p_max, p_max, 1.0)[0]) is True
+
+
+@pytest.mark.parametrize("with_knn", [True, False])
+def test_sparse_mixture_equals_the_dense_mixture(with_knn):
+    torch.manual_seed(0)
+    T, V, k = 5, 300, 40
+    logits = torch.randn(T, V) * 3
+    dist2 = torch.sort(torch.rand(T, k) * 10, dim=-1).values
+    values = torch.randint(0, 60, (T, k))  # repeated tokens, as in a real datastore
+    weights = mixture.knn_weights(dist2, dim=16) if with_knn else None
+    lam = mixture.retrieval_confidence(dist2, 0.3, 0.1) if with_knn else torch.ones(T)
+    p_lm = torch.softmax(logits / 0.7, dim=-1)
+    dense = (mixture.mix(p_lm, mixture.scatter_to_vocab(weights, values, V), lam)
+             if with_knn else p_lm)
+    cands, p_sparse, lse = mixture.sparse_mixture(logits / 0.7, lam, weights,
+                                                  values if with_knn else None)
+    best = p_sparse.max(dim=-1)
+    assert cands[best.indices].tolist() == dense.argmax(-1).tolist()
+    torch.testing.assert_close(best.values, dense.max(-1).values)
+    tokens = torch.randint(0, V, (T,))
+    p_tok = mixture.token_probability(logits / 0.7, lse, lam, weights,
+                                      values if with_knn else None, tokens)
+    torch.testing.assert_close(p_tok, dense.gather(1, tokens[:, None])[:, 0])
 
 
 def test_accepted_prefix_stops_at_first_rejection():
