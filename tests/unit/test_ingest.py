@@ -71,8 +71,8 @@ def test_faiss_ingest_is_idempotent_and_replaces_changed_documents(tmp_path, cap
     again = ingest(DOCS, FaissStore.open(tmp_path), embed=EMBED, progress=False)
     assert (again.written, again.unchanged, again.removed) == (0, n, 0)
 
-    shorter = Document(text=" ".join(SENTENCE.format(i=i) for i in range(100, 108)), title="Glossary",
-                       metadata={"source": "foldoc"})
+    shorter = Document(text=" ".join(SENTENCE.format(i=i) for i in range(100, 108)),
+                       title="Glossary", metadata={"source": "foldoc"})
     store = FaissStore.open(tmp_path)
     changed = ingest([shorter], store, embed=EMBED, progress=False)
     assert (changed.written, changed.removed) == (1, n - 3)
