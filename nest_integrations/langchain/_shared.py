@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import VectorStore
@@ -168,9 +167,7 @@ class NestParams(BaseModel):
                               stop=opts.stop)
 
     # --- retrieval -------------------------------------------------------------------------
-    def _retrieve(self, query: str, opts: CallOptions,
-                  run_manager: CallbackManagerForLLMRun | None
-                  ) -> tuple[list[Passage], list[Document]]:
+    def _retrieve(self, query: str, opts: CallOptions) -> tuple[list[Passage], list[Document]]:
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
         # LLM runs are leaves in LangChain's run tree (no get_child): the retriever run
@@ -181,8 +178,7 @@ class NestParams(BaseModel):
             return documents_to_passages(_search(self.vectorstore, query, self.k))
         return [], []
 
-    async def _aretrieve(self, query: str, opts: CallOptions,
-                         run_manager: AsyncCallbackManagerForLLMRun | None
+    async def _aretrieve(self, query: str, opts: CallOptions
                          ) -> tuple[list[Passage], list[Document]]:
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
@@ -241,7 +237,10 @@ async def aiter_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]
     finally:
         close = getattr(iterator, "close", None)
         if close is not None:
-            await asyncio.to_thread(close)
+            try:
+                await asyncio.to_thread(close)
+            except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
+                logger.debug("decoder stream abandoned while a step was running")
 
 
 def usage(result: NestResult) -> dict[str, int]:

@@ -107,7 +107,7 @@ class ChatNest(NestParams, BaseChatModel):
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
         prompt = messages_to_prompt(messages)
-        passages, sources = self._retrieve(retrieval_query(messages), opts, run_manager)
+        passages, sources = self._retrieve(retrieval_query(messages), opts)
         for piece in self._decoder_stream(prompt, passages, opts):
             if piece.text:
                 yield _text_chunk(piece.text)
@@ -119,7 +119,7 @@ class ChatNest(NestParams, BaseChatModel):
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
         prompt = messages_to_prompt(messages)
-        passages, sources = await self._aretrieve(retrieval_query(messages), opts, run_manager)
+        passages, sources = await self._aretrieve(retrieval_query(messages), opts)
         pieces = aiter_in_thread(lambda: self._decoder_stream(prompt, passages, opts))
         async for piece in pieces:
             if piece.text:

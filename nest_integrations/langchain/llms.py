@@ -79,7 +79,7 @@ class NestLLM(NestParams, BaseLLM):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        passages, sources = self._retrieve(prompt, opts, run_manager)
+        passages, sources = self._retrieve(prompt, opts)
         for piece in self._decoder_stream(prompt, passages, opts):
             chunks = []
             if piece.text:
@@ -96,7 +96,7 @@ class NestLLM(NestParams, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        passages, sources = await self._aretrieve(prompt, opts, run_manager)
+        passages, sources = await self._aretrieve(prompt, opts)
         pieces = aiter_in_thread(lambda: self._decoder_stream(prompt, passages, opts))
         async for piece in pieces:
             chunks = []

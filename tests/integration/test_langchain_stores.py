@@ -37,7 +37,7 @@ TEXTS = [
     "The Wellington office in New Zealand opened in 2016 and is led by Mereana Toki.",
 ]
 IDS = ["foldoc", "compiler", "barn4", "wellington"]
-MAX_TOKENS = 20
+MAX_TOKENS = 16
 
 
 def _docs() -> list[Document]:
