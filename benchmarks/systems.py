@@ -8,6 +8,7 @@ Five run through :class:`~nest_core.NestDecoder` (so their latency split comes f
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,47 @@ LABELS: dict[str, str] = {
     "knn-lm": "kNN-LM (λ=0.7)", "nest": "Nest", "ra-nest": "RA-Nest",
 }
 PROMPT_LOOKUP_TOKENS = 10
+# Cost of one cached forward over k new tokens relative to k=1 (SmolLM2-135M fp32, 2-core
+# CPU, DESIGN.md "Numbers to beat"): 65 ms at k=1. Used for a load-independent speed model.
+FORWARD_COST: tuple[tuple[int, float], ...] = ((1, 1.0), (4, 1.4), (16, 1.6), (64, 3.1))
+FORWARD_MS = 65.0
+
+
+def forward_cost(k: int) -> float:
+    """Relative cost of a k-token forward: piecewise linear, proportional beyond k=64."""
+    if k <= 1:
+        return 1.0
+    for (k0, c0), (k1, c1) in itertools.pairwise(FORWARD_COST):
+        if k <= k1:
+            return c0 + (c1 - c0) * (k - k0) / (k1 - k0)
+    k_last, c_last = FORWARD_COST[-1]
+    return c_last * k / k_last
+
+
+class ForwardSizes:
+    """Records the number of new tokens of every forward of ``model`` while active."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.sizes: list[int] = []
+        self._hook: Any = None
+
+    def _record(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.sizes.append(int(ids.shape[-1]))
+
+    def __enter__(self) -> ForwardSizes:
+        self.sizes = []
+        self._hook = self.model.register_forward_pre_hook(self._record, with_kwargs=True)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._hook.remove()
+
+    def modeled_seconds(self) -> float:
+        """LM time this run would take on the reference quiet 2-core machine."""
+        return FORWARD_MS / 1000 * sum(forward_cost(k) for k in self.sizes)
 
 
 @dataclass
@@ -47,14 +89,28 @@ class RunRecord:
     knn_seconds: float = 0.0  # token search + mixture
     other_seconds: float = 0.0
     total_seconds: float = 0.0  # end to end, passage search included
+    modeled_lm_seconds: float = 0.0  # LM forwards priced by FORWARD_COST (load-independent)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
         return self.generated_tokens / self.total_seconds if self.total_seconds else 0.0
 
+    @property
+    def modeled_tokens_per_second(self) -> float:
+        """Tokens per modeled LM second: the speed on a quiet machine, forwards only."""
+        return self.generated_tokens / self.modeled_lm_seconds if self.modeled_lm_seconds else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second,
+                "modeled_tokens_per_second": self.modeled_tokens_per_second}
+
+
+def _histogram(sizes: Sequence[int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for k in sizes:
+        out[str(k)] = out.get(str(k), 0) + 1
+    return out
 
 
 def score(item: Item, text: str) -> float:
@@ -99,6 +155,14 @@ class Runner:
 
     def run(self, system: str, item: Item, passages: Sequence[Passage],
             search_seconds: float) -> RunRecord:
+        with ForwardSizes(self.lm.model) as sizes:
+            rec = self._run(system, item, passages, search_seconds)
+        rec.modeled_lm_seconds = sizes.modeled_seconds()
+        rec.extra["forward_sizes"] = _histogram(sizes.sizes)
+        return rec
+
+    def _run(self, system: str, item: Item, passages: Sequence[Passage],
+             search_seconds: float) -> RunRecord:
         uses_passages = system != "base"
         search = search_seconds if uses_passages else 0.0
         if system == "rag+lookup":

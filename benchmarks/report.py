@@ -1,0 +1,131 @@
+"""From per-item :class:`~benchmarks.systems.RunRecord` s to the summary: aggregation,
+markdown table, README region and the quality-vs-speed plot.
+
+Speed is summarised robustly because the benchmark machine is shared: tokens/s is the median
+over items, and the speed ratio is the median over items of (system tokens/s / base tokens/s
+on the same item, measured back to back).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.systems import LABELS, SYSTEMS, RunRecord
+
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass(frozen=True)
+class SystemSummary:
+    """One row of the table: a system on a task, over all its items."""
+
+    system: str
+    task: str
+    items: int
+    quality: float  # mean ROUGE-1 F1 or mean answer recall
+    attribution_ratio: float
+    mean_span_length: float  # mean over items that copied anything
+    forwards_per_token: float
+    tokens_per_second: float  # median over items, end to end
+    speed_ratio: float  # median over items of tok/s divided by base tok/s on that item
+    modeled_speed_ratio: float  # same, with LM forwards priced by the quiet-machine cost curve
+    ms_per_token: dict[str, float]  # latency split, total seconds / total tokens, in ms
+    overhead_ms_per_step: float  # (kNN + rest) per LM forward: cost beyond the forward
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else 0.0
+
+
+def summarise(records: Sequence[RunRecord]) -> list[SystemSummary]:
+    base_tps = {(r.task, r.key): r.tokens_per_second for r in records if r.system == "base"}
+    base_model = {(r.task, r.key): r.modeled_tokens_per_second for r in records
+                  if r.system == "base"}
+    out = []
+    for task in ("completion", "qa"):
+        for system in SYSTEMS:
+            rs = [r for r in records if r.task == task and r.system == system]
+            if not rs:
+                continue
+            tokens = sum(r.generated_tokens for r in rs) or 1
+            forwards = sum(r.lm_forwards for r in rs)
+            split = {name: 1000 * sum(getattr(r, f"{name}_seconds") for r in rs) / tokens
+                     for name in ("search", "datastore", "lm", "knn", "other", "total")}
+            ratios = [r.tokens_per_second / base_tps[(task, r.key)] for r in rs
+                      if base_tps.get((task, r.key))]
+            modeled = [r.modeled_tokens_per_second / base_model[(task, r.key)] for r in rs
+                       if base_model.get((task, r.key))]
+            spans = [r.mean_span_length for r in rs if r.mean_span_length > 0]
+            overhead = (1000 * sum(r.knn_seconds + r.other_seconds for r in rs) / forwards
+                        if forwards else 0.0)
+            out.append(SystemSummary(
+                system=system, task=task, items=len(rs),
+                quality=statistics.fmean(r.quality for r in rs),
+                attribution_ratio=statistics.fmean(r.attribution_ratio for r in rs),
+                mean_span_length=statistics.fmean(spans) if spans else 0.0,
+                forwards_per_token=forwards / tokens,
+                tokens_per_second=_median([r.tokens_per_second for r in rs]),
+                speed_ratio=_median(ratios), modeled_speed_ratio=_median(modeled),
+                ms_per_token=split,
+                overhead_ms_per_step=overhead))
+    return out
+
+
+def markdown_table(rows: Sequence[SystemSummary]) -> str:
+    head = ("| Task | System | Quality | Attribution | Mean span | Fwd/token | tok/s | vs base "
+            "| vs base, modeled | ms/token: search / datastore / LM / kNN / rest "
+            "| Overhead ms/step |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|")
+    lines = [head]
+    for r in rows:
+        metric = "R-1 F1" if r.task == "completion" else "recall"
+        s = r.ms_per_token
+        lines.append(
+            f"| {r.task} | {LABELS[r.system]} | {r.quality:.3f} ({metric}) "
+            f"| {100 * r.attribution_ratio:.0f}% | {r.mean_span_length:.1f} "
+            f"| {r.forwards_per_token:.2f} | {r.tokens_per_second:.1f} | {r.speed_ratio:.2f}x "
+            f"| {r.modeled_speed_ratio:.2f}x "
+            f"| {s['search']:.1f} / {s['datastore']:.1f} / {s['lm']:.1f} / {s['knn']:.1f} / "
+            f"{s['other']:.1f} | {r.overhead_ms_per_step:.1f} |")
+    return "\n".join(lines)
+
+
+def replace_readme_region(readme: Path, body: str) -> None:
+    """Rewrite only the text between the bench markers (appending them if missing); the file
+    is read fresh just before writing because other people edit the rest of it."""
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    if README_START not in text or README_END not in text:
+        text = text.rstrip("\n") + f"\n\n{README_START}\n{README_END}\n"
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{tail}",
+                      encoding="utf-8")
+
+
+def plot(rows: Sequence[SystemSummary], path: Path) -> None:
+    """Quality against end-to-end tokens/s, one panel per task, one point per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in ("completion", "qa") if any(r.task == t for r in rows)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for r in (r for r in rows if r.task == task):
+            ax.scatter(r.tokens_per_second, r.quality, s=40)
+            ax.annotate(LABELS[r.system], (r.tokens_per_second, r.quality), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xlabel("end-to-end tokens/s (median over items)")
+        ax.set_ylabel("ROUGE-1 F1" if task == "completion" else "answer recall")
+        ax.set_title(f"FOLDOC {task}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
