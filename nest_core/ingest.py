@@ -86,7 +86,8 @@ def chunk_document(doc: Document, words_per_passage: int = 100) -> list[Passage]
         raise ValueError(msg)
     words = [(m.start(), m.end()) for m in _WORD.finditer(doc.text)]
     low, high = max(1, int(words_per_passage * 0.75)), int(words_per_passage * 1.25)
-    passages, i = [], 0
+    passages: list[Passage] = []
+    i = 0
     while i < len(words):
         end = min(i + words_per_passage, len(words))
         if end < len(words):

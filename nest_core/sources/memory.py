@@ -59,10 +59,14 @@ class InMemorySource(SyncPassageSource):
         """Embed and add passages; returns how many were added."""
         batch = drop_empty(list(passages), "InMemorySource")
         seen: set[str] = set()
-        dupes = sorted({p.id for p in batch if p.id in self._ids or p.id in seen
-                        or seen.add(p.id)})
+        dupes: set[str] = set()
+        for p in batch:
+            if p.id in self._ids or p.id in seen:
+                dupes.add(p.id)
+            seen.add(p.id)
         if dupes:
-            msg = f"duplicate passage ids {dupes[:5]}; ids must be unique within a source"
+            msg = (f"duplicate passage ids {sorted(dupes)[:5]}; ids must be unique within a "
+                   f"source")
             raise ValueError(msg)
         if not batch:
             return 0

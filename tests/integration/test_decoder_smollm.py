@@ -35,9 +35,11 @@ def test_nest_copies_a_made_up_fact_and_cites_it(smollm):
                                                                  max_new_tokens=40)
     assert "Quillfeather" not in base.text  # the model cannot know it
     res = NestDecoder(smollm).generate(QUESTION, [FACT, OTHER], max_new_tokens=40)
-    assert "Quillfeather" in res.text and "1987" in res.text
+    assert "Quillfeather" in res.text
+    assert "1987" in res.text
     cited = [s for s in res.spans if "Quillfeather" in s.text]
-    assert cited and cited[0].passage.id == "zephyr-history"
+    assert cited
+    assert cited[0].passage.id == "zephyr-history"
     for span in res.spans:
         assert res.text[span.out_start:span.out_end] == span.text
         assert span.passage.text[span.src_start:span.src_end] == span.text
