@@ -29,6 +29,20 @@ PDF_INSTALL_HINT = "pip install pypdf"
 STORE_KINDS = ("chroma", "faiss")
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
 DEFAULT_MAX_NEW_TOKENS = 64
+MODES = ("ra-nest", "nest")
+DEFAULT_MODE = "ra-nest"
+
+
+def nest_config(mode: str) -> Any:
+    """``"ra-nest"``: the top passages are also in the prompt (the paper's RA-Nest), so a
+    small LM reads the answer before Nest copies and cites it; ``"nest"``: passages are only
+    the copy datastore (the paper's main setting, best with larger LMs)."""
+    from nest_core.config import NestConfig
+
+    if mode not in MODES:
+        msg = f"mode={mode!r} is not one of {MODES}"
+        raise ValueError(msg)
+    return NestConfig(passages_in_prompt=mode == "ra-nest")
 
 
 class CliError(Exception):
@@ -211,7 +225,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_tokens: int,
-           compare: bool) -> tuple[Any, Any | None]:
+           compare: bool, mode: str = DEFAULT_MODE) -> tuple[Any, Any | None]:
     """Retrieve, then decode with Nest (and the plain model when ``compare``)."""
     from nest_core import NestConfig, NestDecoder
     from nest_core.datastore import SpanDatastore
@@ -224,7 +238,7 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
         raise CliError(msg)
     lm = load_quietly()
     cache = SpanDatastore.for_store(store)
-    result = NestDecoder(lm, NestConfig(), key_cache=cache).generate(
+    result = NestDecoder(lm, nest_config(mode), key_cache=cache).generate(
         question, passages, max_new_tokens=max_new_tokens)
     base = None
     if compare:
@@ -239,13 +253,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
         raise CliError(msg)
     detect_store(args.store)  # fail before loading anything heavy
     result, base = answer(args.question, args.store, k=args.k,
-                          max_new_tokens=args.max_new_tokens, compare=args.compare)
+                          max_new_tokens=args.max_new_tokens, compare=args.compare,
+                          mode=args.mode)
     if args.html:
         page = render_html(result, question=args.question, baseline=base)
         Path(args.html).expanduser().write_text(page, encoding="utf-8")
         _note(f"wrote {args.html}")
     if args.json:
-        doc: dict[str, Any] = {"question": args.question, "nest": result.to_dict()}
+        doc: dict[str, Any] = {"question": args.question, "mode": args.mode,
+                               "nest": result.to_dict()}
         if base is not None:
             doc["base"] = base.to_dict()
         print(json.dumps(doc, ensure_ascii=False, indent=2))
@@ -263,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from nest_core.cli_demo import run_demo
 
     width = min(shutil.get_terminal_size((100, 24)).columns, 120)
-    return run_demo(store_kind=args.store, max_new_tokens=args.max_new_tokens,
+    return run_demo(store_kind=args.store, max_new_tokens=args.max_new_tokens, mode=args.mode,
                     color=_color(args.color), width=width, rebuild=args.rebuild)
 
 
@@ -309,12 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="write a page linking spans to passages")
     p.add_argument("--k", type=_positive, default=DEFAULT_K, help="passages to retrieve")
     p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="ra-nest: top passages also in the prompt (default); nest: copy only")
     _color_option(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss")
     p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help="ra-nest: top passages also in the prompt (default); nest: copy only")
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
     _color_option(p)
     p.set_defaults(func=cmd_demo)
