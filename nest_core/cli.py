@@ -185,6 +185,7 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
 
     docs = read_documents(files)
+    quiet_transformers()
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     store = open_faiss_store(out) if kind == "faiss" else open_chroma_collection(out)
@@ -198,16 +199,22 @@ def open_source(path: str | os.PathLike[str]) -> Any:
     from nest_core.sources import ChromaSource, FaissSource
 
     kind = detect_store(path)
+    quiet_transformers()
     p = Path(path).expanduser()
     return FaissSource.from_path(p) if kind == "faiss" else ChromaSource.from_path(p)
 
 
-def load_quietly() -> Any:
+def quiet_transformers() -> None:
+    """transformers draws a "Loading weights" bar for every model (LM and MiniLM): noise."""
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+
+
+def load_quietly() -> Any:
     from nest_core.models import load_model
 
-    hf_logging.disable_progress_bar()  # the per-load "Loading weights" bar is noise here
+    quiet_transformers()
     _note("loading the language model ...")
     return load_model()
 

@@ -21,8 +21,8 @@ logger = logging.getLogger(__name__)
 
 QUESTIONS = (
     "Who founded Halvorsen Orchard Robotics, and when?",
-    "How many days of paid leave do employees get?",
-    "What is the Pomona 3?",
+    "Where is the headquarters of Halvorsen Orchard Robotics?",
+    "What is the paid leave allowance?",
 )
 DEMO_K = 8
 STORE_VERSION = 2  # bump when indexing changes, so old demo stores are not reused

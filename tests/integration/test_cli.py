@@ -254,7 +254,8 @@ def test_ask_terminal_on_a_chroma_store(corpus: Path, tmp_path: Path) -> None:
     assert not ANSI.search(proc.stdout), "NO_COLOR and a pipe must give plain text"
     assert "[1]" in proc.stdout
     assert "\nSources\n[1] Zephyr history (" in proc.stdout
-    assert "history.md)" in proc.stdout
+    assert "history.md, passage 1)" in proc.stdout
+    assert "Loading weights" not in proc.stderr
 
 
 class _Text(HTMLParser):
