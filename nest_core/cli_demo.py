@@ -126,7 +126,8 @@ def summary(base: list[Any], nest: list[Any]) -> str:
         (f"  Nest:        {n_tps:5.1f} tokens/s, {n_tpf:.2f} tokens per LM forward, "
         f"{n_sec:.1f} s, {copied / generated if generated else 0:.0%} of tokens copied "
         f"from the handbook in {spans} span(s)"),
-        f"  speed: Nest runs at {speedup:.1f}x the plain model's tokens/s in this run",
+        (f"  speed: Nest runs at {speedup:.1f}x the plain model's tokens/s in this run "
+        f"(wall clock, prompt included)"),
     ])
 
 

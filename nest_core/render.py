@@ -78,7 +78,8 @@ def segments(result: NestResult, sources: Sequence[Source] | None = None
 def stats_line(result: NestResult) -> str:
     """One line of speed and attribution numbers (what the demo prints under each answer)."""
     st = result.stats
-    parts = [f"{st.generated_tokens} tokens", f"{st.tokens_per_second:.1f} tokens/s",
+    parts = [f"{st.prompt_tokens}-token prompt", f"{st.generated_tokens} tokens",
+             f"{st.tokens_per_second:.1f} tokens/s",
              f"{st.tokens_per_forward:.2f} tokens/forward", f"{st.total_seconds:.1f} s"]
     if result.spans:
         parts.append(f"{result.attribution_ratio:.0%} copied in {len(result.spans)} span(s)")
