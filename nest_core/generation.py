@@ -46,7 +46,7 @@ class Generation:
     def run(self) -> Iterator[NestChunk]:
         stats = self.stats
         stats.prompt_tokens = len(self.prompt_ids)
-        belief = self.forward(self.prompt_ids)[-1]
+        belief = self.forward(self.prompt_ids, last_only=True)[-1]
         stream_row: int | None = None
         draft_len = self.cfg.initial_span_length
         while self.finish is None:
@@ -109,9 +109,9 @@ class Generation:
         return mixture.accepted_prefix(ok)
 
     # --- LM and mixture --------------------------------------------------------------------
-    def forward(self, ids: Sequence[int]) -> list[Belief]:
+    def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
         t0 = time.perf_counter()
-        out = self.lm.forward(ids, self.cache, self.cfg.key_layer)
+        out = self.lm.forward(ids, self.cache, self.cfg.key_layer, last_only=last_only)
         self.stats.lm_seconds += time.perf_counter() - t0
         self.stats.lm_forwards += 1
         return self.beliefs(out.logits, out.hidden)

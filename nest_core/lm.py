@@ -109,13 +109,21 @@ class LanguageModel:
         return DynamicCache(config=self.model.config)
 
     @torch.inference_mode()
-    def forward(self, input_ids: Sequence[int], cache: Any, key_layer: int) -> LMOutput:
-        """Feed ``input_ids`` (T new tokens) after what ``cache`` holds; the cache grows by T."""
+    def forward(self, input_ids: Sequence[int], cache: Any, key_layer: int,
+                last_only: bool = False) -> LMOutput:
+        """Feed ``input_ids`` (T new tokens) after what ``cache`` holds; the cache grows by T.
+
+        ``last_only`` (the prompt) returns the last position only and skips the LM head for
+        the others: a 500-token prompt would otherwise make 500 x V logits for nothing.
+        """
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)  # [1, T]
+        extra = {"logits_to_keep": 1} if last_only else {}
         out = self.model(input_ids=ids, use_cache=True, output_hidden_states=True,
-                         **{self._cache_arg: cache})
-        logits = out.logits[0].float()  # [T, V]
+                         **{self._cache_arg: cache}, **extra)
+        logits = out.logits[0].float()  # [T or 1, V]
         hidden = out.hidden_states[key_layer][0].float()  # [T, D]
+        if last_only:
+            logits, hidden = logits[-1:], hidden[-1:]
         return LMOutput(logits=logits, hidden=hidden)
 
     @torch.inference_mode()
