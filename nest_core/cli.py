@@ -19,13 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nest_core.cli_files import CliError, collect_files, read_documents, split_title
 from nest_core.render import render_comparison, render_html, render_terminal, use_color
 
 logger = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
-PDF_SUFFIX = ".pdf"
-PDF_INSTALL_HINT = "pip install pypdf"
+__all__ = ["CliError", "build_parser", "collect_files", "main", "read_documents",
+           "split_title"]
+
 STORE_KINDS = ("chroma", "faiss")
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -43,122 +44,6 @@ def nest_config(mode: str) -> Any:
         msg = f"mode={mode!r} is not one of {MODES}"
         raise ValueError(msg)
     return NestConfig(passages_in_prompt=mode == "ra-nest")
-
-
-class CliError(Exception):
-    """An expected failure: printed as one line on stderr, exit code 1, no traceback."""
-
-
-# --- files -> documents ----------------------------------------------------------------------
-def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
-    """``(file, id)`` for every supported file under ``paths``; ids are relative to the
-    folder given, so re-indexing from another directory keeps the same passage ids.
-
-    A named file of an unsupported type is an error; inside folders such files are skipped
-    with a note, because folders of notes usually hold images and the like too.
-    """
-    found: list[tuple[Path, str]] = []
-    skipped: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if not path.exists():
-            msg = f"{raw}: no such file or folder; check the path"
-            raise CliError(msg)
-        if path.is_file():
-            if not _supported(path):
-                msg = (f"{raw}: unsupported file type {path.suffix or '(none)'!r}; nest index "
-                       f"reads {_supported_list()} files (convert others to text first)")
-                raise CliError(msg)
-            found.append((path, path.name))
-            continue
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        if not files:
-            msg = f"{raw}: the folder is empty; put {_supported_list()} files in it"
-            raise CliError(msg)
-        ok = [p for p in files if _supported(p)]
-        skipped += [p for p in files if not _supported(p)]
-        if not ok:
-            kinds = sorted({p.suffix or "(none)" for p in files})
-            msg = (f"{raw}: no supported files (found {', '.join(kinds)}); nest index reads "
-                   f"{_supported_list()} files")
-            raise CliError(msg)
-        found += [(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in ok]
-    if skipped:
-        names = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-        _note(f"skipped {len(skipped)} unsupported file(s): {names}")
-    return found
-
-
-def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
-    """Files as :class:`~nest_core.ingest.Document` (title: a leading markdown heading, else
-    the file name); empty files are skipped with a note."""
-    from nest_core.ingest import Document
-
-    docs = []
-    for path, doc_id in files:
-        text = _read_pdf(path) if path.suffix.lower() == PDF_SUFFIX else _read_text(path)
-        if not text.strip():
-            _note(f"skipped empty file {path}")
-            continue
-        title, body = split_title(text, path)
-        docs.append(Document(text=body, title=title, id=doc_id,
-                             metadata={"source": _display_path(path)}))
-    if not docs:
-        msg = "every file is empty: there is no text to index"
-        raise CliError(msg)
-    return docs
-
-
-def _display_path(path: Path) -> str:
-    """Relative to the working directory when inside it (shorter citations), else absolute."""
-    resolved = path.resolve()
-    try:
-        return resolved.relative_to(Path.cwd()).as_posix()
-    except ValueError:
-        return str(resolved)
-
-
-def _supported(path: Path) -> bool:
-    return path.suffix.lower() in (*TEXT_SUFFIXES, PDF_SUFFIX)
-
-
-def _supported_list() -> str:
-    return "/".join(s.lstrip(".") for s in (*TEXT_SUFFIXES, PDF_SUFFIX))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        msg = f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8 or leave it out"
-        raise CliError(msg) from err
-
-
-def _read_pdf(path: Path) -> str:
-    try:
-        from pypdf import PdfReader
-    except ImportError as err:
-        msg = f"{path}: reading PDF needs pypdf: `{PDF_INSTALL_HINT}` (or convert it to text)"
-        raise CliError(msg) from err
-    try:
-        pages = [page.extract_text() or "" for page in PdfReader(str(path)).pages]
-    except Exception as err:  # pypdf raises many types for damaged files
-        msg = f"{path}: cannot read this PDF ({err}); convert it to text first"
-        raise CliError(msg) from err
-    return "\n\n".join(p.strip() for p in pages if p.strip())
-
-
-def split_title(text: str, path: Path) -> tuple[str, str]:
-    """``(title, body)``: a leading markdown ``# heading`` becomes the title and leaves the
-    body (every passage is already read as ``"{title}\n{text}"``, so keeping the heading in
-    the text would repeat it in the first passage and in its citations); otherwise the file
-    name is the title and the text is kept whole."""
-    stripped = text.lstrip()
-    first, _, rest = stripped.partition("\n")
-    if first.startswith("# ") and rest.strip():
-        return first[2:].strip(), rest.strip("\n")
-    return path.stem.replace("_", " ").replace("-", " "), text
 
 
 # --- stores ----------------------------------------------------------------------------------
