@@ -94,6 +94,20 @@ class NestConfig:
         return replace(self, **changes)
 
 
+# Defaults calibrated for a model on a dev split (see benchmarks/README.md); any other model
+# gets the paper's defaults, i.e. ``NestConfig()``.
+MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "SmolLM2-135M-Instruct": {},
+}
+BUNDLED_MODEL = "SmolLM2-135M-Instruct"
+
+
+def default_config(model_name: str | None = None, **overrides: Any) -> NestConfig:
+    """The defaults for ``model_name`` (``None`` = the bundled model), then ``overrides``."""
+    name = BUNDLED_MODEL if model_name is None else model_name
+    return NestConfig().with_overrides(**{**MODEL_DEFAULTS.get(name, {}), **overrides})
+
+
 def _check_range(name: str, value: float, *, low: float | None = None,
                  high: float | None = None, low_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):

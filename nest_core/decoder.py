@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 
-from nest_core.config import NestConfig
+from nest_core.config import NestConfig, default_config
 from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.generation import Generation
 from nest_core.lm import LanguageModel, Message
@@ -40,7 +40,8 @@ class NestDecoder:
             msg = f"config must be a NestConfig, got {type(config).__name__}"
             raise TypeError(msg)
         self.lm = lm
-        self.config = config or NestConfig()
+        # None: the defaults calibrated for this model, or the paper's for any other model
+        self.config = config or default_config(lm.name)
         self.encoder = PassageEncoder(lm, key_layer=self.config.key_layer,
                                       max_passage_tokens=self.config.max_passage_tokens,
                                       cache=key_cache)

@@ -77,7 +77,8 @@ class NestParams(BaseModel):
     k: int = Field(default=4, ge=1, description="Passages fetched from `vectorstore` per query "
                    "(a `retriever` uses its own setting).")
     nest_config: NestConfig | None = Field(
-        default=None, description="Decoder settings; None is NestConfig() (paper defaults).")
+        default=None, description="Decoder settings; None is nest_core.config.default_config "
+        "(calibrated for the bundled model, the paper's defaults for any other).")
     nest_overrides: dict[str, Any] = Field(
         default_factory=dict,
         description="NestConfig fields to override, e.g. {'relaxation': 0.1, 'mode': 'base'}.")
@@ -120,8 +121,11 @@ class NestParams(BaseModel):
         obj._lm = lm
         return obj
 
-    def resolved_config(self) -> NestConfig:
-        base = self.nest_config if self.nest_config is not None else NestConfig()
+    def resolved_config(self, model_name: str | None = None) -> NestConfig:
+        from nest_core.config import default_config
+
+        base = (self.nest_config if self.nest_config is not None
+                else default_config(model_name or self.model))
         return base.with_overrides(**self.nest_overrides) if self.nest_overrides else base
 
     # --- per call --------------------------------------------------------------------------
@@ -161,7 +165,7 @@ class NestParams(BaseModel):
         from nest_core.decoder import NestDecoder
 
         lm = self._load_lm(opts.model)
-        decoder = NestDecoder(lm, self.resolved_config(),
+        decoder = NestDecoder(lm, self.resolved_config(lm.name),
                               key_cache=_key_cache(lm, self.datastore_dir))
         return decoder.stream(prompt, passages or None, max_new_tokens=opts.max_tokens,
                               stop=opts.stop)

@@ -32,7 +32,7 @@ class LazyDecoder:
     engine is built (changing ``engine.config`` later does not rebuild the decoder).
     """
 
-    def __init__(self, *, model_name: str | None, dtype: str | None, config: NestConfig,
+    def __init__(self, *, model_name: str | None, dtype: str | None, config: NestConfig | None,
                  lm: Any = None, key_cache: Any = None,
                  datastore_dir: str | os.PathLike[str] | None = None) -> None:
         self.model_name, self.dtype, self.config = model_name, dtype, config

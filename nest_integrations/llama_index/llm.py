@@ -56,7 +56,9 @@ class NestLLM(CustomLLM):
     model_name: str | None = Field(
         default=None, description="HF id, local dir or .gguf path; None = bundled SmolLM2.")
     dtype: str | None = Field(default=None, description="'float32' (default) or 'bfloat16'.")
-    config: NestConfig = Field(default_factory=NestConfig, description="Decoder settings.")
+    config: NestConfig | None = Field(
+        default=None, description="Decoder settings; None = defaults calibrated for the model "
+        "(nest_core.config.default_config).")
     max_new_tokens: int = Field(default=128, gt=0, description="Completion length, tokens.")
     context_window: int = Field(
         default=8192, gt=0, description="Prompt budget reported to LlamaIndex's prompt "

@@ -55,9 +55,9 @@ class NestQueryEngine(CustomQueryEngine):
         default=None, description="HF id, local dir or .gguf path; None = bundled SmolLM2.")
     dtype: str | None = Field(
         default=None, description="'float32' (default) or 'bfloat16' (faster on CPU).")
-    config: NestConfig = Field(
-        default_factory=NestConfig, description="Decoder settings (paper symbols documented "
-        "in nest_core.config).")
+    config: NestConfig | None = Field(
+        default=None, description="Decoder settings (paper symbols documented in "
+        "nest_core.config); None = the defaults calibrated for the model.")
     max_new_tokens: int = Field(default=128, gt=0, description="Answer length limit, tokens.")
     stop: list[str] | None = Field(default=None, description="Stop strings (not included).")
     system_prompt: str | None = Field(
