@@ -118,10 +118,11 @@ def plot(rows: Sequence[SystemSummary], path: Path) -> None:
     tasks = [t for t in ("completion", "qa") if any(r.task == t for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        for r in (r for r in rows if r.task == task):
-            ax.scatter(r.tokens_per_second, r.quality, s=40)
-            ax.annotate(LABELS[r.system], (r.tokens_per_second, r.quality), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
+        for n, r in enumerate(r for r in rows if r.task == task):
+            # a legend, not annotations: baselines cluster and their labels would overlap
+            ax.scatter(r.tokens_per_second, r.quality, s=50, marker="osD^v*"[n % 6],
+                       label=LABELS[r.system])
+        ax.legend(fontsize=7, loc="best")
         ax.set_xlabel("end-to-end tokens/s (median over items)")
         ax.set_ylabel("ROUGE-1 F1" if task == "completion" else "answer recall")
         ax.set_title(f"FOLDOC {task}")
@@ -129,3 +130,44 @@ def plot(rows: Sequence[SystemSummary], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of issue 6, checked against the summary (a figure, not a test)."""
+
+    name: str
+    value: str
+    met: bool
+
+
+def check_targets(rows: Sequence[SystemSummary]) -> list[Target]:
+    by = {(r.task, r.system): r for r in rows}
+    out: list[Target] = []
+    for task in ("completion", "qa"):
+        nest, base = by.get((task, "nest")), by.get((task, "base"))
+        knn, lookup = by.get((task, "knn-lm")), by.get((task, "rag+lookup"))
+        if nest is None or base is None:
+            continue
+        out.append(Target(f"{task}: Nest >= 2.0x base tok/s (measured; modeled)",
+                          f"{nest.speed_ratio:.2f}x; {nest.modeled_speed_ratio:.2f}x",
+                          nest.speed_ratio >= 2.0))
+        if lookup is not None:
+            out.append(Target(f"{task}: Nest >= RAG + prompt lookup (speed ratio)",
+                              f"{nest.speed_ratio:.2f}x vs {lookup.speed_ratio:.2f}x",
+                              nest.speed_ratio >= lookup.speed_ratio))
+        out.append(Target(f"{task}: Nest overhead beyond the LM forward <= 1 ms/step",
+                          f"{nest.overhead_ms_per_step:.1f} ms", nest.overhead_ms_per_step <= 1))
+        beats = nest.quality > base.quality and (knn is None or nest.quality > knn.quality)
+        out.append(Target(f"{task}: Nest quality > base and kNN-LM",
+                          f"{nest.quality:.3f} vs {base.quality:.3f} / "
+                          f"{knn.quality if knn else float('nan'):.3f}", beats))
+        out.append(Target(f"{task}: Nest attribution >= 60%",
+                          f"{100 * nest.attribution_ratio:.0f}%", nest.attribution_ratio >= 0.6))
+    return out
+
+
+def targets_markdown(targets: Sequence[Target]) -> str:
+    lines = ["| Target | Value | Met |", "|---|---|---|"]
+    lines += [f"| {t.name} | {t.value} | {'yes' if t.met else '**no**'} |" for t in targets]
+    return "\n".join(lines)
