@@ -34,16 +34,17 @@ MODES = ("ra-nest", "nest")
 DEFAULT_MODE = "ra-nest"
 
 
-def nest_config(mode: str) -> Any:
-    """``"ra-nest"``: the top passages are also in the prompt (the paper's RA-Nest), so a
-    small LM reads the answer before Nest copies and cites it; ``"nest"``: passages are only
-    the copy datastore (the paper's main setting, best with larger LMs)."""
-    from nest_core.config import NestConfig
+def nest_config(mode: str, model_name: str | None = None) -> Any:
+    """The model's calibrated defaults (:func:`~nest_core.config.default_config`) in one of
+    two modes. ``"ra-nest"``: the top passages are also in the prompt (the paper's RA-Nest),
+    so a small LM reads the answer before Nest copies and cites it; ``"nest"``: passages are
+    only the copy datastore (the paper's main setting, best with larger LMs)."""
+    from nest_core.config import default_config
 
     if mode not in MODES:
         msg = f"mode={mode!r} is not one of {MODES}"
         raise ValueError(msg)
-    return NestConfig(passages_in_prompt=mode == "ra-nest")
+    return default_config(model_name, passages_in_prompt=mode == "ra-nest")
 
 
 # --- stores ----------------------------------------------------------------------------------
@@ -75,7 +76,9 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     out.mkdir(parents=True, exist_ok=True)
     store = open_faiss_store(out) if kind == "faiss" else open_chroma_collection(out)
     lm = load_quietly() if precompute else None
-    return ingest(docs, store, progress=progress, lm=lm,
+    # the key layer and window must be the ones `nest ask` decodes with, or every key misses
+    config = nest_config(DEFAULT_MODE, lm.name) if lm is not None else None
+    return ingest(docs, store, progress=progress, lm=lm, config=config,
                   datastore=SpanDatastore.for_store(out) if precompute else None)
 
 
@@ -130,7 +133,7 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
         raise CliError(msg)
     lm = load_quietly()
     cache = SpanDatastore.for_store(store)
-    result = NestDecoder(lm, nest_config(mode), key_cache=cache).generate(
+    result = NestDecoder(lm, nest_config(mode, lm.name), key_cache=cache).generate(
         question, passages, max_new_tokens=max_new_tokens)
     base = None
     if compare:

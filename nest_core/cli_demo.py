@@ -69,7 +69,7 @@ def run_demo(*, store_kind: str = "faiss", max_new_tokens: int = 64, mode: str =
         (store / ".complete").touch()
     source = open_source(store)
     lm = load_quietly()
-    nest = NestDecoder(lm, nest_config(mode), key_cache=SpanDatastore.for_store(store))
+    nest = NestDecoder(lm, nest_config(mode, lm.name), key_cache=SpanDatastore.for_store(store))
     base = NestDecoder(lm, NestConfig(mode="base"))
     rule = "─" * width
     totals: dict[str, list[Any]] = {"base": [], "nest": []}
