@@ -13,9 +13,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from langchain_core.documents import Document
+from langchain_core.language_models import LangSmithParams
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import VectorStore
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
@@ -120,6 +121,25 @@ class NestParams(BaseModel):
         obj = cls(model=lm.name, **kwargs)
         obj._lm = lm
         return obj
+
+    _ls_model_type: ClassVar[str] = "chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model or default_model_name(), "k": self.k,
+                "max_tokens": self.max_tokens, "nest_config": repr(self.resolved_config())}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = LangSmithParams(
+            ls_provider=PROVIDER,
+            ls_model_name=kwargs.get("model") or self.model or default_model_name(),
+            ls_model_type=self._ls_model_type,  # type: ignore[typeddict-item]
+            ls_temperature=0.0,
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stops := (stop if stop is not None else self.stop):
+            params["ls_stop"] = list(stops)
+        return params
 
     def resolved_config(self, model_name: str | None = None) -> NestConfig:
         from nest_core.config import default_config

@@ -16,7 +16,6 @@ from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
-from langchain_core.language_models import LangSmithParams
 from langchain_core.language_models.chat_models import (
     BaseChatModel,
     agenerate_from_stream,
@@ -40,7 +39,6 @@ from nest_integrations.langchain._shared import (
     CallOptions,
     NestParams,
     aiter_in_thread,
-    default_model_name,
     nest_metadata,
     usage,
 )
@@ -73,22 +71,6 @@ class ChatNest(NestParams, BaseChatModel):
     def _llm_type(self) -> str:
         return "nest-chat"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model or default_model_name(), "k": self.k,
-                "max_tokens": self.max_tokens, "nest_config": repr(self.resolved_config())}
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(
-            ls_provider=PROVIDER,
-            ls_model_name=kwargs.get("model") or self.model or default_model_name(),
-            ls_model_type="chat",
-            ls_temperature=0.0,
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
-        )
-        if stops := (stop if stop is not None else self.stop):
-            params["ls_stop"] = list(stops)
-        return params
 
     # --- generation: invoke is built from stream so the two cannot drift --------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,

@@ -9,16 +9,15 @@ text until the last one, so adding them up gives exactly the invoked generation.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.documents import Document
-from langchain_core.language_models import BaseLLM, LangSmithParams
+from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
 from nest_core.types import NestResult
 from nest_integrations.langchain._shared import (
-    PROVIDER,
     CallOptions,
     NestParams,
     aiter_in_thread,
@@ -39,22 +38,7 @@ class NestLLM(NestParams, BaseLLM):
     def _llm_type(self) -> str:
         return "nest"
 
-    @property
-    def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model or default_model_name(), "k": self.k,
-                "max_tokens": self.max_tokens, "nest_config": repr(self.resolved_config())}
-
-    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
-        params = LangSmithParams(
-            ls_provider=PROVIDER,
-            ls_model_name=kwargs.get("model") or self.model or default_model_name(),
-            ls_model_type="llm",
-            ls_temperature=0.0,
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
-        )
-        if stops := (stop if stop is not None else self.stop):
-            params["ls_stop"] = list(stops)
-        return params
+    _ls_model_type: ClassVar[str] = "llm"
 
     # --- generation: _generate is built from _stream so the two cannot drift ----------------
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
