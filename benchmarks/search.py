@@ -62,28 +62,6 @@ def corpus_vectors(passages: Sequence[Passage]) -> np.ndarray:
     return vectors
 
 
-class FlatSearch:
-    """Exact inner-product search over the cached vectors (faiss ``IndexFlatIP``)."""
-
-    name = "faiss-flat (local)"
-
-    def __init__(self, passages: Sequence[Passage]) -> None:
-        import faiss
-
-        self.passages = list(passages)
-        vectors = corpus_vectors(self.passages)
-        self.index = faiss.IndexFlatIP(vectors.shape[1])
-        self.index.add(vectors)
-        self.embed = default_embedding_function()
-
-    def search(self, query: str, k: int) -> SearchResult:
-        t0 = time.perf_counter()
-        q = embed_texts(self.embed, [query])
-        _scores, rows = self.index.search(q, k)
-        found = [self.passages[int(r)] for r in rows[0] if r >= 0]
-        return SearchResult(passages=found, seconds=time.perf_counter() - t0)
-
-
 class CachedEmbeddings:
     """The default embedder, except that corpus texts return their cached vectors (so
     ingesting 15k passages into two stores costs one embedding pass, done once)."""
