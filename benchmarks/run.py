@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -153,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                 r.search_seconds for r in records if r.system != "base"),
             "corpus_passages": len(passages), "setup_seconds": round(setup_s, 1),
             "run_seconds": round(time.perf_counter() - t0, 1),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+            "date": time.strftime("%Y-%m-%d %H:%M"),
+            "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None
+                                                               else sys.argv[1:])])}
     write_outputs(rows, records, meta, quick=args.quick, readme=not args.no_readme)
 
 
@@ -175,8 +178,7 @@ def write_outputs(rows: Any, records: Sequence[RunRecord], meta: dict[str, Any],
                f"{plan['num_passages']} passages ({meta['search']}), warm span datastore, "
                f"{meta['threads']} threads, {meta['date']}; load average at the end "
                f"{meta['load_average'][0]:.1f}. tok/s and 'vs base' are medians over items "
-               f"(systems interleaved per item). Produced by `python -m benchmarks.run"
-               f"{' --quick' if quick else ''}`.")
+               f"(systems interleaved per item). Produced by `{meta['command']}`.")
     (RESULTS / ("summary_quick.md" if quick else "summary.md")).write_text(
         f"# Benchmark summary\n\n{caption}\n\n{table}\n\n## Targets (issue 6)\n\n"
         f"{targets_markdown(targets)}\n", encoding="utf-8")
