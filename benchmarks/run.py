@@ -32,18 +32,18 @@ from benchmarks.report import (
 )
 from benchmarks.systems import SYSTEMS, Runner, RunRecord
 from benchmarks.tasks import Item, completion_items, qa_items, select
+from nest_core.config import BUNDLED_MODEL, MODEL_DEFAULTS
 
 logger = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parent.parent / "README.md"
 
-# Calibrated for the bundled SmolLM2-135M on the dev split (benchmarks/calibrate.py,
-# results/calibration.json); the paper's values are the starting point of that sweep.
+# The core's defaults for the bundled SmolLM2-135M, calibrated on the dev split
+# (benchmarks/calibrate.py, results/calibration.json; the paper's values started that sweep).
 NEST_OVERRIDES: dict[str, Any] = {
-    "num_neighbors": 1024, "confidence_offset": 0.15, "confidence_scale": 0.05,
-    "span_threshold": 0.7, "relaxation": 0.2, "span_length": 16, "initial_span_length": 16,
-}
-NUM_PASSAGES = 10  # b: the paper's 40 costs 12 s of encoding per cold query on 2 cores
+    k: v for k, v in MODEL_DEFAULTS[BUNDLED_MODEL].items() if k != "num_passages"}
+NUM_PASSAGES = int(MODEL_DEFAULTS[BUNDLED_MODEL]["num_passages"])  # b (the paper's 40 costs
+# 12 s of encoding per cold query on 2 cores)
 
 
 @dataclass(frozen=True)
