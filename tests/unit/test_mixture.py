@@ -90,3 +90,14 @@ def test_accepted_prefix_stops_at_first_rejection():
     assert mixture.accepted_prefix(torch.tensor([True, True])) == 2
     assert mixture.accepted_prefix(torch.tensor([False, True])) == 0
     assert mixture.accepted_prefix(torch.tensor([], dtype=torch.bool)) == 0
+
+
+def test_default_config_per_model_and_ra_nest_relaxation():
+    from nest_core.config import MODEL_DEFAULTS, RA_NEST_RELAXATION, NestConfig, default_config
+
+    assert default_config("some/other-model") == NestConfig()  # the paper's defaults
+    bundled = default_config()
+    for field, value in MODEL_DEFAULTS["SmolLM2-135M-Instruct"].items():
+        assert getattr(bundled, field) == value
+    assert default_config(passages_in_prompt=True).relaxation == RA_NEST_RELAXATION
+    assert default_config(passages_in_prompt=True, relaxation=0.01).relaxation == 0.01
