@@ -42,12 +42,12 @@ class OutputText:
         self._prefix_len = {k: v for k, v in self._prefix_len.items() if k <= t}
 
 
-def runs(rows: Sequence[int], index: TokenIndex | None) -> list[tuple[int, int]]:
+def runs(rows: Sequence[int], index: TokenIndex) -> list[tuple[int, int]]:
     """Maximal ``[start, end)`` token runs copied from consecutive rows of one passage."""
     out: list[tuple[int, int]] = []
     start = None
     for t, row in enumerate(rows):
-        if row == NO_SOURCE or index is None:
+        if row == NO_SOURCE:
             if start is not None:
                 out.append((start, t))
             start = None

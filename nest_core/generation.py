@@ -95,14 +95,7 @@ class Generation:
         if not tokens:
             return 0
         t0 = time.perf_counter()
-        tok = torch.tensor(list(tokens))  # [n]
-        lam = torch.tensor([b.lam for b in beliefs])  # [n]
-        has_knn = all(b.weights is not None for b in beliefs)
-        p_tok = mixture.token_probability(
-            torch.stack([b.scaled_logits for b in beliefs]), torch.stack([b.lse for b in beliefs]),
-            lam, torch.stack([b.weights for b in beliefs]) if has_knn else None,  # type: ignore[misc]
-            torch.stack([b.values for b in beliefs]) if has_knn else None,  # type: ignore[misc]
-            tok)  # [n]
+        p_tok = torch.stack([b.probability(t) for b, t in zip(beliefs, tokens, strict=True)])
         p_max = torch.tensor([b.top_prob for b in beliefs])  # [n]
         ok = mixture.relaxed_accept(p_tok, p_max, self.cfg.relaxation)
         self.stats.knn_seconds += time.perf_counter() - t0

@@ -57,12 +57,6 @@ def accepted_prefix(accepted: torch.Tensor) -> int:
     return int(rejected[0, 0]) if rejected.numel() else int(accepted.numel())
 
 
-def knn_distribution(dist2: torch.Tensor, values: torch.Tensor, vocab_size: int,
-                     dim: int) -> torch.Tensor:
-    """p_kNN (Eq. 2) from sorted neighbour distances ``(Q, k)`` and their tokens ``(Q, k)``."""
-    return scatter_to_vocab(knn_weights(dist2, dim), values, vocab_size)
-
-
 def sparse_mixture(scaled_logits: torch.Tensor, lam: torch.Tensor,
                    weights: torch.Tensor | None, values: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

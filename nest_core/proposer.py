@@ -11,6 +11,7 @@ from typing import Protocol
 
 import torch
 
+from nest_core import mixture
 from nest_core.token_index import Neighbors, TokenIndex
 
 
@@ -34,6 +35,14 @@ class Belief:
     values: torch.Tensor | None
     logits: torch.Tensor
     hidden: torch.Tensor
+
+    def probability(self, token: int) -> torch.Tensor:
+        """p_M(token) at this position, a 0-d tensor (sparse: no vocabulary-sized work)."""
+        one = torch.tensor([token])
+        return mixture.token_probability(
+            self.scaled_logits[None], self.lse[None], torch.tensor([self.lam]),
+            None if self.weights is None else self.weights[None],
+            None if self.values is None else self.values[None], one)[0]
 
 
 class SpanProposer(Protocol):

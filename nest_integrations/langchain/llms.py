@@ -16,7 +16,7 @@ from langchain_core.documents import Document
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
-from nest_core.types import NestResult
+from nest_core.types import NestChunk, NestResult
 from nest_integrations.langchain._shared import (
     CallOptions,
     NestParams,
@@ -65,12 +65,7 @@ class NestLLM(NestParams, BaseLLM):
         opts = self._call_options(stop, kwargs)
         passages, sources = self._retrieve(prompt, opts)
         for piece in self._decoder_stream(prompt, passages, opts):
-            chunks = []
-            if piece.text:
-                chunks.append(GenerationChunk(text=piece.text))
-            if piece.result is not None:
-                chunks.append(_last_chunk(piece.result, sources, opts))
-            for chunk in chunks:
+            for chunk in _piece_chunks(piece, sources, opts):
                 # BaseLLM.stream does not report tokens itself: callbacks rely on this call.
                 if run_manager:
                     run_manager.on_llm_new_token(chunk.text, chunk=chunk)
@@ -83,18 +78,22 @@ class NestLLM(NestParams, BaseLLM):
         passages, sources = await self._aretrieve(prompt, opts)
         pieces = aiter_in_thread(lambda: self._decoder_stream(prompt, passages, opts))
         async for piece in pieces:
-            chunks = []
-            if piece.text:
-                chunks.append(GenerationChunk(text=piece.text))
-            if piece.result is not None:
-                chunks.append(_last_chunk(piece.result, sources, opts))
-            for chunk in chunks:
+            for chunk in _piece_chunks(piece, sources, opts):
                 if run_manager:
                     await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
                 yield chunk
 
     def _llm_output(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return {"model_name": kwargs.get("model") or self.model or default_model_name()}
+
+
+def _piece_chunks(piece: NestChunk, sources: list[Document],
+                  opts: CallOptions) -> list[GenerationChunk]:
+    """The text of a decoder piece, then (on the last piece) the metadata-only chunk."""
+    chunks = [GenerationChunk(text=piece.text)] if piece.text else []
+    if piece.result is not None:
+        chunks.append(_last_chunk(piece.result, sources, opts))
+    return chunks
 
 
 def _last_chunk(result: NestResult, sources: list[Document],

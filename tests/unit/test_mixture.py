@@ -15,8 +15,8 @@ def test_knn_weights_use_inverse_sqrt_dim_temperature():
 
 
 def test_knn_distribution_sums_weights_of_neighbours_with_the_same_token():
-    p = mixture.knn_distribution(torch.tensor([[0.0, 0.0, 2.0]]), torch.tensor([[3, 3, 1]]),
-                                 vocab_size=5, dim=1)
+    weights = mixture.knn_weights(torch.tensor([[0.0, 0.0, 2.0]]), dim=1)
+    p = mixture.scatter_to_vocab(weights, torch.tensor([[3, 3, 1]]), vocab_size=5)
     a, c = 1.0, math.exp(-2.0)
     expected = [0.0, c / (2 * a + c), 0.0, 2 * a / (2 * a + c), 0.0]
     assert p.tolist()[0] == pytest.approx(expected, rel=1e-6)
