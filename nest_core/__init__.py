@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "Document": "ingest", "chunk_document": "ingest", "ingest": "ingest",
     "open_chroma_collection": "ingest", "open_faiss_store": "ingest",
     "LanguageModel": "lm",
+    "match_spans": "matching",
     "cache_dir": "models", "default_gguf_path": "models", "load_model": "models",
     "ChromaSource": "sources", "EmptyStoreError": "sources", "FaissSource": "sources",
     "FaissStore": "sources", "InMemorySource": "sources", "PassageSource": "sources",
@@ -61,6 +62,7 @@ __all__ = [
     "default_gguf_path",
     "ingest",
     "load_model",
+    "match_spans",
     "open_chroma_collection",
     "open_faiss_store",
 ]
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         open_faiss_store,
     )
     from nest_core.lm import LanguageModel
+    from nest_core.matching import match_spans
     from nest_core.models import cache_dir, default_gguf_path, load_model
     from nest_core.sources import (
         ChromaSource,

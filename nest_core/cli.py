@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question")
     p.add_argument("--store", required=True, metavar="DIR", help="a store from `nest index`")
     p.add_argument("--compare", action="store_true", help="also show the plain model's answer")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON (copied `spans`, matched `matches`)")
     p.add_argument("--html", metavar="FILE", help="write a page linking spans to passages")
     p.add_argument("--k", type=_positive, default=DEFAULT_K, help="passages to retrieve")
     p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
@@ -278,7 +279,8 @@ def _setup_logging(debug: bool) -> None:
 
 def _color_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="colour copied spans (auto: on a terminal unless NO_COLOR is set)")
+                   help="colour cited spans: copied [n] bold, matched [~n] underlined "
+                   "(auto: on a terminal unless NO_COLOR is set)")
 
 
 def _color(choice: str) -> bool:

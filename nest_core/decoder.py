@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -10,6 +11,7 @@ from nest_core.config import NestConfig, default_config
 from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.generation import Generation
 from nest_core.lm import LanguageModel, Message
+from nest_core.matching import match_spans
 from nest_core.prompts import fit_context, with_background
 from nest_core.token_index import TokenIndex
 from nest_core.types import DecodeStats, NestChunk, NestResult, Passage
@@ -66,7 +68,9 @@ class NestDecoder:
 
         ``prompt``: a string (sent as one user message through the chat template) or a list
         of ``{"role", "content"}`` messages. Generation stops at EOS, at any ``stop`` string
-        (excluded from the text) or after ``max_new_tokens``.
+        (excluded from the text) or after ``max_new_tokens``. The result's ``matches`` hold
+        the text the LM wrote itself that a passage holds verbatim
+        (:func:`~nest_core.matching.match_spans`), apart from the copied ``spans``.
         """
         started = time.perf_counter()
         cfg = self.config
@@ -85,7 +89,13 @@ class NestDecoder:
         run = Generation(self.lm, cfg, prompt_ids, passages, index,
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
                          started=started, prompt_truncated=truncated)
-        yield from run.run()
+        for chunk in run.run():
+            if chunk.result is not None and chunk.result.passages:
+                result = chunk.result
+                matches = match_spans(result.text, result.passages, result.spans)
+                chunk = dataclasses.replace(
+                    chunk, result=dataclasses.replace(result, matches=matches))
+            yield chunk
 
     def _index(self, passages: list[Passage], stats: DecodeStats) -> TokenIndex | None:
         if not passages:

@@ -1,9 +1,13 @@
 """Show a :class:`~nest_core.types.NestResult` with its attribution: terminal, markdown, HTML.
 
 Every renderer numbers the *cited* passages ``[1], [2], ...`` in order of first use, so the
-same answer reads the same way in a terminal, a markdown file and a web page. Copied spans
-carry the number of their passage; text the LM wrote itself carries none. Renderers are
-pure functions of the result (no I/O), which keeps them testable without a model.
+same answer reads the same way in a terminal, a markdown file and a web page. Two kinds of
+citation are kept apart everywhere: a *copied* span (Nest's copy path produced it) carries
+``[n]`` and the strong style (bold, filled); a *matched* span (the LM wrote it, and passage
+n holds it verbatim: ``NestResult.matches``) carries ``[~n]`` and the light style
+(underlined, dashed, italic in markdown). A legend says so whenever an answer has matched
+spans. Other text the LM wrote carries no marker. Renderers are pure functions of the
+result (no I/O), which keeps them testable without a model.
 """
 
 from __future__ import annotations
@@ -13,22 +17,37 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
-from nest_core.types import NestResult, Passage, Span
+from nest_core.types import NestResult, Passage, Span, SpanKind
 
 # One colour per source number (cycled): bright enough on dark and light terminals.
 _PALETTE = ("36", "32", "33", "35", "34", "31")
 _RESET = "\x1b[0m"
 _DIM = "\x1b[2m"
 _BOLD = "\x1b[1m"
+_UNDERLINE = "4"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-EXCERPT_CONTEXT = 60  # characters of passage shown around the copied text
+EXCERPT_CONTEXT = 60  # characters of passage shown around the cited text
+LEGEND = ("[n] copied from source n by Nest · [~n] matched: the model wrote it, "
+          "source n holds it verbatim")
+
+
+def marker(number: int, kind: SpanKind) -> str:
+    """``[n]`` after a copied span, ``[~n]`` after a matched one."""
+    return f"[{number}]" if kind == "copied" else f"[~{number}]"
+
+
+def cited_spans(result: NestResult) -> list[Span]:
+    """Copied and matched spans in output order (the decoder never lets them overlap)."""
+    return sorted([*result.spans, *result.matches],
+                  key=lambda s: (s.out_start, s.kind != "copied"))
 
 
 @dataclass
 class Source:
-    """A cited passage, its number and the spans of the answer that came from it."""
+    """A cited passage, its number and the spans of the answer that came from it (copied
+    and matched, in output order; each span's ``kind`` says which)."""
 
     number: int
     passage: Passage
@@ -47,10 +66,11 @@ class Source:
 
 
 def number_sources(result: NestResult) -> list[Source]:
-    """Cited passages numbered by first appearance in the answer (uncited ones are left out:
-    a number nobody points at would only confuse the reader)."""
+    """Cited passages (by copied or matched spans) numbered by first appearance in the
+    answer (uncited ones are left out: a number nobody points at would only confuse the
+    reader)."""
     by_id: dict[str, Source] = {}
-    for span in sorted(result.spans, key=lambda s: s.out_start):
+    for span in cited_spans(result):
         src = by_id.get(span.passage.id)
         if src is None:
             src = by_id[span.passage.id] = Source(len(by_id) + 1, span.passage)
@@ -58,20 +78,31 @@ def number_sources(result: NestResult) -> list[Source]:
     return list(by_id.values())
 
 
-def segments(result: NestResult, sources: Sequence[Source] | None = None
-             ) -> list[tuple[str, int | None]]:
-    """The answer cut into ``(text, source number or None)`` pieces, in output order."""
+class Segment(NamedTuple):
+    """A piece of the answer: cited (``number`` of its source, ``kind`` of citation) or not
+    (both ``None``)."""
+
+    text: str
+    number: int | None
+    kind: SpanKind | None
+
+
+def segments(result: NestResult, sources: Sequence[Source] | None = None) -> list[Segment]:
+    """The answer cut into :class:`Segment` pieces, in output order."""
     sources = number_sources(result) if sources is None else sources
     number = {s.passage.id: s.number for s in sources}
-    pieces: list[tuple[str, int | None]] = []
+    pieces: list[Segment] = []
     pos = 0
-    for span in sorted(result.spans, key=lambda s: s.out_start):
+    for span in cited_spans(result):
+        if span.out_start < pos:
+            continue  # overlaps the previous citation (never from the decoder): skip
         if span.out_start > pos:
-            pieces.append((result.text[pos:span.out_start], None))
-        pieces.append((result.text[span.out_start:span.out_end], number[span.passage.id]))
+            pieces.append(Segment(result.text[pos:span.out_start], None, None))
+        pieces.append(Segment(result.text[span.out_start:span.out_end],
+                              number[span.passage.id], span.kind))
         pos = span.out_end
     if pos < len(result.text):
-        pieces.append((result.text[pos:], None))
+        pieces.append(Segment(result.text[pos:], None, None))
     return pieces
 
 
@@ -85,15 +116,19 @@ def stats_line(result: NestResult) -> str:
         parts.append(f"{result.attribution_ratio:.0%} copied in {len(result.spans)} span(s)")
     else:
         parts.append("nothing copied")
+    if result.matches:
+        parts.append(f"{len(result.matches)} matched span(s)")
     return " · ".join(parts)
 
 
-def excerpt(source: Source, context: int = EXCERPT_CONTEXT) -> tuple[str, list[tuple[int, int]]]:
-    """The part of the passage around the copied text, and the copied ranges inside it."""
+def excerpt(source: Source, context: int = EXCERPT_CONTEXT
+            ) -> tuple[str, list[tuple[int, int, SpanKind]]]:
+    """The part of the passage around the cited text, and the cited ranges inside it as
+    ``(start, end, kind)`` (where a copied and a matched range overlap, copied wins)."""
     text = source.passage.text
     ranges = sorted((s.src_start, s.src_end) for s in source.spans)
     start = max(0, ranges[0][0] - context)
-    end = min(len(text), ranges[-1][1] + context)
+    end = min(max(b for _, b in ranges) + context, len(text))
     # widen to word boundaries so the excerpt never starts or ends mid-word
     while start > 0 and not text[start - 1].isspace():
         start -= 1
@@ -102,8 +137,30 @@ def excerpt(source: Source, context: int = EXCERPT_CONTEXT) -> tuple[str, list[t
     prefix = "…" if start > 0 else ""
     suffix = "…" if end < len(text) else ""
     shift = len(prefix) - start
-    marks = [(a + shift, b + shift) for a, b in _merge(ranges)]
+    marks = [(a + shift, b + shift, kind) for a, b, kind in _kind_runs(source.spans)]
     return prefix + text[start:end] + suffix, marks
+
+
+def _kind_runs(spans: Sequence[Span]) -> list[tuple[int, int, SpanKind]]:
+    """Source ranges of ``spans`` merged into runs of one kind, copied over matched."""
+    if not spans:
+        return []
+    lo = min(s.src_start for s in spans)
+    strength = [0] * (max(s.src_end for s in spans) - lo)  # 0 none, 1 matched, 2 copied
+    for s in spans:
+        level = 2 if s.kind == "copied" else 1
+        for i in range(s.src_start - lo, s.src_end - lo):
+            strength[i] = max(strength[i], level)
+    runs: list[tuple[int, int, SpanKind]] = []
+    for i, level in enumerate(strength):
+        if not level:
+            continue
+        kind: SpanKind = "copied" if level == 2 else "matched"
+        if runs and runs[-1][1] == lo + i and runs[-1][2] == kind:
+            runs[-1] = (runs[-1][0], lo + i + 1, kind)
+        else:
+            runs.append((lo + i, lo + i + 1, kind))
+    return runs
 
 
 # --- terminal --------------------------------------------------------------------------------
@@ -120,19 +177,28 @@ def use_color(stream: TextIO | None) -> bool:
 
 def render_terminal(result: NestResult, *, color: bool = False, width: int = 88,
                     show_sources: bool = True) -> str:
-    """The answer wrapped to ``width`` with each copied span coloured by its source and
-    followed by ``[n]``, then the numbered sources with the copied text marked.
+    """The answer wrapped to ``width`` with each cited span coloured by its source (bold
+    when copied, underlined when matched) and followed by ``[n]`` or ``[~n]``, then the
+    numbered sources with the cited text marked (and the legend, when anything matched).
 
-    Without colour the ``[n]`` markers alone carry the attribution, so piped output and
-    ``NO_COLOR`` terminals lose nothing but the highlight.
+    Without colour the ``[n]``/``[~n]`` markers alone carry the attribution, so piped output
+    and ``NO_COLOR`` terminals lose nothing but the highlight.
     """
     sources = number_sources(result)
     lines = _wrap(_answer_words(result, color), width)
     if show_sources and sources:
-        lines += ["", _style("Sources", _BOLD, color)]
-        for src in sources:
-            lines += _source_lines(src, color, width)
+        lines += _sources_block(result, sources, color, width)
     return "\n".join(lines)
+
+
+def _sources_block(result: NestResult, sources: Sequence[Source], color: bool,
+                   width: int) -> list[str]:
+    lines = ["", _style("Sources", _BOLD, color)]
+    for src in sources:
+        lines += _source_lines(src, color, width)
+    if result.matches:
+        lines += _wrap(_words([(LEGEND, _DIM if color else "", "", "")]), width)
+    return lines
 
 
 def render_comparison(base: NestResult, nest: NestResult, *, color: bool = False,
@@ -159,9 +225,7 @@ def render_comparison(base: NestResult, nest: NestResult, *, color: bool = False
             lines += [*panel, ""]
     sources = number_sources(nest)
     if sources:
-        lines += ["", _style("Sources", _BOLD, color)]
-        for src in sources:
-            lines += _source_lines(src, color, width)
+        lines += _sources_block(nest, sources, color, width)
     return "\n".join(lines).rstrip()
 
 
@@ -172,7 +236,7 @@ _Piece = tuple[str, str, str, str]  # (text, style, marker after it, marker styl
 
 def _words(pieces: Sequence[_Piece]) -> list[_Word]:
     """Split styled pieces into words. A word may span pieces ("Halvorsen" copied, "." not),
-    so a marker lands right after the copied text: ``Halvorsen[1].``."""
+    so a marker lands right after the cited text: ``Halvorsen[1].``."""
     words: list[_Word] = []
     cur: list[str] = []
     width = 0
@@ -218,36 +282,39 @@ def _wrap(words: Sequence[_Word], width: int) -> list[str]:
 
 def _answer_words(result: NestResult, color: bool) -> list[_Word]:
     pieces: list[_Piece] = []
-    for text, number in segments(result):
-        if number is None:
+    for text, number, kind in segments(result):
+        if number is None or kind is None:
             pieces.append((text, "", "", ""))
         else:
-            style = _color_of(number) if color else ""
-            pieces.append((text, style, f"[{number}]", _DIM if color else ""))
+            style = _color_of(number, kind) if color else ""
+            pieces.append((text, style, marker(number, kind), _DIM if color else ""))
     return _words(pieces)
 
 
 def _source_lines(src: Source, color: bool, width: int) -> list[str]:
     text, marks = excerpt(src)
     text = re.sub(r"\s", " ", text)  # one paragraph: same length, so marks stay valid
-    style = _color_of(src.number) if color else ""
     pieces: list[_Piece] = []
     pos = 0
-    for a, b in marks:
+    for a, b, kind in marks:
+        style = _color_of(src.number, kind) if color else ""
         pieces += [(text[pos:a], "", "", ""), (text[a:b], style, "", "")]
         pos = b
     pieces.append((text[pos:], "", "", ""))
     indent = "    "
     body = [indent + line for line in _wrap(_words(pieces), max(20, width - len(indent)))]
-    return [_style(f"[{src.number}] {src.label}", style, color), *body]
+    head = _color_of(src.number) if color else ""
+    return [_style(f"[{src.number}] {src.label}", head, color), *body]
 
 
 def _style(text: str, code: str, color: bool) -> str:
     return f"{code}{text}{_RESET}" if color and code else text
 
 
-def _color_of(number: int) -> str:
-    return f"\x1b[1;{_PALETTE[(number - 1) % len(_PALETTE)]}m"
+def _color_of(number: int, kind: SpanKind = "copied") -> str:
+    """The source's colour: bold for copied text, underlined for matched text."""
+    weight = "1" if kind == "copied" else _UNDERLINE
+    return f"\x1b[{weight};{_PALETTE[(number - 1) % len(_PALETTE)]}m"
 
 
 def _pad(text: str, width: int) -> str:
@@ -255,37 +322,40 @@ def _pad(text: str, width: int) -> str:
     return text + " " * max(0, width - visible)
 
 
-def _merge(ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1]:
-            out[-1] = (out[-1][0], max(out[-1][1], b))
-        else:
-            out.append((a, b))
-    return out
-
-
 # --- markdown --------------------------------------------------------------------------------
 def render_markdown(result: NestResult, *, question: str | None = None) -> str:
-    """Markdown with each copied span in bold and followed by ``[n]``, and a numbered list of
-    sources quoting the copied text (for notes, issues, chat tools)."""
+    """Markdown with each copied span in bold followed by ``[n]``, each matched span in
+    italics followed by ``[~n]``, and a numbered list of sources quoting the cited text
+    (for notes, issues, chat tools)."""
     sources = number_sources(result)
     out = [f"**Q:** {_md_escape(question)}\n"] if question else []
     body = []
-    for text, number in segments(result, sources):
-        if number is None:
+    for text, number, kind in segments(result, sources):
+        if number is None or kind is None:
             body.append(_md_escape(text))
             continue
         lead = text[: len(text) - len(text.lstrip())]
         core = text.strip()
-        body.append(f"{lead}**{_md_escape(core)}**[{number}]" if core else text)
+        emphasis = "**" if kind == "copied" else "*"
+        body.append(f"{lead}{emphasis}{_md_escape(core)}{emphasis}{marker(number, kind)}"
+                    if core else text)
     out.append("".join(body).strip())
     if sources:
         out.append("\n**Sources**\n")
         for src in sources:
-            quotes = "; ".join(f"“{_md_escape(s.text)}”" for s in src.spans)
-            out.append(f"{src.number}. {_md_escape(src.label)}: {quotes}")
+            out.append(f"{src.number}. {_md_escape(src.label)}: {_md_quotes(src.spans)}")
+        if result.matches:
+            out.append(f"\n{_md_escape(LEGEND)}")
     return "\n".join(out) + "\n"
+
+
+def _md_quotes(spans: Sequence[Span]) -> str:
+    """``“copied”; “copied” · matched: “matched”; ...`` (either part only when present)."""
+    quote = "; ".join
+    copied = quote(f"“{_md_escape(s.text)}”" for s in spans if s.kind == "copied")
+    matched = quote(f"“{_md_escape(s.text)}”" for s in spans if s.kind == "matched")
+    return " · ".join([*([copied] if copied else []),
+                       *([f"matched: {matched}"] if matched else [])])
 
 
 def _md_escape(text: str) -> str:
@@ -307,19 +377,25 @@ a.span:hover{background:#fff3b0} sup{font-size:.7em;margin-left:1px}
 ol.sources li{margin:.8rem 0} ol.sources li:target{background:#fff3b0}
 blockquote{margin:.3rem 0 0;padding-left:.8rem;border-left:3px solid #ddd;color:#333}
 mark{background:#fde68a}
+a.span.matched{border-bottom-style:dashed;background:none}
+mark.matched{background:none;border-bottom:2px dashed #ca8a04}
+.legend{color:#555;font-size:.85rem}
 """
 
 
 def render_html(result: NestResult, *, question: str | None = None,
                 baseline: NestResult | None = None, title: str = "Nest answer") -> str:
     """A small self-contained page (inline CSS, no scripts, no external requests): each
-    copied span links to its numbered passage below, where the copied text is marked.
-    ``baseline`` adds the plain model's answer for comparison. All text is HTML-escaped."""
+    cited span links to its numbered passage below, where the cited text is marked.
+    Copied spans are filled and marked ``[n]``; matched spans (class ``matched``) are
+    dashed and marked ``[~n]``, with a legend. ``baseline`` adds the plain model's answer
+    for comparison. All text is HTML-escaped."""
     esc = html.escape
     sources = number_sources(result)
-    parts = [f'<a class="span s{n % 6}" href="#src-{n}" title="{esc(_src_title(sources, n))}"'
-             f">{esc(text)}<sup>[{n}]</sup></a>" if n else esc(text)
-             for text, n in segments(result, sources)]
+    parts = [f'<a class="{_span_class(n, kind)}" href="#src-{n}" '
+             f'title="{esc(_src_title(sources, n))}">'
+             f"{esc(text)}<sup>{marker(n, kind)}</sup></a>" if n and kind else esc(text)
+             for text, n, kind in segments(result, sources)]
     doc = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
@@ -338,6 +414,10 @@ def render_html(result: NestResult, *, question: str | None = None,
                        f"<strong>{esc(src.label)}</strong>"
                        f"<blockquote>{_marked(src.passage.text, src.spans)}</blockquote></li>")
         doc.append("</ol>")
+        if result.matches:
+            doc.append('<p class="legend"><a class="span s1">copied</a><sup>[n]</sup> from '
+                       'source n by Nest · <a class="span matched s1">matched</a>'
+                       "<sup>[~n]</sup>: the model wrote it, source n holds it verbatim</p>")
     doc.append("</body></html>")
     return "\n".join(doc) + "\n"
 
@@ -346,10 +426,15 @@ def _src_title(sources: Sequence[Source], number: int) -> str:
     return sources[number - 1].label
 
 
+def _span_class(number: int, kind: SpanKind) -> str:
+    return f"span s{number % 6}" if kind == "copied" else f"span matched s{number % 6}"
+
+
 def _marked(text: str, spans: Sequence[Span]) -> str:
     out, pos = [], 0
-    for a, b in _merge([(s.src_start, s.src_end) for s in spans]):
-        out += [html.escape(text[pos:a]), f"<mark>{html.escape(text[a:b])}</mark>"]
+    for a, b, kind in _kind_runs(spans):
+        tag = "<mark>" if kind == "copied" else '<mark class="matched">'
+        out += [html.escape(text[pos:a]), f"{tag}{html.escape(text[a:b])}</mark>"]
         pos = b
     out.append(html.escape(text[pos:]))
     return "".join(out)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 FinishReason = Literal["length", "eos", "stop"]
+SpanKind = Literal["copied", "matched"]
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,18 @@ class Passage:
 
 @dataclass(frozen=True)
 class Span:
-    """A maximal run of output tokens copied from contiguous tokens of one passage.
+    """A cited stretch of the output: ``kind="copied"`` (the default) is a maximal run of
+    output tokens copied from contiguous tokens of one passage by Nest's copy path;
+    ``kind="matched"`` is text the LM wrote itself that occurs verbatim in a passage, found
+    after decoding (:func:`nest_core.matching.match_spans`).
 
     Invariant (checked in tests): ``output_text[out_start:out_end] == text ==
     passage.text[src_start:src_end]``. Both slices exclude leading and trailing whitespace,
     so a copied " Paris" cites "Paris". ``token_start:token_end`` index the generated ids;
     ``source_row`` is the passage's datastore row of the first copied token (row j holds the
-    passage token j+1, see :class:`~nest_core.encoding.EncodedPassage`).
+    passage token j+1, see :class:`~nest_core.encoding.EncodedPassage`). A matched span has
+    no token range (it is found in the text): ``token_start == token_end == 0``, so
+    ``num_tokens`` is 0 and the copied-token metrics ignore it.
     """
 
     text: str
@@ -55,6 +61,7 @@ class Span:
     token_start: int
     token_end: int
     source_row: int = 0
+    kind: SpanKind = "copied"
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +80,7 @@ class Span:
             "token_start": self.token_start,
             "token_end": self.token_end,
             "metadata": dict(self.passage.metadata),
+            "kind": self.kind,
         }
 
 
@@ -117,7 +125,13 @@ class DecodeStats:
 @dataclass(frozen=True)
 class NestResult:
     """What :meth:`NestDecoder.generate` returns. ``token_ids`` are the generated ids only
-    (no prompt, no EOS)."""
+    (no prompt, no EOS).
+
+    ``spans`` are the copied spans (Nest's copy path); ``matches`` are the stretches the LM
+    wrote itself that occur verbatim in a passage (``kind="matched"``, never overlapping a
+    copied span). The two are kept apart everywhere; the paper's metrics
+    (``attribution_ratio``, ``mean_span_length``) count copied spans only.
+    """
 
     text: str
     token_ids: list[int]
@@ -126,6 +140,7 @@ class NestResult:
     stats: DecodeStats
     finish_reason: FinishReason
     prompt_truncated: bool = False
+    matches: list[Span] = field(default_factory=list)
 
     @property
     def attribution_ratio(self) -> float:
@@ -143,6 +158,7 @@ class NestResult:
             "text": self.text,
             "token_ids": list(self.token_ids),
             "spans": [s.to_dict() for s in self.spans],
+            "matches": [s.to_dict() for s in self.matches],
             "passages": [
                 {"id": p.id, "title": p.title, "text": p.text, "score": p.score,
                  "metadata": dict(p.metadata)} for p in self.passages

@@ -274,9 +274,12 @@ def usage(result: NestResult) -> dict[str, int]:
 
 
 def nest_metadata(result: NestResult) -> dict[str, Any]:
-    """Spans and stats of one answer, JSON-ready (what tracing and UIs read)."""
+    """Spans and stats of one answer, JSON-ready (what tracing and UIs read): ``spans`` are
+    the copied spans, ``matches`` the matched ones (text the LM wrote that a document holds
+    verbatim); every entry carries its ``kind``."""
     return {
         "spans": [s.to_dict() for s in result.spans],
+        "matches": [s.to_dict() for s in result.matches],
         "stats": result.stats.to_dict(),
         "attribution_ratio": result.attribution_ratio,
         "mean_span_length": result.mean_span_length,

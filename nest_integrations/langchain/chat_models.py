@@ -1,7 +1,10 @@
 """``ChatNest``: a LangChain chat model whose answers cite the passages they copy.
 
-The answer is one standard text block; each copied span is a standard ``Citation``
-(``answer[start_index:end_index] == cited_text == source page_content[src_start:src_end]``).
+The answer is one standard text block; each cited span is a standard ``Citation``
+(``answer[start_index:end_index] == cited_text == source page_content[src_start:src_end]``)
+with ``extras["kind"]``: ``"copied"`` for text Nest copied, ``"matched"`` for text the LM
+wrote itself that the document holds verbatim. ``response_metadata["nest"]`` lists them
+apart, as ``spans`` and ``matches``.
 Streaming sends plain text pieces as the decoder accepts them and puts every annotation, the
 usage and the metadata in the last chunk (``chunk_position="last"``). All chunks use block
 ``index`` 0, so ``sum(chunks)`` merges into the same single block ``invoke`` returns:
@@ -42,7 +45,7 @@ from nest_integrations.langchain._shared import (
     nest_metadata,
     usage,
 )
-from nest_integrations.langchain.documents import spans_to_citations
+from nest_integrations.langchain.documents import result_citations
 
 BLOCK_INDEX = 0  # the answer is always one text block
 
@@ -126,7 +129,7 @@ def _last_chunk(result: NestResult, sources: list[Document],
                 opts: CallOptions) -> ChatGenerationChunk:
     """Annotations, usage and metadata: sent once, at the end, so merging cannot mangle them."""
     message = AIMessageChunk(
-        content=[_text_block("", spans_to_citations(result.spans))],
+        content=[_text_block("", result_citations(result))],
         usage_metadata=usage(result),
         response_metadata={
             "model_name": opts.model_name,

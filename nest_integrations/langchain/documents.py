@@ -1,5 +1,8 @@
 """LangChain ``Document`` <-> Nest ``Passage`` adapters, and spans -> standard citations.
 
+Both kinds of span become citations: ``extras["kind"]`` is ``"copied"`` (Nest's copy path
+produced the text) or ``"matched"`` (the LM wrote it and the document holds it verbatim).
+
 Passage ids key citations (and tie a cited span back to its source document), so they must be
 stable across runs and stores: ``Document.id`` when the store gave one, else
 ``"{source}#{start_index}"`` when a text splitter recorded where the chunk starts, else a hash
@@ -16,7 +19,7 @@ from typing import Any
 from langchain_core.documents import Document
 from langchain_core.messages.content import Citation, create_citation
 
-from nest_core.types import Passage, Span
+from nest_core.types import NestResult, Passage, Span
 
 TITLE_KEYS = ("title", "name", "heading")
 SCORE_KEY = "nest_score"
@@ -85,7 +88,7 @@ def span_to_citation(span: Span) -> Citation:
     page_content[src_start:src_end]`` (the decoder's span invariant).
 
     The id is derived from the span, not random, so a streamed answer and an invoked answer
-    carry identical citations.
+    carry identical citations. ``extras["kind"]`` is the span's kind (copied or matched).
     """
     passage = span.passage
     source = passage.metadata.get("source")
@@ -99,6 +102,7 @@ def span_to_citation(span: Span) -> Citation:
         doc_id=passage.id,
         src_start=span.src_start,
         src_end=span.src_end,
+        kind=span.kind,
     )
 
 
@@ -106,8 +110,16 @@ def spans_to_citations(spans: Sequence[Span]) -> list[Citation]:
     return [span_to_citation(s) for s in spans]
 
 
+def result_citations(result: NestResult) -> list[Citation]:
+    """Citations for the copied spans and the matched spans of ``result``, in answer order."""
+    spans = sorted([*result.spans, *result.matches],
+                   key=lambda s: (s.out_start, s.kind != "copied"))
+    return spans_to_citations(spans)
+
+
 def format_citations(answer: str, citations: Sequence[Citation]) -> str:
-    """The answer with ``[n]`` after each cited span, then one line per source document:
+    """The answer with ``[n]`` after each copied span and ``[~n]`` after each matched one
+    (as :mod:`nest_core.render` marks them), then one line per source document:
     ``[n] title (url): "cited text" ...`` (numbered in order of first citation)."""
     numbers: dict[str, int] = {}
     quotes: dict[str, list[str]] = {}
@@ -116,7 +128,8 @@ def format_citations(answer: str, citations: Sequence[Citation]) -> str:
     for c in citations:
         key = str(c.get("extras", {}).get("doc_id") or c.get("url") or c.get("title"))
         n = numbers.setdefault(key, len(numbers) + 1)
-        marks.append((int(c.get("end_index", 0)), f"[{n}]"))
+        matched = c.get("extras", {}).get("kind") == "matched"
+        marks.append((int(c.get("end_index", 0)), f"[~{n}]" if matched else f"[{n}]"))
         quotes.setdefault(key, []).append(f'"{c.get("cited_text", "")}"')
         title, url = c.get("title"), c.get("url")
         labels[key] = f"{title} ({url})" if title and url else str(title or url or key)

@@ -1,9 +1,11 @@
 """``NestLLM``: the string-in, string-out LangChain surface of Nest.
 
 A ``BaseLLM`` (not ``LLM``, whose ``_call`` returns a bare string with nowhere to put
-citations). Each ``Generation.generation_info`` holds ``spans`` (with output and source
-offsets), ``source_documents`` and ``stats``; the streamed ``GenerationChunk``s carry only
-text until the last one, so adding them up gives exactly the invoked generation.
+citations). Each ``Generation.generation_info`` holds ``spans`` (copied, with output and
+source offsets), ``matches`` (matched: text the LM wrote that a document holds verbatim;
+same fields, ``kind="matched"``), ``source_documents`` and ``stats``; the streamed
+``GenerationChunk``s carry only text until the last one, so adding them up gives exactly the
+invoked generation.
 """
 
 from __future__ import annotations

@@ -72,7 +72,9 @@ def decode_pieces(decoder: Any, prompt: Any, passages: Sequence[Passage],
                   citation_markers: bool) -> Iterator[str]:
     """Stream response text; fill ``metadata["nest_spans"]`` as spans complete.
 
-    When the generator is exhausted, ``metadata`` also holds ``nest_stats``,
+    When the generator is exhausted, ``metadata["nest_matches"]`` holds the matched spans
+    (text the LM wrote that a node holds verbatim; known only at the end), and ``metadata``
+    also holds ``nest_stats``,
     ``nest_attribution_ratio``, ``nest_finish_reason`` and, with markers on, ``nest_text``
     (the decoder's text without markers).
     """
@@ -86,6 +88,7 @@ def decode_pieces(decoder: Any, prompt: Any, passages: Sequence[Passage],
     tail = assembler.finish()
     if tail:
         yield tail
+    metadata.setdefault("nest_matches", []).extend(assembler.matches())
     result = assembler.result
     if result is not None:
         metadata["nest_stats"] = result.stats.to_dict()

@@ -7,6 +7,11 @@ Markers follow ``CitationQueryEngine``'s convention: ``[n]`` refers to ``source_
 and follows the cited text (``"... founded in 1987 [1]."``). A span only ends when the next
 chunk does not continue it, so with markers on, the whitespace after a copied piece is held
 back until the next chunk (or the end) shows where the marker goes.
+
+Matched spans (text the LM wrote that a node holds verbatim, ``NestResult.matches``) are
+only known once decoding ends, after the text has streamed out: :meth:`SpanAssembler.matches`
+gives their dicts (``kind="matched"``, offsets shifted past the markers already emitted)
+and no marker is inserted for them.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class SpanAssembler:
         self._pos = 0  # plain characters already emitted
         self._markers: list[tuple[int, str]] = []  # (plain position, marker), ascending
         self._marker_chars_before = 0  # marker characters already emitted
+        self._emitted: list[tuple[int, int]] = []  # (plain position, length) per marker
         self._open: _OpenSpan | None = None
         self.result: NestResult | None = None
 
@@ -73,6 +79,23 @@ class SpanAssembler:
         self._close()
         return self._flush()
 
+    def matches(self) -> list[dict[str, Any]]:
+        """The result's matched spans as ``span_dict`` entries (``kind="matched"``), offsets
+        into the emitted text; call after :meth:`finish`. Spans of unknown passages are left
+        out, as for copied spans."""
+        if self.result is None:
+            return []
+        out = []
+        for span in self.result.matches:
+            if span.passage.id not in self._nodes:
+                continue
+            index, scored = self._nodes[span.passage.id]
+            # a marker at the span's start was emitted before it; none falls inside it
+            start = span.out_start + sum(n for at, n in self._emitted if at <= span.out_start)
+            out.append(span_dict(span, scored, index, out_start=start,
+                                 out_end=start + (span.out_end - span.out_start)))
+        return out
+
     # --- internals -------------------------------------------------------------------------
     def _flush(self) -> str:
         """Emit plain text up to what is safe, with the markers that fall inside it."""
@@ -87,6 +110,7 @@ class SpanAssembler:
             out.append(marker)
             self._pos = max(self._pos, at)
             self._marker_chars_before += len(marker)
+            self._emitted.append((at, len(marker)))
         if limit > self._pos:
             out.append(self.plain[self._pos:limit])
             self._pos = limit

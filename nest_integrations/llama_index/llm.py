@@ -4,9 +4,10 @@ What it is, and is not: an LLM only sees a prompt, but Nest needs passages to co
 So ``NestLLM`` is given a retriever and retrieves its own passages for every prompt (the
 question is taken from the stock QA templates' ``Query: ...`` line when present, else the
 whole prompt is the retrieval query). Stock engines keep only the completion *text*, so the
-spans reach you only through :meth:`complete`'s ``additional_kwargs["nest_spans"]``
-(offsets into the completion text). For ``Response`` objects with ``source_nodes`` and
-span citations, use :class:`~nest_integrations.llama_index.NestQueryEngine`.
+spans reach you only through :meth:`complete`'s ``additional_kwargs["nest_spans"]`` (copied)
+and ``additional_kwargs["nest_matches"]`` (matched; offsets into the completion text). For
+``Response`` objects with ``source_nodes`` and span citations, use
+:class:`~nest_integrations.llama_index.NestQueryEngine`.
 """
 
 from __future__ import annotations

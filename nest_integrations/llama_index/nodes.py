@@ -65,7 +65,8 @@ def nodes_to_passages(nodes: Sequence[NodeWithScore], *, title_key: str | None =
 
 def span_dict(span: Span, scored: NodeWithScore, source_index: int, *, out_start: int,
               out_end: int) -> dict[str, Any]:
-    """The ``Response.metadata["nest_spans"]`` entry for one copied span.
+    """The ``Response.metadata["nest_spans"]`` entry for one copied span, or the
+    ``metadata["nest_matches"]`` entry for one matched span (``kind`` says which).
 
     ``out_start``/``out_end`` index the response text as returned (with markers, if any);
     ``src_start``/``src_end`` index the node text; ``doc_start``/``doc_end`` index the
@@ -85,6 +86,7 @@ def span_dict(span: Span, scored: NodeWithScore, source_index: int, *, out_start
         "token_start": span.token_start,
         "token_end": span.token_end,
         "title": span.passage.title,
+        "kind": span.kind,
     }
     start_idx = getattr(node, "start_char_idx", None)
     if isinstance(start_idx, int):
@@ -94,7 +96,9 @@ def span_dict(span: Span, scored: NodeWithScore, source_index: int, *, out_start
 
 
 def response_metadata(kept: Sequence[NodeWithScore]) -> dict[str, Any]:
-    """The stock engines' ``{node_id: node.metadata}`` (public keys only) plus our lists."""
+    """The stock engines' ``{node_id: node.metadata}`` (public keys only) plus our lists:
+    ``nest_spans`` (copied) and ``nest_matches`` (matched), filled while decoding."""
     meta: dict[str, Any] = {s.node.node_id: public_metadata(s.node.metadata) for s in kept}
     meta["nest_spans"] = []
+    meta["nest_matches"] = []
     return meta

@@ -2,7 +2,8 @@
 
 Swap it in where a ``RetrieverQueryEngine`` stood: it returns the same ``Response`` shape
 (``source_nodes`` and ``metadata={node_id: node.metadata}``) plus ``metadata["nest_spans"]``,
-the exact character ranges of the answer that were copied from each node.
+the exact character ranges of the answer that were copied from each node, and
+``metadata["nest_matches"]``, the ranges the LM wrote itself that a node holds verbatim.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ class NestQueryEngine(CustomQueryEngine):
     ``metadata["nest_spans"]`` entries carry ``out_start``/``out_end`` (into the returned
     response text, markers included), ``node_id``, ``ref_doc_id``, ``source_index`` (1-based
     into ``source_nodes``), ``cited_text``, ``src_start``/``src_end`` (into the node text)
-    and ``doc_start``/``doc_end`` when the node knows its ``start_char_idx``.
+    and ``doc_start``/``doc_end`` when the node knows its ``start_char_idx``, and
+    ``kind="copied"``. ``metadata["nest_matches"]`` entries have the same fields with
+    ``kind="matched"`` (text the LM wrote that the node holds verbatim; the token range is
+    0/0). They are filled when decoding ends, and get no ``[n]`` marker.
 
     ``source_nodes`` are the retrieved nodes Nest decoded over (nodes without text are
     skipped with a warning). Metadata keys starting with ``_`` (LlamaIndex bookkeeping such

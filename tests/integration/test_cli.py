@@ -215,6 +215,15 @@ def test_ask_json_attributes_copied_text_to_the_store(
         assert span["metadata"]["source"].endswith(("history.md", "policy.txt"))
     assert "1987" in "".join(s["text"] for s in nest_result["spans"])
     assert nest_result["stats"]["generated_tokens"] <= 24
+    assert {s["kind"] for s in nest_result["spans"]} == {"copied"}
+    for match in nest_result["matches"]:  # what the LM wrote that a passage holds verbatim
+        assert match["kind"] == "matched"
+        source = passages[match["passage_id"]]["text"]
+        assert source[match["src_start"]:match["src_end"]] == match["text"]
+        assert nest_result["text"][match["out_start"]:match["out_end"]] == match["text"]
+        assert all(match["out_end"] <= s["out_start"] or match["out_start"] >= s["out_end"]
+                   for s in nest_result["spans"])
+    assert base["matches"] == []  # the plain model is given no passages
 
 
 def test_ask_html_page_renders_in_chromium(asked: tuple[dict[str, object], Path],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -128,7 +129,7 @@ def test_span_to_citation_fields() -> None:
     assert c == {
         "type": "citation", "id": "nest-7-25-doc-1", "url": "https://example.org/zephyr",
         "title": "Zephyr", "start_index": 7, "end_index": 25, "cited_text": "Marta Quillfeather",
-        "extras": {"doc_id": "doc-1", "src_start": 0, "src_end": 18},
+        "extras": {"doc_id": "doc-1", "src_start": 0, "src_end": 18, "kind": "copied"},
     }
     assert result.text[c["start_index"]:c["end_index"]] == c["cited_text"] \
         == PASSAGE.text[c["extras"]["src_start"]:c["extras"]["src_end"]]
@@ -157,6 +158,54 @@ def test_stream_chunks_add_up_to_one_block_with_citations_last() -> None:
     assert full.response_metadata["finish_reason"] == "length"
     assert [d.id for d in full.response_metadata["source_documents"]] == ["doc-1"]
     assert full.response_metadata["nest"]["spans"] == [result.spans[0].to_dict()]
+    assert full.response_metadata["nest"]["matches"] == []
+
+
+def _with_matches() -> NestResult:
+    """Copied "Marta Quillfeather"; matched "in Ostrava" (the LM wrote it) and "1987"."""
+    from nest_core.matching import match_spans
+
+    answer = "In 1987 it was Marta Quillfeather, in Ostrava."
+    history = Passage(id="doc-2", text="The company dates from 1987.", title="History")
+    result = _result(answer, PASSAGE, "Marta Quillfeather")
+    return dataclasses.replace(
+        result, passages=[PASSAGE, history],
+        matches=match_spans(answer, [PASSAGE, history], result.spans))
+
+
+def test_matched_spans_become_citations_of_kind_matched() -> None:
+    result = _with_matches()
+    opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
+    chunk = _last_chunk(result, [passage_to_document(p) for p in result.passages], opts)
+    annotations = chunk.message.content[0]["annotations"]
+    assert [(c["cited_text"], c["extras"]["doc_id"], c["extras"]["kind"])
+            for c in annotations] == [("1987", "doc-2", "matched"),
+                                      ("Marta Quillfeather", "doc-1", "copied"),
+                                      ("in Ostrava", "doc-1", "matched")]
+    for c, p in zip(annotations, ["doc-2", "doc-1", "doc-1"], strict=True):
+        source = {q.id: q for q in result.passages}[p]
+        assert result.text[c["start_index"]:c["end_index"]] == c["cited_text"] \
+            == source.text[c["extras"]["src_start"]:c["extras"]["src_end"]]
+    nest = chunk.message.response_metadata["nest"]
+    assert [s["text"] for s in nest["spans"]] == ["Marta Quillfeather"]
+    assert [(s["text"], s["kind"]) for s in nest["matches"]] == [
+        ("1987", "matched"), ("in Ostrava", "matched")]
+    assert nest["attribution_ratio"] == 3 / 6  # copied tokens only
+    text = format_citations(result.text, annotations)
+    assert text.splitlines()[0] == \
+        "In 1987[~1] it was Marta Quillfeather[2], in Ostrava[~2]."
+
+
+def test_nest_llm_generation_info_lists_matches_apart() -> None:
+    from nest_integrations.langchain.llms import _last_chunk as llm_last_chunk
+
+    result = _with_matches()
+    opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
+    info = llm_last_chunk(result, [], opts).generation_info
+    assert info is not None
+    assert [(s["text"], s["kind"]) for s in info["spans"]] == [("Marta Quillfeather", "copied")]
+    assert [(s["text"], s["kind"], s["passage_id"]) for s in info["matches"]] == [
+        ("1987", "matched", "doc-2"), ("in Ostrava", "matched", "doc-1")]
 
 
 # --- settings and messages -----------------------------------------------------------------

@@ -81,6 +81,9 @@ def test_invoke_cites_exact_source_slices(chat: ChatNest) -> None:
     nest = msg.response_metadata["nest"]
     assert nest["stats"]["generated_tokens"] == msg.usage_metadata["output_tokens"] == 16
     assert nest["attribution_ratio"] == nest["stats"]["copied_tokens"] / 16
+    kinds = [c["extras"]["kind"] for c in msg.content[0]["annotations"]]
+    assert sorted(kinds) == sorted(["copied"] * len(nest["spans"])
+                                   + ["matched"] * len(nest["matches"]))
     assert msg.response_metadata["model_name"] == "tiny-llama"
     assert msg.response_metadata["finish_reason"] == "length"
 

@@ -136,6 +136,54 @@ def test_assembler_ignores_spans_of_unknown_passages():
     assert spans == []
 
 
+def _chunks_with_matches() -> list[NestChunk]:
+    """Copied "The Zephyr Widget" [n1] and "brass widgets" [n2]; the LM wrote "in Ostrava"
+    (matched, n1) and "for clocks" (too common to cite) itself."""
+    from nest_core.matching import match_spans
+    from nest_core.types import DecodeStats, NestResult
+
+    text = "Answer: The Zephyr Widget, in Ostrava, makes brass widgets for clocks."
+    copied = [_span(P1, 8, "The Zephyr Widget", 1, 4), _span(P2, 45, "brass widgets", 8, 10)]
+    result = NestResult(text=text, token_ids=list(range(12)), spans=copied, passages=[P1, P2],
+                        stats=DecodeStats(), finish_reason="eos",
+                        matches=match_spans(text, [P1, P2], copied))
+    return [NestChunk("Answer:", [0]), NestChunk(" The Zephyr Widget", [1, 2, 3], copied[0]),
+            NestChunk(", in Ostrava, makes", [4, 5, 6, 7]),
+            NestChunk(" brass widgets", [8, 9], copied[1]),
+            NestChunk(" for clocks.", [10, 11]), NestChunk("", [], None, result)]
+
+
+@pytest.mark.parametrize("markers", [False, True])
+def test_matched_spans_go_to_nest_matches_with_offsets_into_the_emitted_text(markers):
+    from nest_integrations.llama_index._runtime import decode_pieces
+    from nest_integrations.llama_index.nodes import response_metadata
+
+    class Decoder:
+        def stream(self, *args, **kwargs):
+            return iter(_chunks_with_matches())
+
+    kept = [node for _, node in _nodes().values()]
+    metadata = response_metadata(kept)
+    assert metadata["nest_matches"] == []
+    text = "".join(decode_pieces(Decoder(), "q", [P1, P2], kept, metadata, max_new_tokens=12,
+                                 stop=None, citation_markers=markers))
+    assert text == ("Answer: The Zephyr Widget [1], in Ostrava, makes brass widgets [2] for "
+                    "clocks." if markers else
+                    "Answer: The Zephyr Widget, in Ostrava, makes brass widgets for clocks.")
+    assert [(s["cited_text"], s["kind"]) for s in metadata["nest_spans"]] == [
+        ("The Zephyr Widget", "copied"), ("brass widgets", "copied")]
+    (match,) = metadata["nest_matches"]
+    start = 31 if markers else 27
+    assert (match["out_start"], match["out_end"]) == (start, start + len("in Ostrava"))
+    assert text[match["out_start"]:match["out_end"]] == match["cited_text"] == "in Ostrava"
+    assert P1.text[match["src_start"]:match["src_end"]] == "in Ostrava"
+    assert (match["node_id"], match["source_index"], match["kind"]) == ("n1", 1, "matched")
+    assert (match["doc_start"], match["token_start"], match["token_end"]) == (
+        100 + match["src_start"], 0, 0)
+    for s in metadata["nest_spans"]:
+        assert text[s["out_start"]:s["out_end"]] == s["cited_text"]
+
+
 @pytest.mark.parametrize(("prompt", "query"), [
     (("Context information is below.\n---\nctx Query: not this\n---\nGiven the context "
      "information and not prior knowledge, answer the query.\nQuery: Who founded it?\n"

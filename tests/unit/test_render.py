@@ -7,6 +7,7 @@ see exactly what the decoder would give them, without loading a model.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from html.parser import HTMLParser
@@ -14,6 +15,7 @@ from html.parser import HTMLParser
 import pytest
 
 from nest_core.render import (
+    LEGEND,
     excerpt,
     number_sources,
     render_comparison,
@@ -73,10 +75,12 @@ def test_sources_are_numbered_by_first_use_and_grouped(result: NestResult) -> No
 
 def test_segments_rebuild_the_text_and_number_only_copies(result: NestResult) -> None:
     pieces = segments(result)
-    assert "".join(text for text, _ in pieces) == result.text
-    copied = [(text, n) for text, n in pieces if n is not None]
-    assert copied == [("founded in 2009 by Odile Halvorsen", 1), ("27 days of paid leave", 2),
-                      ("founded in 2009 by Odile Halvorsen", 1)]
+    assert "".join(text for text, _, _ in pieces) == result.text
+    copied = [(text, n, kind) for text, n, kind in pieces if n is not None]
+    assert copied == [("founded in 2009 by Odile Halvorsen", 1, "copied"),
+                      ("27 days of paid leave", 2, "copied"),
+                      ("founded in 2009 by Odile Halvorsen", 1, "copied")]
+    assert all(kind is None for _, n, kind in pieces if n is None)
 
 
 def test_terminal_plain_puts_markers_after_spans_and_lists_sources(result: NestResult) -> None:
@@ -141,7 +145,7 @@ def test_comparison_two_columns_then_stacked(result: NestResult) -> None:
 def test_excerpt_marks_the_copied_text() -> None:
     res = _result("Staff get 27 days of paid leave.", [("27 days of paid leave", LEAVE)])
     text, marks = excerpt(number_sources(res)[0], context=3)
-    assert [text[a:b] for a, b in marks] == ["27 days of paid leave"]
+    assert [(text[a:b], kind) for a, b, kind in marks] == [("27 days of paid leave", "copied")]
     assert text.startswith("…")
     assert text.endswith("…")
 
@@ -192,3 +196,89 @@ def test_html_links_every_span_to_its_passage_and_escapes() -> None:
     assert "<script>alert(1)</script> & co" in text
     assert "No idea <3" in text
     assert "<mark>&quot;quotes&quot; *here* [x](y)</mark>" in page
+
+
+# --- matched spans: kept apart from copied ones on every surface ---------------------------
+MATCHED_TEXT = ("Staff get 27 days of paid leave. It was founded in 2009 in Dunmore, "
+                "Pennsylvania by Odile Halvorsen.")
+
+
+@pytest.fixture
+def mixed() -> NestResult:
+    """Copied "27 days of paid leave" [LEAVE]; matched "was founded in 2009", "in Dunmore,
+    Pennsylvania" and "by Odile Halvorsen" [HISTORY], found by match_spans."""
+    from nest_core.matching import match_spans
+
+    res = _result(MATCHED_TEXT, [("27 days of paid leave", LEAVE)])
+    found = match_spans(res.text, [HISTORY, LEAVE], res.spans)
+    return dataclasses.replace(res, matches=found)
+
+
+def test_matched_spans_are_numbered_with_copied_ones_and_keep_their_kind(mixed: NestResult
+                                                                         ) -> None:
+    assert [(m.text, m.passage.id) for m in mixed.matches] == [
+        ("was founded in 2009", "welcome#0"), ("in Dunmore, Pennsylvania", "welcome#0"),
+        ("by Odile Halvorsen", "welcome#0")]
+    sources = number_sources(mixed)
+    assert [(s.number, s.passage.id, [sp.kind for sp in s.spans]) for s in sources] == [
+        (1, "leave#0", ["copied"]), (2, "welcome#0", ["matched", "matched", "matched"])]
+    cited = [(text, n, kind) for text, n, kind in segments(mixed) if n is not None]
+    assert cited == [("27 days of paid leave", 1, "copied"),
+                     ("was founded in 2009", 2, "matched"),
+                     ("in Dunmore, Pennsylvania", 2, "matched"),
+                     ("by Odile Halvorsen", 2, "matched")]
+    assert "".join(p.text for p in segments(mixed)) == mixed.text
+    assert stats_line(mixed).endswith("copied in 1 span(s) · 3 matched span(s)")
+
+
+def test_terminal_marks_matched_text_apart_and_explains_it(mixed: NestResult,
+                                                           result: NestResult) -> None:
+    out = render_terminal(mixed, color=False, width=200)
+    assert out.splitlines()[0] == (
+        "Staff get 27 days of paid leave[1]. It was founded in 2009[~2] in Dunmore, "
+        "Pennsylvania[~2] by Odile Halvorsen[~2].")
+    assert out.endswith(LEGEND)
+    assert "\nSources\n[1] Time off\n" in out
+    assert LEGEND not in render_terminal(result, color=False, width=200)  # nothing matched
+    coloured = render_terminal(mixed, color=True, width=200)
+    assert ANSI.sub("", coloured) == out
+    assert "\x1b[1;36m27\x1b[0m" in coloured  # copied: bold, colour of source 1
+    assert "\x1b[4;32mDunmore,\x1b[0m" in coloured  # matched: underlined, colour of 2
+
+
+def test_excerpt_gives_copied_precedence_over_matched() -> None:
+    res = _result("Staff get 27 days of paid leave.", [("27 days of paid leave", LEAVE)])
+    over = Span(text="days of paid leave per year", out_start=0, out_end=0, passage=LEAVE,
+                src_start=LEAVE.text.index("days"), src_end=LEAVE.text.index("."),
+                token_start=0, token_end=0, kind="matched")
+    res = dataclasses.replace(res, matches=[over])
+    text, marks = excerpt(number_sources(res)[0], context=100)
+    assert [(text[a:b], kind) for a, b, kind in marks] == [
+        ("27 days of paid leave", "copied"), (" per year", "matched")]
+
+
+def test_markdown_italicises_matched_text_and_quotes_it_apart(mixed: NestResult) -> None:
+    md = render_markdown(mixed)
+    assert md.startswith("Staff get **27 days of paid leave**[1]. It *was founded in 2009*[~2]"
+                         " *in Dunmore, Pennsylvania*[~2] *by Odile Halvorsen*[~2].")
+    assert "1. Time off: “27 days of paid leave”\n" in md
+    assert ("2. Welcome (data/welcome.md): matched: “was founded in 2009”; "
+            "“in Dunmore, Pennsylvania”; “by Odile Halvorsen”\n") in md
+    assert md.rstrip().endswith("source n holds it verbatim")
+
+
+def test_html_styles_matched_spans_apart_with_a_legend(mixed: NestResult,
+                                                       result: NestResult) -> None:
+    page = render_html(mixed)
+    parser = _Collector()
+    parser.feed(page)
+    assert parser.hrefs == ["#src-1", "#src-2", "#src-2", "#src-2"]
+    text = "".join(parser.text)
+    assert "27 days of paid leave[1]. It was founded in 2009[~2] in" in text
+    assert ('<a class="span matched s2" href="#src-2" title="Welcome (data/welcome.md)">'
+            "was founded in 2009<sup>[~2]</sup></a>") in page
+    assert '<a class="span s1" href="#src-1"' in page
+    assert '<mark class="matched">was founded in 2009</mark>' in page
+    assert "<mark>27 days of paid leave</mark>" in page
+    assert 'class="legend"' in page
+    assert 'class="legend"' not in render_html(result)
