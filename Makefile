@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --quiet --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint bench bench-quick clean-cache
+.PHONY: install demo test lint bench bench-quick bench-corpora clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,26 @@ lint: install
 	$(VENV)/bin/ruff check nest_core nest_integrations tests benchmarks examples
 	$(VENV)/bin/mypy
 
-bench: install
+# The benchmark corpora come from Debian: FOLDOC (dict-foldoc) and the ISO code tables
+# (iso-codes). Installed only when a file is missing; sudo only when not root.
+BENCH_CORPUS_FILES := /usr/share/dictd/foldoc.index /usr/share/dictd/foldoc.dict.dz \
+	/usr/share/iso-codes/json/iso_3166-1.json /usr/share/iso-codes/json/iso_3166-2.json \
+	/usr/share/iso-codes/json/iso_4217.json /usr/share/iso-codes/json/iso_639-3.json \
+	/usr/share/iso-codes/json/iso_15924.json
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+bench-corpora:
+	@missing=0; for f in $(BENCH_CORPUS_FILES); do [ -f "$$f" ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+		echo "installing the benchmark corpora: apt-get install -y dict-foldoc iso-codes"; \
+		$(SUDO) apt-get update && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y dict-foldoc iso-codes; \
+	fi
+
+bench: install bench-corpora
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
 
-bench-quick: install
+bench-quick: install bench-corpora
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --quick
 
 clean-cache: install

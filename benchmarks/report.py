@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.systems import LABELS, SYSTEMS, RunRecord
+from benchmarks.tasks import TASKS
 
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TASK_TITLES = {"completion": "FOLDOC completion", "qa": "FOLDOC acronym QA",
+               "docqa": "iso-codes document QA"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,15 @@ class SystemSummary:
     modeled_speed_ratio: float  # same, with LM forwards priced by the quiet-machine cost curve
     ms_per_token: dict[str, float]  # latency split, total seconds / total tokens, in ms
     overhead_ms_per_step: float  # (kNN + rest) per LM forward: cost beyond the forward
+    seconds_per_answer: float = 0.0  # median over items, end to end (search + prompt + decode)
+    answer_words: float = 0.0  # mean words per output
+    answer_words_vs_base: float = 0.0  # mean words / base's mean words on the same items
+    # doc-QA: share of items whose gold answer lies in a span from the gold passage (None:
+    # the system has no spans); gold_retrieved: share of items with the gold passage in top b
+    cited_copied: float | None = None
+    cited_matched: float | None = None
+    cited_any: float | None = None
+    gold_retrieved: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,12 +56,18 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
+def _mean_or_none(xs: Sequence[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return statistics.fmean(vals) if vals else None
+
+
 def summarise(records: Sequence[RunRecord]) -> list[SystemSummary]:
     base_tps = {(r.task, r.key): r.tokens_per_second for r in records if r.system == "base"}
     base_model = {(r.task, r.key): r.modeled_tokens_per_second for r in records
                   if r.system == "base"}
+    base_words = {(r.task, r.key): r.answer_words for r in records if r.system == "base"}
     out = []
-    for task in ("completion", "qa"):
+    for task in TASKS:
         for system in SYSTEMS:
             rs = [r for r in records if r.task == task and r.system == system]
             if not rs:
@@ -65,6 +83,9 @@ def summarise(records: Sequence[RunRecord]) -> list[SystemSummary]:
             spans = [r.mean_span_length for r in rs if r.mean_span_length > 0]
             overhead = (1000 * sum(r.knn_seconds + r.other_seconds for r in rs) / forwards
                         if forwards else 0.0)
+            paired = [r for r in rs if (task, r.key) in base_words]
+            base_total = sum(base_words[(task, r.key)] for r in paired)
+            retrieved = [r.extra["gold_retrieved"] for r in rs if "gold_retrieved" in r.extra]
             out.append(SystemSummary(
                 system=system, task=task, items=len(rs),
                 quality=statistics.fmean(r.quality for r in rs),
@@ -74,7 +95,16 @@ def summarise(records: Sequence[RunRecord]) -> list[SystemSummary]:
                 tokens_per_second=_median([r.tokens_per_second for r in rs]),
                 speed_ratio=_median(ratios), modeled_speed_ratio=_median(modeled),
                 ms_per_token=split,
-                overhead_ms_per_step=overhead))
+                overhead_ms_per_step=overhead,
+                seconds_per_answer=_median([r.total_seconds for r in rs]),
+                answer_words=statistics.fmean(r.answer_words for r in rs),
+                answer_words_vs_base=(sum(r.answer_words for r in paired) / base_total
+                                      if base_total else 0.0),
+                cited_copied=_mean_or_none([r.cited_copied for r in rs]),
+                cited_matched=_mean_or_none([r.cited_matched for r in rs]),
+                cited_any=_mean_or_none([r.cited_any for r in rs]),
+                gold_retrieved=(statistics.fmean(float(x) for x in retrieved)
+                                if retrieved else None)))
     return out
 
 
@@ -96,6 +126,35 @@ def markdown_table(rows: Sequence[SystemSummary]) -> str:
     return "\n".join(lines)
 
 
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def docqa_table(rows: Sequence[SystemSummary]) -> str:
+    """The document-QA view: exact-answer recall, cited-correct by span kind, answer length
+    and seconds per answer. Empty when no doc-QA rows were run."""
+    rows = [r for r in rows if r.task == "docqa"]
+    if not rows:
+        return ""
+    head = ("| System | Recall | Cited-correct: copied / matched / either | Attribution "
+            "| Words (vs base) | s/answer | tok/s | vs base |\n"
+            "|---|---:|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        words_ratio = f"{r.answer_words_vs_base:.2f}x" if r.answer_words_vs_base else "n/a"
+        lines.append(
+            f"| {LABELS[r.system]} | {r.quality:.3f} "
+            f"| {_share(r.cited_copied)} / {_share(r.cited_matched)} / {_share(r.cited_any)} "
+            f"| {100 * r.attribution_ratio:.0f}% | {r.answer_words:.1f} ({words_ratio}) "
+            f"| {r.seconds_per_answer:.2f} | {r.tokens_per_second:.1f} "
+            f"| {r.speed_ratio:.2f}x |")
+    retrieved = next((r.gold_retrieved for r in rows if r.gold_retrieved is not None), None)
+    if retrieved is not None:
+        lines.append(f"\nGold passage among the retrieved passages: {100 * retrieved:.0f}% of "
+                     f"{rows[0].items} questions.")
+    return "\n".join(lines)
+
+
 def replace_readme_region(readme: Path, body: str) -> None:
     """Rewrite only the text between the bench markers (appending them if missing); the file
     is read fresh just before writing because other people edit the rest of it."""
@@ -109,23 +168,25 @@ def replace_readme_region(readme: Path, body: str) -> None:
 
 
 def plot(rows: Sequence[SystemSummary], path: Path) -> None:
-    """Quality against end-to-end tokens/s, one panel per task, one point per system."""
+    """Quality against end-to-end tokens/s (doc-QA: seconds per answer, since its answers
+    end early), one panel per task, one point per system."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [t for t in ("completion", "qa") if any(r.task == t for r in rows)]
+    tasks = [t for t in TASKS if any(r.task == t for r in rows)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for n, r in enumerate(r for r in rows if r.task == task):
             # a legend, not annotations: baselines cluster and their labels would overlap
-            ax.scatter(r.tokens_per_second, r.quality, s=50, marker="osD^v*"[n % 6],
-                       label=LABELS[r.system])
+            x = r.seconds_per_answer if task == "docqa" else r.tokens_per_second
+            ax.scatter(x, r.quality, s=50, marker="osD^v*"[n % 6], label=LABELS[r.system])
         ax.legend(fontsize=7, loc="best")
-        ax.set_xlabel("end-to-end tokens/s (median over items)")
+        ax.set_xlabel("seconds per answer (median over items, end to end)" if task == "docqa"
+                      else "end-to-end tokens/s (median over items)")
         ax.set_ylabel("ROUGE-1 F1" if task == "completion" else "answer recall")
-        ax.set_title(f"FOLDOC {task}")
+        ax.set_title(TASK_TITLES[task])
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -1,10 +1,12 @@
-"""Stage 1 for the benchmark: FOLDOC passages in the product's own stores (FAISS, Chroma).
+"""Stage 1 for the benchmark: a corpus's passages (FOLDOC, iso-codes) in the product's own
+stores (FAISS, Chroma).
 
 The corpus vectors are computed once with the bundled all-MiniLM-L6-v2 and cached under
-``<nest cache>/bench`` (keyed by a hash of the passage texts). :func:`open_stores` ingests
-the passages into a FAISS flat store and an embedded Chroma collection through
-:func:`nest_core.ingest.ingest` (idempotent: later runs write nothing), serving the cached
-vectors instead of re-embedding. Queries then go through the real
+``<nest cache>/bench/<corpus>-minilm-<hash>.npy`` (keyed by a hash of the passage texts).
+:func:`open_stores` ingests the passages into a FAISS flat store and an embedded Chroma
+collection through :func:`nest_core.ingest.ingest` (idempotent: later runs write nothing),
+under ``<nest cache>/bench/stores-<hash>``, serving the cached vectors instead of
+re-embedding. Queries then go through the real
 :class:`~nest_core.sources.FaissSource` / :class:`~nest_core.sources.ChromaSource`, and
 their time (query embedding + vector search) is the "passage search" of the latency split.
 """
@@ -47,9 +49,9 @@ def corpus_digest(passages: Sequence[Passage]) -> str:
     return h.hexdigest()[:16]
 
 
-def corpus_vectors(passages: Sequence[Passage]) -> np.ndarray:
+def corpus_vectors(passages: Sequence[Passage], corpus: str = "foldoc") -> np.ndarray:
     """``(N, 384)`` float32 normalised MiniLM vectors of ``passages``, cached on disk."""
-    path = cache_dir() / "bench" / f"foldoc-minilm-{corpus_digest(passages)}.npy"
+    path = cache_dir() / "bench" / f"{corpus}-minilm-{corpus_digest(passages)}.npy"
     if path.is_file():
         return np.load(path)
     t0 = time.perf_counter()
@@ -58,7 +60,8 @@ def corpus_vectors(passages: Sequence[Passage]) -> np.ndarray:
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, vectors)
     Path(tmp).replace(path)
-    logger.info("embedded %d passages in %.0f s", len(passages), time.perf_counter() - t0)
+    logger.info("embedded %d %s passages in %.0f s", len(passages), corpus,
+                time.perf_counter() - t0)
     return vectors
 
 
@@ -92,14 +95,15 @@ class SourceSearch:
         return SearchResult(passages=found, seconds=time.perf_counter() - t0)
 
 
-def open_stores(passages: Sequence[Passage], root: Path | None = None
+def open_stores(passages: Sequence[Passage], root: Path | None = None, corpus: str = "foldoc"
                 ) -> dict[str, SourceSearch]:
-    """FOLDOC in a FAISS flat store and a Chroma collection (ingested on first use)."""
+    """``passages`` (of the named ``corpus``) in a FAISS flat store and a Chroma collection,
+    ingested on first use; the stores' directory is keyed by the passages' hash."""
     from nest_core.ingest import Document, ingest, open_chroma_collection, open_faiss_store
     from nest_core.sources import ChromaSource, FaissSource
 
     root = root or cache_dir() / "bench" / f"stores-{corpus_digest(passages)}"
-    embed = CachedEmbeddings(passages, corpus_vectors(passages))
+    embed = CachedEmbeddings(passages, corpus_vectors(passages, corpus))
     # One document per passage: the ingest chunker keeps a <=100-word document whole.
     docs = [Document(text=p.text, title=p.title, id=p.id, metadata=dict(p.metadata))
             for p in passages]

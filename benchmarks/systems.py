@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.tasks import Item, answer_recall, rouge1_f1
+from benchmarks.tasks import (
+    Item,
+    answer_recall,
+    answer_words,
+    cited_correct,
+    exact_answer_recall,
+    rouge1_f1,
+)
 from nest_core import KeyCache, NestConfig, NestDecoder, Passage
 from nest_core.lm import LanguageModel
 from nest_core.prompts import with_background
@@ -78,7 +85,7 @@ class RunRecord:
     task: str
     key: str
     text: str
-    quality: float  # ROUGE-1 F1 (completion) or answer recall (QA)
+    quality: float  # ROUGE-1 F1 (completion) or answer recall (QA, doc-QA)
     attribution_ratio: float = 0.0
     mean_span_length: float = 0.0
     generated_tokens: int = 0
@@ -90,6 +97,12 @@ class RunRecord:
     other_seconds: float = 0.0
     total_seconds: float = 0.0  # end to end, passage search included
     modeled_lm_seconds: float = 0.0  # LM forwards priced by FORWARD_COST (load-independent)
+    answer_words: int = 0  # whitespace-separated words of the output
+    # doc-QA only: the gold answer lies inside a span cut from the gold passage (1.0 / 0.0);
+    # None where the system has no spans (RAG + prompt lookup) or the task has no gold passage
+    cited_copied: float | None = None  # copied spans (NestResult.spans)
+    cited_matched: float | None = None  # matched spans (NestResult.matches, when present)
+    cited_any: float | None = None  # either kind
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -116,7 +129,22 @@ def _histogram(sizes: Sequence[int]) -> dict[str, int]:
 def score(item: Item, text: str) -> float:
     if item.task == "completion":
         return rouge1_f1(text, item.references[0])
+    if item.task == "docqa":
+        return exact_answer_recall(text, item.references)
     return answer_recall(text, item.references)
+
+
+def citations(item: Item, result: Any) -> dict[str, Any]:
+    """Cited-correct of a :class:`~nest_core.NestResult` for copied, matched and either kind
+    of span (``matches`` read with getattr: the core may not have them)."""
+    if not item.gold_passage:
+        return {"cited_copied": None, "cited_matched": None, "cited_any": None}
+    copied = list(result.spans)
+    matched = list(getattr(result, "matches", None) or [])
+    refs, gold = item.references, item.gold_passage
+    return {"cited_copied": cited_correct(result.text, copied, refs, gold),
+            "cited_matched": cited_correct(result.text, matched, refs, gold),
+            "cited_any": cited_correct(result.text, copied + matched, refs, gold)}
 
 
 def base_config(system: str, overrides: dict[str, Any] | None = None) -> NestConfig:
@@ -177,6 +205,7 @@ class Runner:
         return RunRecord(system=system, task=item.task, key=item.key, text=res.text,
                          quality=score(item, res.text), attribution_ratio=res.attribution_ratio,
                          mean_span_length=res.mean_span_length,
+                         answer_words=answer_words(res.text),
                          generated_tokens=st.generated_tokens, lm_forwards=st.lm_forwards,
                          search_seconds=search, datastore_seconds=st.datastore_seconds,
                          lm_seconds=st.lm_seconds, knn_seconds=st.knn_seconds,
@@ -184,7 +213,8 @@ class Runner:
                          extra={"draft_steps": st.draft_steps, "drafted": st.drafted_tokens,
                                 "accepted": st.accepted_draft_tokens,
                                 "prompt_tokens": st.prompt_tokens,
-                                "datastore_keys": st.datastore_keys})
+                                "datastore_keys": st.datastore_keys},
+                         **citations(item, res))
 
 
 class PromptLookup:
@@ -229,6 +259,7 @@ class PromptLookup:
         total = time.perf_counter() - t0
         return RunRecord(system="rag+lookup", task=item.task, key=item.key, text=text,
                          quality=score(item, text), generated_tokens=len(new),
+                         answer_words=answer_words(text),
                          lm_forwards=self.forwards, lm_seconds=self.lm_seconds,
                          other_seconds=max(0.0, total - self.lm_seconds), total_seconds=total,
                          extra={"prompt_tokens": len(ids)})

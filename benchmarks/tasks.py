@@ -1,8 +1,10 @@
-"""The two tasks and their metrics: entry completion (ROUGE-1 F1) and acronym QA (recall).
+"""The three tasks and their metrics: FOLDOC entry completion (ROUGE-1 F1), FOLDOC acronym QA
+(recall) and document QA with gold passages over the iso-codes tables (exact-answer recall and
+cited-correct).
 
-Both are built deterministically from the corpus text, so anyone with the same ``dict-foldoc``
-gets the same items. Items are split dev/test by a hash of their key; calibration only ever
-sees ``dev``; the reported table only ``test``.
+All are built deterministically from the corpus text, so anyone with the same ``dict-foldoc``
+and ``iso-codes`` gets the same items. Items are split dev/test by a hash of their key;
+calibration only ever sees ``dev``; the reported table only ``test``.
 """
 
 from __future__ import annotations
@@ -10,13 +12,16 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from benchmarks.foldoc import Entry, chunk_entry, load_entries
+from benchmarks.isocodes import answer_pattern, build_questions, load_tables
 
 Split = Literal["dev", "test"]
+Task = Literal["completion", "qa", "docqa"]
+TASKS: tuple[Task, ...] = ("completion", "qa", "docqa")
 PROMPT_WORDS = 30
 REFERENCE_WORDS = 60
 COMPLETION_INSTRUCTION = ("Continue this entry of the Free On-line Dictionary of Computing. "
@@ -24,6 +29,8 @@ COMPLETION_INSTRUCTION = ("Continue this entry of the Free On-line Dictionary of
 _TOKEN = re.compile(r"[a-z0-9]+")
 _ACRONYM = re.compile(r"^[A-Z][A-Z0-9]{1,7}$")
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9']*")
+DOCQA_INSTRUCTION = "Answer in a few words."
+QUESTIONS_PER_FAMILY = 50  # x 6 families = 300 doc-QA questions, about half per split
 _STOP = frozenset({"a", "an", "and", "as", "at", "by", "for", "in", "of", "on", "or", "the",
                    "to", "with", "from"})
 
@@ -31,14 +38,16 @@ _STOP = frozenset({"a", "an", "and", "as", "at", "by", "for", "in", "of", "on", 
 @dataclass(frozen=True)
 class Item:
     """One benchmark input. ``query`` is what the passage source is searched with;
-    ``references`` are the continuation (completion) or the gold answers (QA)."""
+    ``references`` are the continuation (completion) or the gold answers (QA, doc-QA);
+    ``gold_passage`` is the id of the one passage that holds a doc-QA answer."""
 
-    task: Literal["completion", "qa"]
+    task: Task
     key: str
     prompt: str
     query: str
     references: tuple[str, ...]
     entry_index: int
+    gold_passage: str = ""
 
 
 # --- metrics ------------------------------------------------------------------------------
@@ -66,6 +75,40 @@ def answer_recall(prediction: str, answers: Sequence[str]) -> float:
     any lower-cased gold answer (whitespace collapsed), else 0.0."""
     out = _normalise(prediction)
     return float(any(_normalise(a) in out for a in answers if a.strip()))
+
+
+def exact_answer_recall(prediction: str, answers: Sequence[str]) -> float:
+    """Doc-QA recall: 1.0 when the output contains a gold answer as a whole token,
+    case-insensitive ("854" does not count inside "1854", nor "85" inside "854")."""
+    return float(any(answer_pattern(a).search(prediction) for a in answers if a.strip()))
+
+
+def is_gold_passage(passage: Any, gold_id: str) -> bool:
+    """The store returns the corpus passage ``gold_id`` as ``gold_id`` itself or as its one
+    chunk (``nest_core.ingest`` ids chunks ``"<doc id>#<n>"`` and keeps ``doc_id``)."""
+    return bool(gold_id) and (passage.id == gold_id
+                              or passage.metadata.get("doc_id") == gold_id)
+
+
+def cited_correct(text: str, spans: Sequence[Any], answers: Sequence[str], gold_id: str) -> float:
+    """1.0 when a gold answer occurs in ``text`` (as :func:`exact_answer_recall` finds it)
+    wholly inside one span (``out_start:out_end`` of ``text``) whose passage is the gold
+    passage, else 0.0. ``spans`` are :class:`~nest_core.types.Span` s: copied
+    (``NestResult.spans``) or matched (``NestResult.matches``)."""
+    gold_spans = [(s.out_start, s.out_end) for s in spans if is_gold_passage(s.passage, gold_id)]
+    if not gold_spans:
+        return 0.0
+    for answer in answers:
+        if not answer.strip():
+            continue
+        for m in answer_pattern(answer).finditer(text):
+            if any(a <= m.start() and m.end() <= b for a, b in gold_spans):
+                return 1.0
+    return 0.0
+
+
+def answer_words(text: str) -> int:
+    return len(text.split())
 
 
 # --- splits -------------------------------------------------------------------------------
@@ -197,3 +240,15 @@ def qa_items(entries: Sequence[Entry] | None = None) -> list[Item]:
             items.append(Item(task="qa", key=f"qa:{acronym}", prompt=question, query=question,
                               references=golds, entry_index=i))
     return items
+
+
+# --- document QA (iso-codes) --------------------------------------------------------------
+def docqa_items(tables: Mapping[str, Sequence[Mapping[str, str]]] | None = None,
+                per_family: int = QUESTIONS_PER_FAMILY) -> list[Item]:
+    """"What is the ISO 3166-1 numeric code of Burkina Faso? Answer in a few words." with one
+    exact answer and one gold passage (:func:`benchmarks.isocodes.build_questions`)."""
+    tables = load_tables() if tables is None else tables
+    return [Item(task="docqa", key=q.key, prompt=f"{q.question} {DOCQA_INSTRUCTION}",
+                 query=q.question, references=(q.answer,), entry_index=i,
+                 gold_passage=q.passage_id)
+            for i, q in enumerate(build_questions(tables, per_family))]
