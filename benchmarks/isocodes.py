@@ -21,7 +21,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 from nest_core import Passage
 
@@ -269,8 +268,3 @@ def build_questions(tables: Mapping[str, Sequence[Mapping[str, str]]],
 def load_passages() -> tuple[Passage, ...]:
     """All iso-codes passages of the installed tables."""
     return tuple(build_passages(load_tables())[0])
-
-
-def corpus_summary(tables: Mapping[str, Sequence[Any]]) -> dict[str, int]:
-    """Entries per table (for the run's metadata)."""
-    return {t: len(v) for t, v in tables.items()}
