@@ -24,6 +24,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 Mode = Literal["nest", "knn-lm", "base"]
+ConfidenceReference = Literal["farthest", "norm"]
+VerifyAgainst = Literal["mixture", "lm"]
 MODES: tuple[str, ...] = ("nest", "knn-lm", "base")
 
 
@@ -53,6 +55,12 @@ class NestConfig:
     passages_in_prompt: bool = False
     prompt_passages: int = 3  # passages placed in the prompt when passages_in_prompt
     max_passage_tokens: int = 512  # longer passages are encoded in windows of this size
+    # --- beyond the paper (off in NestConfig(); see default_config and the README) ---------
+    confidence_reference: ConfidenceReference = "farthest"  # ρ's denominator, see mixture
+    span_passages: int | None = None  # spans start only in the top-m retrieved passages
+    end_with_lm: bool = False  # the answer ends where the LM alone would end it
+    repetition_stop: int = 0  # stop when the last n tokens already occurred (0: off)
+    verify_against: VerifyAgainst = "mixture"  # drafts verified against p_M or p_LM
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -75,6 +83,22 @@ class NestConfig:
             raise ValueError(msg)
         if not isinstance(self.key_layer, int) or self.key_layer == 0:
             msg = f"key_layer={self.key_layer!r} must be a non-zero hidden_states index (e.g. -2)"
+            raise ValueError(msg)
+        if self.confidence_reference not in ("farthest", "norm"):
+            msg = (f"confidence_reference={self.confidence_reference!r} is not 'farthest' "
+                   f"(the paper's Eq. 4) or 'norm'")
+            raise ValueError(msg)
+        if self.verify_against not in ("mixture", "lm"):
+            msg = f"verify_against={self.verify_against!r} is not 'mixture' or 'lm'"
+            raise ValueError(msg)
+        if self.span_passages is not None and (
+                isinstance(self.span_passages, bool) or not isinstance(self.span_passages, int)
+                or self.span_passages < 1):
+            msg = f"span_passages={self.span_passages!r} must be None or a positive integer"
+            raise ValueError(msg)
+        if isinstance(self.repetition_stop, bool) or not isinstance(self.repetition_stop, int) \
+                or self.repetition_stop < 0:
+            msg = f"repetition_stop={self.repetition_stop!r} must be 0 (off) or a positive int"
             raise ValueError(msg)
         if self.max_passage_tokens < 8:
             msg = f"max_passage_tokens={self.max_passage_tokens} is too small; use at least 8"

@@ -22,7 +22,7 @@ from nest_core.types import Passage
 
 logger = logging.getLogger(__name__)
 
-ENCODING_VERSION = 1  # bump when the layout of EncodedPassage or passage_string changes
+ENCODING_VERSION = 2  # bump when the layout of EncodedPassage or passage_string changes
 BATCH_SIZE = 10  # passages per forward, as in the official code
 
 
@@ -33,8 +33,8 @@ class EncodedPassage:
     ``keys``: ``(T, D)`` key-layer hidden state at position j (float16 or float32).
     ``values``: ``(T,)`` int64, the passage token at j+1 (what key j predicts).
     ``char_spans``: ``(T, 2)`` int32, offsets of token j+1 in ``passage.text``;
-    ``(-1, -1)`` when that token is not passage text (title, BOS): such rows are never
-    retrieved or copied.
+    ``(-1, -1)`` when that token is not passage text (title, BOS), and for row 0, whose key
+    has no preceding context: such rows are never retrieved or copied.
     """
 
     keys: torch.Tensor
@@ -148,26 +148,34 @@ class PassageEncoder:
         hidden_rows: list[list[torch.Tensor]] = [[] for _ in passages]
         for start in range(0, len(windows), BATCH_SIZE):
             chunk = windows[start:start + BATCH_SIZE]
-            seqs = [tokenised[pi][0][a:b] for pi, (a, b) in chunk]
+            seqs = [tokenised[pi][0][a:b] for pi, (a, b, _) in chunk]
             states = self._forward_padded(seqs)  # [B, T, D]
-            for (pi, (a, b)), row in zip(chunk, states, strict=True):
-                # A window [a, b) contributes keys for contexts a .. b-2 (value a+1 .. b-1).
-                hidden_rows[pi].append(row[: b - a - 1])
+            for (pi, (a, b, keep)), row in zip(chunk, states, strict=True):
+                # Window [a, b) gives keys for contexts a+keep .. b-2; the first `keep`
+                # positions only give those keys their preceding context.
+                hidden_rows[pi].append(row[keep: b - a - 1])
         results = []
         for (ids, spans), rows in zip(tokenised, hidden_rows, strict=True):
             d = self._hidden_size()
             keys = torch.cat(rows) if rows else torch.zeros(0, d)
             values = torch.tensor(ids[1:], dtype=torch.long)
+            char_spans = torch.tensor(spans[1:], dtype=torch.int32).reshape(-1, 2)
+            # Row 0's key is the state at sequence position 0 (BOS, or the first token): it
+            # sees no context and its norm is ~300x the others' (attention sink), so it would
+            # be every query's farthest neighbour and distort ρ. Never search it.
+            char_spans[:1] = -1
             results.append(EncodedPassage(keys=keys.to(self.key_dtype).cpu().contiguous(),
-                                          values=values,
-                                          char_spans=torch.tensor(spans[1:], dtype=torch.int32)
-                                          .reshape(-1, 2)))
+                                          values=values, char_spans=char_spans))
         return results
 
     def _tokenise(self, passage: Passage) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids (BOS first when the tokenizer has one) and their offsets in the text."""
+        """Token ids (BOS first when the tokenizer has one) and their offsets in the text.
+
+        ``split_special_tokens``: a passage saying "<|im_end|>" is text, never the control
+        token (copying it would end the answer, and a passage must not steer the model)."""
         text, text_start = passage_string(passage)
-        enc = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
+                                split_special_tokens=True)
         ids = [int(i) for i in enc["input_ids"]]
         spans = []
         for s, e in enc["offset_mapping"]:
@@ -193,14 +201,21 @@ class PassageEncoder:
         return int(self.lm.model.config.hidden_size)
 
 
-def _windows(length: int, width: int) -> list[tuple[int, int]]:
-    """Token windows ``[a, b)`` of at most ``width`` tokens overlapping by one token, so every
-    context position 0..length-2 gets exactly one key. Empty for passages under 2 tokens."""
+def _windows(length: int, width: int) -> list[tuple[int, int, int]]:
+    """Token windows ``(a, b, keep)`` of at most ``width`` tokens covering a passage.
+
+    Window ``[a, b)`` keys the contexts ``a+keep .. b-2``, so every context position
+    0..length-2 gets exactly one key; every window after the first starts ``width // 4``
+    tokens early, so none of its keys lacks preceding context (a key at a window's position
+    0 would be an attention-sink state, not a context). Empty for passages under 2 tokens.
+    """
     if length < 2:
         return []
-    out, a = [], 0
-    while a < length - 1:
+    overlap = width // 4
+    out, p = [], 0  # p: the next context position that needs a key
+    while p < length - 1:
+        a = max(0, p - overlap)
         b = min(a + width, length)
-        out.append((a, b))
-        a = b - 1
+        out.append((a, b, p - a))
+        p = b - 1
     return out

@@ -18,18 +18,32 @@ def scatter_to_vocab(weights: torch.Tensor, values: torch.Tensor, vocab_size: in
     return out.scatter_add_(1, values, weights)
 
 
-def retrieval_confidence(dist2: torch.Tensor, offset: float, scale: float) -> torch.Tensor:
+def retrieval_confidence(dist2: torch.Tensor, offset: float, scale: float,
+                         reference: torch.Tensor | None = None) -> torch.Tensor:
     """Relative Retrieval Confidence λ (Eq. 4): the weight on **p_LM**.
 
     ρ = d²_nearest / d²_farthest over the retrieved (finite) neighbours, sorted ascending;
     λ = sigmoid((ρ - α) / τ). A nearest neighbour much closer than the rest (small ρ) means
     confident retrieval, small λ, trust kNN. With a single neighbour, or all distances zero,
     there is nothing to compare: ρ = 1 (trust the LM).
+
+    ``reference`` ``(Q,)`` replaces d²_farthest (see :func:`norm_reference`): the farthest of
+    r neighbours depends on how many rows the datastore has (r is clamped to them), so the
+    same query looks more confident against 2 passages than against 40.
     """
-    nearest, farthest = dist2[:, 0], dist2[:, -1]  # [Q], [Q]
+    nearest = dist2[:, 0]  # [Q]
+    farthest = dist2[:, -1] if reference is None else reference  # [Q]
     ratio = torch.where(farthest > 0, nearest / farthest.clamp_min(1e-30),
                         torch.ones_like(farthest))
     return torch.sigmoid((ratio - offset) / scale)  # [Q]
+
+
+def norm_reference(queries: torch.Tensor, nearest_key_sq: torch.Tensor) -> torch.Tensor:
+    """||q||² + ||k_1||²: the squared distance of q to its nearest key k_1 were the two
+    orthogonal. ρ = d²_1 / (||q||² + ||k_1||²) = 1 - 2q·k_1 / (||q||² + ||k_1||²) lies in
+    [0, 2], is 0 for an identical context and depends on no other row of the datastore:
+    λ means the same for 2 passages and for 40. ``queries`` ``(Q, D)`` -> ``(Q,)``."""
+    return (queries.float() * queries.float()).sum(-1) + nearest_key_sq
 
 
 def mix(p_lm: torch.Tensor, p_knn: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:

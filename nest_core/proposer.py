@@ -22,7 +22,8 @@ class Belief:
     ``top_token``/``top_prob``: argmax and max of p_M; ``lam``: λ (1.0 without retrieval);
     ``neighbors``: this position's search result (a batch of one) or ``None``;
     ``scaled_logits`` ``(V,)`` and ``lse`` give p_LM; ``weights``/``values`` ``(k,)`` give
-    p_kNN; ``logits``/``hidden`` are kept to rescore after keys are masked.
+    p_kNN; ``logits``/``hidden`` are kept to rescore after keys are masked; ``lm_ends``:
+    the LM's own argmax here is an end-of-answer token (used with ``end_with_lm``).
     """
 
     top_token: int
@@ -35,6 +36,7 @@ class Belief:
     values: torch.Tensor | None
     logits: torch.Tensor
     hidden: torch.Tensor
+    lm_ends: bool = False
 
     def probability(self, token: int) -> torch.Tensor:
         """p_M(token) at this position, a 0-d tensor (sparse: no vocabulary-sized work)."""
@@ -43,6 +45,15 @@ class Belief:
             self.scaled_logits[None], self.lse[None], torch.tensor([self.lam]),
             None if self.weights is None else self.weights[None],
             None if self.values is None else self.values[None], one)[0]
+
+
+    def lm_probability(self, token: int) -> float:
+        """p_LM(token) at this position (tempered as in the mixture)."""
+        return float(torch.exp(self.scaled_logits[token] - self.lse))
+
+    @property
+    def lm_top_prob(self) -> float:
+        return float(torch.exp(self.scaled_logits.max() - self.lse))
 
 
 class SpanProposer(Protocol):
@@ -57,11 +68,18 @@ class RetrievedSpanProposer:
     Span start follows the paper, not the official code: w = argmax p_M, then the nearest
     retrieved neighbour whose value is w (max-pooling of Eq. 5: the nearest one has the
     largest kNN weight). The draft's first token is therefore always the mixture's choice.
+
+    ``span_passages`` (beyond the paper; ``None`` = any passage): a span may only start in
+    one of the top-m passages in retrieval order, so copying follows the passages the
+    retriever ranked for the question rather than any passage sharing the next token. The
+    kNN distribution still sees every passage.
     """
 
-    def __init__(self, index: TokenIndex, span_threshold: float) -> None:
+    def __init__(self, index: TokenIndex, span_threshold: float,
+                 span_passages: int | None = None) -> None:
         self.index = index
         self.span_threshold = span_threshold
+        self.span_passages = span_passages
 
     def propose(self, belief: Belief, stream_row: int | None, length: int) -> list[int]:
         if stream_row is not None:
@@ -72,7 +90,11 @@ class RetrievedSpanProposer:
         if belief.neighbors is None or belief.values is None \
                 or belief.lam >= self.span_threshold:
             return []  # Eq. 6: λ ≥ δ, the LM is trusted, emit a single token
-        carriers = (belief.values == belief.top_token).nonzero()
+        carries = belief.values == belief.top_token  # [k]
+        if self.span_passages is not None:
+            rank = self.index.passage_of[belief.neighbors.rows[0].cpu()]  # [k]
+            carries &= (rank < self.span_passages).to(carries.device)
+        carriers = carries.nonzero()
         if carriers.numel() == 0:
             return []  # no retrieved token carries the mixture's choice: nothing to copy
         start = int(belief.neighbors.rows[0, int(carriers[0, 0])])

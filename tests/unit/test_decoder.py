@@ -76,17 +76,18 @@ def test_spans_never_run_past_max_new_tokens(tiny_lm, max_new_tokens):
     assert all(s.token_end <= len(res.token_ids) for s in res.spans)
 
 
-def test_copying_stops_at_eos_inside_a_passage(tiny_lm):
+def test_special_token_text_in_a_passage_is_copied_as_plain_text(tiny_lm):
+    # A passage that says "<|im_end|>" is text: copying it must not end the answer (and a
+    # passage must not be able to inject control tokens).
     passages = [Passage("e", "The quick brown fox<|im_end|> jumps over the lazy dog.")]
-    res = NestDecoder(tiny_lm, COPY_HEAVY).generate("The quick brown", passages,
-                                                   max_new_tokens=40)
     eos = tiny_lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    dec = NestDecoder(tiny_lm, COPY_HEAVY)
+    (encoded,) = dec.encoder.encode(passages)
+    assert eos not in encoded.values.tolist()
+    res = dec.generate("The quick brown", passages, max_new_tokens=40)
     assert eos not in res.token_ids
-    # the copy ran into the passage's EOS token: generation ends right there
-    assert res.finish_reason == "eos"
-    last = res.spans[-1]
-    assert last.token_end == len(res.token_ids)
-    assert passages[0].text[last.src_end:].startswith("<|im_end|>")
+    assert res.finish_reason == "length"  # copied on through it, as text
+    assert any("<|im_end" in s.text for s in res.spans)
 
 
 def test_stop_string_is_never_emitted(tiny_lm):

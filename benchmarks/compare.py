@@ -1,0 +1,116 @@
+"""Decoder settings side by side on a dev split: how the defaults of ``default_config`` are
+chosen (quality first: answer recall / ROUGE-1, cited-correct; then seconds per answer).
+
+    python -m benchmarks.compare --task docqa --items 20 \\
+        rag='{"mode": "base", "passages_in_prompt": true}' \\
+        ra-nest='{"passages_in_prompt": true}'
+
+Each ``name=JSON`` is a set of :class:`~nest_core.NestConfig` fields applied on top of
+``NestConfig()`` (the paper's settings); ``default`` alone means ``default_config()``. Every
+setting answers the same items with the same top-b passages, items in turn, settings
+rotating, so load on the machine spreads evenly. Dev split only: the test split is for the
+README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.run import CORPUS_OF, NUM_PASSAGES, build_items, corpus_passages, open_search
+from benchmarks.run import FULL as PLAN
+from benchmarks.systems import citations, score
+from benchmarks.tasks import answer_words
+
+logger = logging.getLogger("benchmarks.compare")
+
+
+def parse_settings(specs: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """``name=JSON`` pairs -> {name: overrides}; ``default`` -> None (default_config())."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for spec in specs:
+        if spec == "default":
+            out["default"] = None
+            continue
+        name, sep, body = spec.partition("=")
+        if not sep:
+            msg = f"setting {spec!r}: write name='{{\"field\": value}}' or default"
+            raise SystemExit(msg)
+        out[name] = json.loads(body)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("settings", nargs="+", help="name=JSON NestConfig overrides, or default")
+    ap.add_argument("--task", choices=tuple(CORPUS_OF), default="docqa")
+    ap.add_argument("--items", type=int, default=20)
+    ap.add_argument("--passages", type=int, default=NUM_PASSAGES)
+    ap.add_argument("--tokens", type=int, default=0, help="max_new_tokens (0: the task's)")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO)
+    import torch
+
+    from nest_core import NestConfig, NestDecoder, load_model
+    from nest_core.config import default_config
+    from nest_core.datastore import SpanDatastore
+    from nest_core.models import cache_dir
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = parse_settings(args.settings)
+    plan = PLAN.__class__(**{**vars(PLAN), "tasks": (args.task,), "split": "dev",
+                             f"{args.task}_items": args.items})
+    items = build_items(plan)
+    stores = open_search(corpus_passages(CORPUS_OF[args.task]), CORPUS_OF[args.task])
+    lm = load_model()
+    store = SpanDatastore(cache_dir() / "bench" / "spans")
+    decoders = {name: NestDecoder(lm, default_config(lm.name) if ov is None
+                                  else NestConfig().with_overrides(**ov), key_cache=store)
+                for name, ov in settings.items()}
+    tokens = args.tokens or plan.tokens(args.task)
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
+    names = list(settings)
+    decoders[names[0]].generate("Hello", max_new_tokens=2)  # one-off set-up, untimed
+    for n, item in enumerate(items):
+        found = stores["faiss"].search(item.query, args.passages)
+        decoders[names[0]].prepare(found.passages)  # warm span datastore, as run.py
+        for k in range(len(names)):
+            name = names[(n + k) % len(names)]
+            res = decoders[name].generate(item.prompt, found.passages, max_new_tokens=tokens)
+            rows[name].append({"quality": score(item, res.text), **citations(item, res),
+                               "seconds": res.stats.total_seconds + found.seconds,
+                               "words": answer_words(res.text),
+                               "attribution": res.attribution_ratio, "text": res.text})
+        logger.info("%d/%d %s %s", n + 1, len(items), item.key, "  ".join(
+            f"{name}={rows[name][-1]['quality']:.0f}" for name in names))
+    print(table(rows))
+
+
+def table(rows: dict[str, list[dict[str, Any]]]) -> str:
+    head = ("| setting | quality | cited (copied / matched / any) | attribution | words | "
+            "s/answer (median) |\n|---|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for name, rs in rows.items():
+        def mean(key: str, rs: list[dict[str, Any]] = rs) -> float:
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return statistics.fmean(vals) if vals else float("nan")
+        lines.append(f"| {name} | {mean('quality'):.2f} | {mean('cited_copied'):.2f} / "
+                     f"{mean('cited_matched'):.2f} / {mean('cited_any'):.2f} | "
+                     f"{mean('attribution'):.0%} | {mean('words'):.1f} | "
+                     f"{statistics.median(r['seconds'] for r in rs):.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
