@@ -24,22 +24,33 @@ class OutputText:
     """Incrementally decoded output with stable character offsets per token prefix.
 
     Byte-level tokenizers can split a UTF-8 character over two tokens: the prefix then ends
-    in U+FFFD until the rest arrives, so such a prefix's length is not trusted.
+    in U+FFFD until the rest arrives, so such a prefix's length is not trusted, and ``t`` is
+    not a *whole* boundary (:meth:`is_whole`). A U+FFFD the model really wrote at the end
+    looks the same and is treated the same way.
     """
 
     def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
         self._decode = decode
         self._prefix_len: dict[int, int] = {0: 0}
+        self._whole: dict[int, bool] = {0: True}
 
     def prefix_length(self, ids: Sequence[int], t: int) -> int:
         """Characters of ``decode(ids[:t])`` that are final (no dangling partial character)."""
         if t not in self._prefix_len:
             text = self._decode(ids[:t])
             self._prefix_len[t] = len(text.rstrip("\ufffd"))
+            self._whole[t] = self._prefix_len[t] == len(text)
         return self._prefix_len[t]
+
+    def is_whole(self, ids: Sequence[int], t: int) -> bool:
+        """Whether ``decode(ids[:t])`` ends on a whole character, so that tokens ``:t`` and
+        the text ``[:prefix_length(ids, t)]`` are exactly the same output."""
+        self.prefix_length(ids, t)
+        return self._whole[t]
 
     def truncate(self, t: int) -> None:
         self._prefix_len = {k: v for k, v in self._prefix_len.items() if k <= t}
+        self._whole = {k: v for k, v in self._whole.items() if k <= t}
 
 
 def runs(rows: Sequence[int], index: TokenIndex) -> list[tuple[int, int]]:

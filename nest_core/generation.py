@@ -12,12 +12,12 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from nest_core import mixture
-from nest_core.attribution import NO_SOURCE, OutputText, build_spans, make_span
+from nest_core.attribution import NO_SOURCE, OutputText, make_span, runs
 from nest_core.config import NestConfig
 from nest_core.lm import LanguageModel
 from nest_core.proposer import Belief, RetrievedSpanProposer
 from nest_core.token_index import Neighbors, TokenIndex
-from nest_core.types import DecodeStats, FinishReason, NestChunk, NestResult, Passage
+from nest_core.types import DecodeStats, FinishReason, NestChunk, NestResult, Passage, Span
 
 
 class Generation:
@@ -40,6 +40,7 @@ class Generation:
         self.offsets = OutputText(lm.decode)
         self.text = ""
         self.sent = 0  # characters of text already streamed
+        self.streamed = 0  # tokens whose text was streamed
         self.finish: FinishReason | None = None
 
     # --- the loop --------------------------------------------------------------------------
@@ -144,14 +145,22 @@ class Generation:
 
     # --- output ----------------------------------------------------------------------------
     def emit(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:
-        """Append accepted tokens, enforce EOS / stop strings / budget, stream new text."""
+        """Append accepted tokens, enforce EOS / stop strings / budget, stream new text.
+
+        Output rule: ``decode(ids) == text`` at the end, always. A stop string ends the text
+        at the end of the last token that lies wholly before it: the token it starts inside
+        is dropped too, so the text may end a few characters before the stop string. Tokens
+        that end on a partial character (byte-level BPE splits e.g. a CJK character over two
+        tokens) when ``max_new_tokens`` or EOS ends the answer are kept, as in plain greedy
+        decoding, and the text ends in U+FFFD just as ``decode(ids)`` does; spans cover the
+        copied tokens whose characters are whole (:meth:`span_of`).
+        """
         for i, tok in enumerate(tokens):
             if tok in self.eos:
                 tokens, rows, self.finish = tokens[:i], rows[:i], "eos"
                 break
         room = self.max_new_tokens - len(self.ids)
         tokens, rows = tokens[:room], rows[:room]
-        first = len(self.ids)
         self.ids += tokens
         self.rows += rows
         self.stats.generated_tokens = len(self.ids)
@@ -159,58 +168,110 @@ class Generation:
         self.apply_stop_strings()
         if self.finish is None and len(self.ids) >= self.max_new_tokens:
             self.finish = "length"
-        yield from self.pieces(first)
+        yield from self.pieces()
 
     def apply_stop_strings(self) -> None:
         hits = [i for i in (self.text.find(s, max(0, self.sent - len(s))) for s in self.stop)
                 if i >= 0]
         if not hits:
             return
-        cut = min(hits)
-        keep = next(t for t in range(len(self.ids) + 1)
-                    if self.offsets.prefix_length(self.ids, t) >= cut or t == len(self.ids))
+        # drop the token the stop string starts in (see emit); streamed text is never
+        # taken back: the stream holds whole tokens that may start a stop string
+        self.keep_tokens(self.whole_boundary(min(hits)))
+        self.finish = "stop"
+
+    def keep_tokens(self, keep: int) -> None:
+        """Truncate the output to its first ``keep`` tokens and their decoded text."""
         del self.ids[keep:], self.rows[keep:]
         self.offsets.truncate(keep)
-        self.text, self.finish = self.text[:cut], "stop"
+        self.text = self.lm.decode(self.ids)
         self.stats.generated_tokens = len(self.ids)
 
-    def pieces(self, first: int) -> Iterator[NestChunk]:
-        """Chunks for tokens ``first:``, one per run of copied or generated tokens."""
-        limit = len(self.text) if self.finish else self.safe_length()
-        t = first
-        while t < len(self.ids):
-            copied = self.rows[t] != NO_SOURCE
+    def whole_boundary(self, chars: int) -> int:
+        """The most tokens (at least those streamed) that decode to whole characters and to
+        at most ``chars`` characters."""
+        t = len(self.ids)
+        while t > self.streamed and (self.offsets.prefix_length(self.ids, t) > chars
+                                     or not self.offsets.is_whole(self.ids, t)):
+            t -= 1
+        return t
+
+    def pieces(self) -> Iterator[NestChunk]:
+        """Chunks for the tokens not streamed yet, one per run: tokens copied from
+        consecutive rows of one passage, or generated ones. Each chunk holds the text of its
+        own tokens only, and its span when they were copied (a chunk of bare whitespace has
+        none: spans exclude it). Until the answer ends, whole tokens that may start a stop
+        string are held back (:meth:`safe_length`), as are tokens of a partial character; a
+        character split over two runs is streamed with the run that completes it, and
+        tokens that add no text ride with the next chunk (or the last one): the chunks'
+        ``token_ids`` add up to the result's.
+        """
+        limit = len(self.ids) if self.finish else self.whole_boundary(self.safe_length())
+        t = self.streamed
+        while t < limit:
             end = t + 1
-            while end < len(self.ids) and (self.rows[end] != NO_SOURCE) == copied:
+            while end < limit and self.same_run(end - 1, end):
                 end += 1
-            upto = min(self.offsets.prefix_length(self.ids, end), limit)
-            if upto > self.sent:
-                span = (make_span(self.text, self.ids, self.rows, (t, end), self.index,
-                                  self.offsets) if copied and self.index is not None else None)
-                yield NestChunk(text=self.text[self.sent:upto], token_ids=self.ids[t:end],
-                                span=span)
-                self.sent = upto
+            upto = (len(self.text) if self.finish and end == len(self.ids)
+                    else self.offsets.prefix_length(self.ids, end))
+            if upto > self.sent:  # else its tokens go with the next chunk, which has the text
+                yield NestChunk(text=self.text[self.sent:upto],
+                                token_ids=self.ids[self.streamed:end], span=self.span_of(t, end))
+                self.sent, self.streamed = upto, end
             t = end
 
+    def same_run(self, a: int, b: int) -> bool:
+        """Whether tokens ``a`` and ``b = a + 1`` belong to one run (see :meth:`pieces`)."""
+        ra, rb = self.rows[a], self.rows[b]
+        if ra == NO_SOURCE or rb == NO_SOURCE:
+            return ra == rb
+        assert self.index is not None
+        return rb == ra + 1 and self.index.passage_of[ra] == self.index.passage_of[rb]
+
+    def span_of(self, t0: int, t1: int) -> Span | None:
+        """The span of tokens ``t0:t1`` of one copied run (``None`` for generated ones).
+
+        It ends with the run's last token that completes a character (a token leaving a
+        partial character is not cited). A first character begun by tokens before the run
+        is cited only when it is the source's character there; else the span starts after
+        it. Either way ``make_span`` checks that output and source text are the same.
+        """
+        if self.index is None or self.rows[t0] == NO_SOURCE:
+            return None
+        while t1 > t0 and not self.offsets.is_whole(self.ids, t1):
+            t1 -= 1
+        span = (make_span(self.text, self.ids, self.rows, (t0, t1), self.index, self.offsets)
+                if t1 > t0 else None)
+        if span is None and not self.offsets.is_whole(self.ids, t0):
+            while t0 < t1 and not self.offsets.is_whole(self.ids, t0):
+                t0 += 1
+            if t0 < t1:
+                span = make_span(self.text, self.ids, self.rows, (t0, t1), self.index,
+                                 self.offsets)
+        return span
+
     def safe_length(self) -> int:
-        """Text that can be streamed now: hold back a tail that may start a stop string."""
+        """Text that can be streamed now: hold back a tail that may start a stop string
+        (looked for in the text without its dangling partial character, if any)."""
+        text = self.text[:self.offsets.prefix_length(self.ids, len(self.ids))]
         held = 0
         for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), 0, -1):
-                if self.text.endswith(s[:k]):
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
                     held = max(held, k)
                     break
-        return len(self.text) - held
+        return len(text) - held
 
     def final_chunk(self) -> NestChunk:
         stats = self.stats
-        spans = build_spans(self.text, self.ids, self.rows, self.index, self.offsets)
+        spans = [s for s in (self.span_of(*r) for r in runs(self.rows, self.index))
+                 if s is not None] if self.index is not None else []
         stats.copied_tokens = sum(s.num_tokens for s in spans)
         stats.total_seconds = time.perf_counter() - self.started
         result = NestResult(text=self.text, token_ids=list(self.ids), spans=spans,
                             passages=self.passages, stats=stats,
                             finish_reason=self.finish or "length",
                             prompt_truncated=self.prompt_truncated)
-        rest = self.text[self.sent:]
-        self.sent = len(self.text)
-        return NestChunk(text=rest, token_ids=[], span=None, result=result)
+        rest, rest_ids = self.text[self.sent:], self.ids[self.streamed:]
+        self.sent, self.streamed = len(self.text), len(self.ids)
+        return NestChunk(text=rest, token_ids=rest_ids, span=None, result=result)

@@ -71,3 +71,42 @@ def test_missing_model_path_names_the_fix(tmp_path):
         load_model(tmp_path / "nope.gguf")
     with pytest.raises(OSError, match="could not load model"):
         load_model(tmp_path / "not-a-model-dir")
+
+
+def test_stop_string_inside_a_copied_token_keeps_the_span(smollm):
+    # " founded" is one token: a stop string starting inside it ("founded") drops it, so the
+    # ids still decode to the text and the copied run before it keeps its span
+    dec = NestDecoder(smollm)
+    inside = dec.generate(QUESTION, [FACT, OTHER], max_new_tokens=40, stop="founded")
+    at_start = dec.generate(QUESTION, [FACT, OTHER], max_new_tokens=40, stop=" founded")
+    for res in (inside, at_start):
+        assert res.finish_reason == "stop"
+        assert smollm.decode(res.token_ids) == res.text
+        assert res.text.endswith("Company was")
+    assert inside.token_ids == at_start.token_ids
+    assert inside.spans == at_start.spans
+    assert inside.spans
+    assert inside.spans[-1].text.endswith("Zephyr Widget Company was")
+    assert inside.attribution_ratio > 0.8
+
+
+def test_max_new_tokens_inside_a_cjk_character_keeps_the_spans(smollm):
+    # byte-level BPE splits each of these characters over two tokens
+    passage = Passage("tokyo", "東京は日本の首都であり、世界最大の都市圏を持つ。"
+                      "江戸時代には徳川幕府が置かれた。")
+    for n, dangling in [(40, True), (41, False)]:  # 40 ends inside 府, 41 after it
+        res = NestDecoder(smollm).generate("東京について教えてください。", [passage],
+                                           max_new_tokens=n)
+        assert res.stats.accepted_draft_tokens > 30, "setup: the passage is copied"
+        assert len(res.token_ids) == n
+        assert smollm.decode(res.token_ids) == res.text
+        assert res.text.endswith("\ufffd") == dangling
+        for span in res.spans:
+            assert res.text[span.out_start:span.out_end] == span.text
+            assert span.passage.text[span.src_start:span.src_end] == span.text
+            assert "\ufffd" not in span.text
+        # the copied run at the end is cited up to its last whole character; besides a
+        # dangling token, one copied token goes uncited: it starts a character that
+        # generated tokens complete
+        assert res.spans[-1].token_end == n - dangling
+        assert res.stats.copied_tokens == res.stats.accepted_draft_tokens - 1 - dangling
