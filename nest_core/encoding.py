@@ -22,7 +22,7 @@ from nest_core.types import Passage
 
 logger = logging.getLogger(__name__)
 
-ENCODING_VERSION = 2  # bump when the layout of EncodedPassage or passage_string changes
+ENCODING_VERSION = 3  # bump when the layout of EncodedPassage or passage_string changes
 BATCH_SIZE = 10  # passages per forward, as in the official code
 
 
@@ -146,14 +146,19 @@ class PassageEncoder:
         windows = [(pi, w) for pi, (ids, _) in enumerate(tokenised)
                    for w in _windows(len(ids), self.max_passage_tokens)]
         hidden_rows: list[list[torch.Tensor]] = [[] for _ in passages]
+        bos = self.lm.tokenizer.bos_token_id
         for start in range(0, len(windows), BATCH_SIZE):
             chunk = windows[start:start + BATCH_SIZE]
-            seqs = [tokenised[pi][0][a:b] for pi, (a, b, _) in chunk]
+            # A later window starts with BOS too: position 0 is the attention sink, and
+            # with BOS there the window's states match the decoder's for the same context.
+            heads = [[bos] if a > 0 and bos is not None else [] for _, (a, _, _) in chunk]
+            seqs = [h + tokenised[pi][0][a:b] for h, (pi, (a, b, _)) in zip(heads, chunk,
+                                                                             strict=True)]
             states = self._forward_padded(seqs)  # [B, T, D]
-            for (pi, (a, b, keep)), row in zip(chunk, states, strict=True):
+            for h, (pi, (a, b, keep)), row in zip(heads, chunk, states, strict=True):
                 # Window [a, b) gives keys for contexts a+keep .. b-2; the first `keep`
                 # positions only give those keys their preceding context.
-                hidden_rows[pi].append(row[keep: b - a - 1])
+                hidden_rows[pi].append(row[len(h) + keep: len(h) + b - a - 1])
         results = []
         for (ids, spans), rows in zip(tokenised, hidden_rows, strict=True):
             d = self._hidden_size()
@@ -205,13 +210,13 @@ def _windows(length: int, width: int) -> list[tuple[int, int, int]]:
     """Token windows ``(a, b, keep)`` of at most ``width`` tokens covering a passage.
 
     Window ``[a, b)`` keys the contexts ``a+keep .. b-2``, so every context position
-    0..length-2 gets exactly one key; every window after the first starts ``width // 4``
+    0..length-2 gets exactly one key; every window after the first starts ``width // 2``
     tokens early, so none of its keys lacks preceding context (a key at a window's position
     0 would be an attention-sink state, not a context). Empty for passages under 2 tokens.
     """
     if length < 2:
         return []
-    overlap = width // 4
+    overlap = width // 2
     out, p = [], 0  # p: the next context position that needs a key
     while p < length - 1:
         a = max(0, p - overlap)
