@@ -33,7 +33,8 @@ class Generation:
         self.stats, self.started, self.prompt_truncated = stats, started, prompt_truncated
         self.cache = lm.new_cache()
         self.eos = lm.eos_token_ids
-        self.proposer = (RetrievedSpanProposer(index, config.span_threshold)
+        self.proposer = (RetrievedSpanProposer(index, config.span_threshold,
+                                               config.span_passages)
                          if index is not None and config.mode == "nest" else None)
         self.ids: list[int] = []  # generated token ids
         self.rows: list[int] = []  # index row each token was copied from, or NO_SOURCE
@@ -61,7 +62,7 @@ class Generation:
                     draft_len = self.cfg.initial_span_length
                 stream_row = None
                 token = belief.top_token
-                yield from self.emit([token], [NO_SOURCE])
+                yield from self.accept([token], [NO_SOURCE])
                 if self.finish is None:
                     belief = self.forward([token])[-1]
                 continue
@@ -76,31 +77,71 @@ class Generation:
                 # Whole draft accepted: no bonus token; stream on from the same passage.
                 stream_row = rows[-1]
                 draft_len = min(2 * draft_len, self.cfg.span_length)
-                yield from self.emit(draft, rows)
+                yield from self.accept(draft, rows)
                 belief = self.rescore(beliefs[-1])
                 continue
             # First rejection at n_ok: keep the prefix, put p_M's choice there (unattributed).
             replacement = beliefs[n_ok - 1].top_token
             self.cache.crop(-(len(draft) - n_ok))  # drop the KV of the rejected draft tokens
             stream_row, draft_len = None, self.cfg.initial_span_length
-            yield from self.emit([*draft[:n_ok], replacement], [*rows[:n_ok], NO_SOURCE])
+            yield from self.accept([*draft[:n_ok], replacement], [*rows[:n_ok], NO_SOURCE])
             if self.finish is None:
                 belief = self.forward([replacement])[-1]
         yield self.final_chunk()
+
+    def accept(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:
+        """Emit decided tokens, unless they would start repeating the output (then the
+        answer ends before the repeat, ``finish_reason="repetition"``)."""
+        keep = self.repeat_cut(tokens)
+        if keep is not None:
+            tokens, rows = tokens[:keep], rows[:keep]
+            pass
+        yield from self.emit(tokens, rows)
 
     def accepts(self, belief: Belief, token: int) -> bool:
         return self.verify([belief], [token]) == 1
 
     def verify(self, beliefs: Sequence[Belief], tokens: Sequence[int]) -> int:
-        """How many leading ``tokens`` pass relaxed verification (Eq. 7, prefix rule)."""
+        """How many leading ``tokens`` pass relaxed verification (Eq. 7, prefix rule).
+
+        ``verify_against="lm"`` (beyond the paper) judges drafts by p_LM alone: inside a
+        copied span the kNN neighbours are the span's own rows, so p_M ≈ p_kNN approves its
+        own draft and copying runs on past the answer; p_LM only approves what the model
+        would say. With ``end_with_lm`` no draft token is accepted where the LM would end.
+        """
         if not tokens:
             return 0
         t0 = time.perf_counter()
-        p_tok = torch.stack([b.probability(t) for b, t in zip(beliefs, tokens, strict=True)])
-        p_max = torch.tensor([b.top_prob for b in beliefs])  # [n]
+        pairs = list(zip(beliefs, tokens, strict=True))
+        if self.cfg.verify_against == "lm":
+            p_tok = torch.tensor([b.lm_probability(t) for b, t in pairs])  # [n]
+            p_max = torch.tensor([b.lm_top_prob for b in beliefs])  # [n]
+        else:
+            p_tok = torch.stack([b.probability(t) for b, t in pairs])  # [n]
+            p_max = torch.tensor([b.top_prob for b in beliefs])  # [n]
         ok = mixture.relaxed_accept(p_tok, p_max, self.cfg.relaxation)
+        ok &= torch.tensor([not b.lm_ends for b in beliefs])
         self.stats.knn_seconds += time.perf_counter() - t0
         return mixture.accepted_prefix(ok)
+
+    def repeat_cut(self, tokens: Sequence[int]) -> int | None:
+        """With ``repetition_stop`` n: how many of ``tokens`` to keep so that the output
+        does not repeat an n-token stretch it already holds (``None``: no repeat).
+
+        Catches the loops of small models (and of copying from duplicated passages) that
+        would otherwise repeat the same lines until ``max_new_tokens``.
+        """
+        n = self.cfg.repetition_stop
+        if not n:
+            return None
+        seq = [*self.ids, *tokens]
+        seen: set[tuple[int, ...]] = set()
+        for end in range(n, len(seq) + 1):
+            gram = tuple(seq[end - n:end])
+            if gram in seen and end > len(self.ids):
+                return max(0, end - n - len(self.ids))
+            seen.add(gram)
+        return None
 
     # --- LM and mixture --------------------------------------------------------------------
     def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
@@ -118,6 +159,8 @@ class Generation:
                  if self.index is not None else None)
         weights = values = None
         lam = torch.ones(logits.shape[0])  # base mode, no passages, or all keys masked
+        lm_top = logits.argmax(dim=-1).tolist()  # [T]
+        ends = [self.cfg.end_with_lm and t in self.eos for t in lm_top]
         if found is not None:
             assert self.index is not None
             weights = mixture.knn_weights(found.dist2, self.index.dim)  # [T, k]
@@ -125,19 +168,38 @@ class Generation:
             lam = (torch.full((logits.shape[0],), self.cfg.knn_lambda)
                    if self.cfg.mode == "knn-lm" else
                    mixture.retrieval_confidence(found.dist2, self.cfg.confidence_offset,
-                                                self.cfg.confidence_scale))  # [T]
+                                                self.cfg.confidence_scale,
+                                                self.confidence_reference(hidden, found)))
         candidates, p_m, lse = mixture.sparse_mixture(scaled, lam, weights, values)
         best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
         tops = candidates[best.indices].tolist()
+        if self.cfg.verify_against == "lm":
+            # The LM is the target: p_M's choice stands only where it passes the relaxed
+            # check against p_LM (Eq. 7 on p_LM); elsewhere the LM's own argmax is decoded.
+            p_top = torch.exp(scaled.gather(1, torch.tensor(tops)[:, None])[:, 0] - lse)  # [T]
+            p_max = torch.exp(scaled.max(dim=-1).values - lse)  # [T]
+            ok = mixture.relaxed_accept(p_top, p_max, self.cfg.relaxation).tolist()
+            tops = [t if ok[i] else lm_top[i] for i, t in enumerate(tops)]
+        # end_with_lm: where the LM alone would end the answer, the answer ends
+        tops = [lm_top[i] if ends[i] else t for i, t in enumerate(tops)]
         out = [Belief(top_token=tops[i], top_prob=float(best.values[i]), lam=float(lam[i]),
                       neighbors=None if found is None else
                       Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
                       scaled_logits=scaled[i], lse=lse[i],
                       weights=None if weights is None else weights[i],
                       values=None if values is None else values[i],
-                      logits=logits[i], hidden=hidden[i]) for i in range(logits.shape[0])]
+                      logits=logits[i], hidden=hidden[i], lm_ends=ends[i])
+               for i in range(logits.shape[0])]
         self.stats.knn_seconds += time.perf_counter() - t0
         return out
+
+    def confidence_reference(self, hidden: torch.Tensor, found: Neighbors
+                             ) -> torch.Tensor | None:
+        """ρ's denominator: ``None`` for the paper's farthest neighbour, or the norms."""
+        if self.cfg.confidence_reference == "farthest" or self.index is None:
+            return None
+        nearest_sq = self.index.key_sq[found.rows[:, 0]]  # [T]
+        return mixture.norm_reference(hidden.to(nearest_sq.device), nearest_sq)
 
     def rescore(self, belief: Belief) -> Belief:
         """Recompute a belief after masking, so just-copied keys are not retrieved again."""
