@@ -95,7 +95,7 @@ class Generation:
         keep = self.repeat_cut(tokens)
         if keep is not None:
             tokens, rows = tokens[:keep], rows[:keep]
-            pass
+            self.finish = "repetition"
         yield from self.emit(tokens, rows)
 
     def accepts(self, belief: Belief, token: int) -> bool:
