@@ -6,7 +6,8 @@ chosen (quality first: answer recall / ROUGE-1, cited-correct; then seconds per 
         ra-nest='{"passages_in_prompt": true}'
 
 Each ``name=JSON`` is a set of :class:`~nest_core.NestConfig` fields applied on top of
-``NestConfig()`` (the paper's settings); ``default`` alone means ``default_config()``. Every
+``paper_config()`` (the paper's algorithm with the model's calibrated numbers); ``default``
+alone means ``default_config()``, what every surface ships. Every
 setting answers the same items with the same top-b passages, items in turn, settings
 rotating, so load on the machine spreads evenly. Dev split only: the test split is for the
 README table.
@@ -61,8 +62,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     import torch
 
-    from nest_core import NestConfig, NestDecoder, load_model
-    from nest_core.config import default_config
+    from nest_core import NestDecoder, load_model
+    from nest_core.config import default_config, paper_config
     from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
 
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     lm = load_model()
     store = SpanDatastore(cache_dir() / "bench" / "spans")
     decoders = {name: NestDecoder(lm, default_config(lm.name) if ov is None
-                                  else NestConfig().with_overrides(**ov), key_cache=store)
+                                  else paper_config(lm.name, **ov), key_cache=store)
                 for name, ov in settings.items()}
     tokens = args.tokens or plan.tokens(args.task)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}

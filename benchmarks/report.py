@@ -181,7 +181,7 @@ def plot(rows: Sequence[SystemSummary], path: Path) -> None:
         for n, r in enumerate(r for r in rows if r.task == task):
             # a legend, not annotations: baselines cluster and their labels would overlap
             x = r.seconds_per_answer if task == "docqa" else r.tokens_per_second
-            ax.scatter(x, r.quality, s=50, marker="osD^v*"[n % 6], label=LABELS[r.system])
+            ax.scatter(x, r.quality, s=50, marker="osD^v*P"[n % 7], label=LABELS[r.system])
         ax.legend(fontsize=7, loc="best")
         ax.set_xlabel("seconds per answer (median over items, end to end)" if task == "docqa"
                       else "end-to-end tokens/s (median over items)")

@@ -53,8 +53,7 @@ README = Path(__file__).parent.parent / "README.md"
 
 # The core's defaults for the bundled SmolLM2-135M, calibrated on the dev split
 # (benchmarks/calibrate.py, results/calibration.json; the paper's values started that sweep).
-NEST_OVERRIDES: dict[str, Any] = {
-    k: v for k, v in MODEL_DEFAULTS[BUNDLED_MODEL].items() if k != "num_passages"}
+NEST_OVERRIDES: dict[str, Any] = {}  # paper_config() already holds the calibrated numbers
 NUM_PASSAGES = int(MODEL_DEFAULTS[BUNDLED_MODEL]["num_passages"])  # b (the paper's 40 costs
 # 12 s of encoding per cold query on 2 cores)
 

@@ -25,13 +25,16 @@ from benchmarks.tasks import (
     rouge1_f1,
 )
 from nest_core import KeyCache, NestConfig, NestDecoder, Passage
+from nest_core.config import default_config, paper_config
 from nest_core.lm import LanguageModel
 from nest_core.prompts import with_background
 
-SYSTEMS: tuple[str, ...] = ("base", "rag", "rag+lookup", "knn-lm", "nest", "ra-nest")
+SYSTEMS: tuple[str, ...] = ("base", "rag", "rag+lookup", "knn-lm", "nest", "ra-nest",
+                            "default")
 LABELS: dict[str, str] = {
     "base": "Base LM", "rag": "In-context RAG (top-3)", "rag+lookup": "RAG + prompt lookup",
     "knn-lm": "kNN-LM (λ=0.7)", "nest": "Nest", "ra-nest": "RA-Nest",
+    "default": "Nest, shipped default",
 }
 PROMPT_LOOKUP_TOKENS = 10
 # Cost of one cached forward over k new tokens relative to k=1 (SmolLM2-135M fp32, 2-core
@@ -158,9 +161,11 @@ def base_config(system: str, overrides: dict[str, Any] | None = None) -> NestCon
     if system == "knn-lm":
         return NestConfig(mode="knn-lm", knn_lambda=0.7)
     if system == "nest":
-        return NestConfig(mode="nest").with_overrides(**overrides)
+        return paper_config().with_overrides(**overrides)
     if system == "ra-nest":
-        return NestConfig(mode="nest", passages_in_prompt=True).with_overrides(**overrides)
+        return paper_config(passages_in_prompt=True).with_overrides(**overrides)
+    if system == "default":  # what every surface ships: default_config()
+        return default_config()
     msg = f"no decoder configuration for system {system!r}; known: {SYSTEMS}"
     raise ValueError(msg)
 

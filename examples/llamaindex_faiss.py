@@ -52,16 +52,13 @@ def reload(persist_dir: Path, embed_model):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("question", nargs="?", default="Where is the Ghent office?")
+    parser.add_argument("question", nargs="?", default="When did the Ghent office open?")
     parser.add_argument("--persist-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "nest-example-faiss")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--ra", action="store_true",
-                        help="also put the top passages in the prompt (RA-Nest)")
     args = parser.parse_args()
 
-    from nest_core import NestConfig
     from nest_core.datastore import datastore_dir_for
     from nest_integrations.llama_index import NestQueryEngine, bundled_embedding
 
@@ -71,7 +68,7 @@ def main() -> None:
     index = reload(args.persist_dir, embed_model)
     engine = NestQueryEngine.from_index(
         index, similarity_top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-        streaming=True, config=NestConfig(passages_in_prompt=args.ra),
+        streaming=True,
         datastore_dir=str(datastore_dir_for(args.persist_dir)))
     print(f"Question: {args.question}")
     streaming = engine.query(args.question)

@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from nest_core import NestConfig, NestDecoder, load_model
+from nest_core import NestDecoder, load_model
 from nest_core.datastore import SpanDatastore
 from nest_core.ingest import Document, chunk_document
 from nest_core.render import render_terminal, stats_line, use_color
@@ -42,10 +42,9 @@ def main(question: str) -> None:
     passages = source.retrieve(question, k=8)
 
     lm = load_model()                                    # bundled SmolLM2-135M-Instruct
-    # RA-Nest: the top 3 passages also go in the prompt, which a 135M model needs to pick the
-    # right sentence; NestConfig() alone is the paper's main setting (passages as datastore).
-    config = NestConfig(passages_in_prompt=True)
-    decoder = NestDecoder(lm, config, key_cache=SpanDatastore())
+    # No config: the shipped defaults (nest_core.config.default_config). NestConfig() alone
+    # is the paper's main setting, tuned for 7B-70B models.
+    decoder = NestDecoder(lm, key_cache=SpanDatastore())
     result = decoder.generate(question, passages, max_new_tokens=64)
 
     print(render_terminal(result, color=use_color(sys.stdout)))

@@ -30,21 +30,26 @@ __all__ = ["CliError", "build_parser", "collect_files", "main", "read_documents"
 STORE_KINDS = ("chroma", "faiss")
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
 DEFAULT_MAX_NEW_TOKENS = 64
-MODES = ("ra-nest", "nest")
-DEFAULT_MODE = "ra-nest"
+MODES = ("default", "nest", "ra-nest")
+DEFAULT_MODE = "default"
+MODE_HELP = ("default: the measured best (top passage in the prompt, spans verified by the "
+             "LM, answers that end); nest / ra-nest: the paper's algorithm without / with "
+             "passages in the prompt")
 
 
 def nest_config(mode: str, model_name: str | None = None) -> Any:
-    """The model's calibrated defaults (:func:`~nest_core.config.default_config`) in one of
-    two modes. ``"ra-nest"``: the top passages are also in the prompt (the paper's RA-Nest),
-    so a small LM reads the answer before Nest copies and cites it; ``"nest"``: passages are
-    only the copy datastore (the paper's main setting, best with larger LMs)."""
-    from nest_core.config import default_config
+    """The decoder settings of a CLI mode: ``"default"`` is
+    :func:`~nest_core.config.default_config` (what every surface uses); ``"nest"`` and
+    ``"ra-nest"`` are the paper's algorithm (:func:`~nest_core.config.paper_config`) with the
+    model's calibrated numbers, passages only as the copy datastore or also in the prompt."""
+    from nest_core.config import default_config, paper_config
 
     if mode not in MODES:
         msg = f"mode={mode!r} is not one of {MODES}"
         raise ValueError(msg)
-    return default_config(model_name, passages_in_prompt=mode == "ra-nest")
+    if mode == "default":
+        return default_config(model_name)
+    return paper_config(model_name, passages_in_prompt=mode == "ra-nest")
 
 
 # --- stores ----------------------------------------------------------------------------------
@@ -221,16 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="FILE", help="write a page linking spans to passages")
     p.add_argument("--k", type=_positive, default=DEFAULT_K, help="passages to retrieve")
     p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
-                   help="ra-nest: top passages also in the prompt (default); nest: copy only")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     _color_option(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss")
     p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
-                   help="ra-nest: top passages also in the prompt (default); nest: copy only")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
     _color_option(p)
     p.set_defaults(func=cmd_demo)

@@ -141,8 +141,32 @@ BUNDLED_MODEL = "SmolLM2-135M-Instruct"
 RA_NEST_RELAXATION = 0.5
 
 
+# How every surface answers by default, for any model (beyond the paper; each one measured
+# on and off on the dev splits, benchmarks/compare.py, README "Defaults"): the top passages
+# are read in the prompt (RA-Nest) and the LM is the judge of every drafted span, so the
+# answer is the one the LM gives with the passages in view, copied (and cited) from them
+# where it agrees; spans start in the retriever's top passages only; the answer ends where
+# the LM would end it; a repeat of 12 tokens ends it too.
+ANSWER_DEFAULTS: dict[str, Any] = {
+    "passages_in_prompt": True,
+    "prompt_passages": 1,
+    "span_passages": 1,
+    "verify_against": "lm",
+    "end_with_lm": True,
+    "repetition_stop": 12,
+}
+
+
 def default_config(model_name: str | None = None, **overrides: Any) -> NestConfig:
-    """The defaults for ``model_name`` (``None`` = the bundled model), then ``overrides``."""
+    """The defaults every surface uses: the numbers calibrated for ``model_name`` (``None`` =
+    the bundled model), then :data:`ANSWER_DEFAULTS`, then ``overrides``.
+    ``NestConfig()`` alone keeps the paper's settings."""
+    return paper_config(model_name, **{**ANSWER_DEFAULTS, **overrides})
+
+
+def paper_config(model_name: str | None = None, **overrides: Any) -> NestConfig:
+    """The paper's algorithm with the numbers calibrated for ``model_name``: no option
+    beyond the paper (the benchmark's "Nest" and, with ``passages_in_prompt``, "RA-Nest")."""
     name = BUNDLED_MODEL if model_name is None else model_name
     settings = {**MODEL_DEFAULTS.get(name, {}), **overrides}
     if settings.get("passages_in_prompt") and "relaxation" not in overrides:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from nest_core.config import NestConfig, default_config
 from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.generation import Generation
-from nest_core.lm import LanguageModel, Message
+from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
 from nest_core.prompts import fit_context, with_background
 from nest_core.token_index import TokenIndex
@@ -80,6 +80,7 @@ class NestDecoder:
                 or max_new_tokens < 1:
             msg = f"max_new_tokens must be a positive int, got {max_new_tokens!r}"
             raise ValueError(msg)
+        check_prompt(prompt)  # before background passages make an empty prompt look full
         if cfg.passages_in_prompt:
             prompt = with_background(prompt, passages[: cfg.prompt_passages])
         prompt_ids, truncated = fit_context(self.lm.prompt_ids(prompt), max_new_tokens,

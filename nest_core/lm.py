@@ -144,10 +144,8 @@ class LanguageModel:
         """A string becomes one user message through the chat template (when the tokenizer
         has one, else plain text); a list of ``{"role", "content"}`` dicts is used as is."""
         tok = self.tokenizer
+        check_prompt(prompt)
         if isinstance(prompt, str):
-            if not prompt.strip():
-                msg = "prompt is empty: pass a question or instruction"
-                raise ValueError(msg)
             if getattr(tok, "chat_template", None):
                 return self._chat_ids([{"role": "user", "content": prompt}])
             return list(tok.encode(prompt))
@@ -169,6 +167,16 @@ class LanguageModel:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
                                          clean_up_tokenization_spaces=False))
+
+
+def check_prompt(prompt: object) -> None:
+    """A clear error for an empty or malformed prompt (before passages are added to it)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            msg = "prompt is empty: pass a question or instruction"
+            raise ValueError(msg)
+        return
+    validate_messages(prompt)
 
 
 def validate_messages(prompt: object) -> list[Message]:

@@ -60,7 +60,8 @@ def test_a_passages_own_states_find_their_own_rows(smollm):
         hits += [a == b for a, b in zip(found.rows[:, 0].tolist(), rows, strict=True)]
         at_window_start += [r - start in firsts for r in rows]
     starts = [h for h, w in zip(hits, at_window_start, strict=True) if w]
-    assert len(hits) > 200 and len(starts) >= 12
+    assert len(hits) > 200
+    assert len(starts) >= 12
     assert sum(hits) / len(hits) >= 0.9
     assert sum(starts) / len(starts) >= 0.8, f"window starts: {sum(starts)}/{len(starts)}"
 
@@ -97,7 +98,8 @@ def test_norm_confidence_means_the_same_for_2_passages_and_for_all(smollm):
     everything = handbook()
     gold = [p for p in everything if "27 days" in p.text]
     two = [*gold, next(p for p in everything if p not in gold)]
-    assert len(two) == 2 and len(everything) > 20
+    assert len(two) == 2
+    assert len(everything) > 20
     small, large = lambdas(smollm, two, "norm"), lambdas(smollm, everything, "norm")
     # the same nearest rows are found; adding passages can only bring a nearer key
     assert statistics.median(small) == pytest.approx(statistics.median(large), abs=0.05)

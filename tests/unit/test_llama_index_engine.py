@@ -20,9 +20,9 @@ from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle, TextN
 from nest_integrations.llama_index import NestLLM, NestQueryEngine, NestRetrievalError
 
 QUESTION = "The Zephyr Widget Company was"
-# On the tiny model (seed 0) Nest answers " Ostrava. Pack my box with five dozen liquor jugs",
-# copied from TINY_CORPUS[0] and TINY_CORPUS[3].
-EXPECTED = " Ostrava. Pack my box with five dozen liquor jugs"
+# On the tiny model (seed 0) Nest with the shipped defaults answers " Ostrava. Zephyr Widget
+# Company was founded in", copied from TINY_CORPUS[0], the top node (spans start there only).
+EXPECTED = " Ostrava. Zephyr Widget Company was founded in"
 
 
 class ListRetriever(BaseRetriever):
@@ -79,7 +79,7 @@ def test_query_returns_stock_response_shape_with_spans(engine):
     assert res.metadata["node-2"] == {"title": None, "n": 2}  # "_node_content" stripped
     spans = res.metadata["nest_spans"]
     assert [(s["node_id"], s["cited_text"]) for s in spans] == [
-        ("node-0", "Ostrava."), ("node-3", "Pack my box with five dozen liquor jugs")]
+        ("node-0", "Ostrava."), ("node-0", "Zephyr Widget Company was founded in")]
     assert_spans_consistent(res.response, spans, res.source_nodes)
     assert res.metadata["nest_finish_reason"] in {"length", "eos"}
     assert res.metadata["nest_attribution_ratio"] > 0.5
@@ -103,7 +103,7 @@ def test_citation_markers(tiny_lm):
     eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
                           max_new_tokens=24, citation_markers=True)
     res = eng.query(QUESTION)
-    assert res.response == " Ostrava. [1] Pack my box with five dozen liquor jugs [4]"
+    assert res.response == " Ostrava. [1] Zephyr Widget Company was founded in [1]"
     assert res.metadata["nest_text"] == EXPECTED
     assert_spans_consistent(res.response, res.metadata["nest_spans"], res.source_nodes)
 
@@ -196,7 +196,7 @@ def test_nest_llm_completes_with_spans_and_streams_the_same(tiny_lm):
     assert llm._decoder._decoder is None
     out = llm.complete(QUESTION)
     assert out.text == EXPECTED
-    assert [s["node_id"] for s in out.additional_kwargs["nest_spans"]] == ["node-0", "node-3"]
+    assert [s["node_id"] for s in out.additional_kwargs["nest_spans"]] == ["node-0", "node-0"]
     streamed = list(llm.stream_complete(QUESTION))
     assert streamed[-1].text == EXPECTED
     assert "".join(r.delta or "" for r in streamed) == EXPECTED

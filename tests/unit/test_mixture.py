@@ -93,11 +93,28 @@ def test_accepted_prefix_stops_at_first_rejection():
 
 
 def test_default_config_per_model_and_ra_nest_relaxation():
-    from nest_core.config import MODEL_DEFAULTS, RA_NEST_RELAXATION, NestConfig, default_config
+    from nest_core.config import (
+        ANSWER_DEFAULTS,
+        MODEL_DEFAULTS,
+        RA_NEST_RELAXATION,
+        NestConfig,
+        default_config,
+        paper_config,
+    )
 
-    assert default_config("some/other-model") == NestConfig()  # the paper's defaults
-    bundled = default_config()
+    assert paper_config("some/other-model") == NestConfig()  # the paper's defaults
+    other = default_config("some/other-model")
+    assert other == NestConfig(relaxation=RA_NEST_RELAXATION, **ANSWER_DEFAULTS)
+    bundled, paper = default_config(), paper_config()
     for field, value in MODEL_DEFAULTS["SmolLM2-135M-Instruct"].items():
+        assert getattr(paper, field) == value
+        if field != "relaxation":
+            assert getattr(bundled, field) == value
+    for field, value in ANSWER_DEFAULTS.items():
         assert getattr(bundled, field) == value
-    assert default_config(passages_in_prompt=True).relaxation == RA_NEST_RELAXATION
-    assert default_config(passages_in_prompt=True, relaxation=0.01).relaxation == 0.01
+    assert NestConfig().verify_against == "mixture"  # nothing beyond the paper by default
+    assert not NestConfig().end_with_lm
+    assert bundled.relaxation == RA_NEST_RELAXATION  # passages in the prompt
+    assert paper_config(passages_in_prompt=True).relaxation == RA_NEST_RELAXATION
+    assert default_config(relaxation=0.01).relaxation == 0.01
+    assert default_config(passages_in_prompt=False).relaxation == 0.2
