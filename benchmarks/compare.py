@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--passages", type=int, default=NUM_PASSAGES)
     ap.add_argument("--tokens", type=int, default=0, help="max_new_tokens (0: the task's)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--show", action="store_true", help="print every answer")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
@@ -93,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                                "seconds": res.stats.total_seconds + found.seconds,
                                "words": answer_words(res.text),
                                "attribution": res.attribution_ratio, "text": res.text})
+        if args.show:
+            gold = [i for i, p in enumerate(found.passages) if p.id == item.gold_passage]
+            print(f"{item.prompt} -> {item.references} (gold rank {gold})")
+            for name in names:
+                print(f"  {name}: {rows[name][-1]['text']!r}")
         logger.info("%d/%d %s %s", n + 1, len(items), item.key, "  ".join(
             f"{name}={rows[name][-1]['quality']:.0f}" for name in names))
     print(table(rows))

@@ -80,13 +80,13 @@ class Generation:
                 yield from self.accept(draft, rows)
                 belief = self.rescore(beliefs[-1])
                 continue
-            # First rejection at n_ok: keep the prefix, put p_M's choice there (unattributed).
-            replacement = beliefs[n_ok - 1].top_token
+            # First rejection at n_ok: keep the prefix. The belief at the rejected position
+            # is the current one: its argmax p_M (the replacement) is decoded by the next
+            # step, alone or as the start of a new draft, with no extra forward here.
             self.cache.crop(-(len(draft) - n_ok))  # drop the KV of the rejected draft tokens
             stream_row, draft_len = None, self.cfg.initial_span_length
-            yield from self.accept([*draft[:n_ok], replacement], [*rows[:n_ok], NO_SOURCE])
-            if self.finish is None:
-                belief = self.forward([replacement])[-1]
+            yield from self.accept(draft[:n_ok], rows[:n_ok])
+            belief = self.rescore(beliefs[n_ok - 1])
         yield self.final_chunk()
 
     def accept(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:

@@ -31,7 +31,7 @@ CJK_PROMPT = "数学者は東京で"
 COPY_HEAVY = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
                         initial_span_length=2)
 # γ = 1 rejects many drafts: the output mixes copied runs and generated tokens.
-MIXED = NestConfig(confidence_offset=1.0, relaxation=1.0, span_length=8,
+MIXED = NestConfig(confidence_offset=0.4, relaxation=1.0, span_length=8,
                    initial_span_length=8)
 
 
