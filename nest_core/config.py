@@ -145,8 +145,9 @@ RA_NEST_RELAXATION = 0.5
 # on and off on the dev splits, benchmarks/compare.py, README "Defaults"): the top passages
 # are read in the prompt (RA-Nest) and the LM is the judge of every drafted span, so the
 # answer is the one the LM gives with the passages in view, copied (and cited) from them
-# where it agrees; spans start in the retriever's top passages only; the answer ends where
-# the LM would end it; a repeat of 12 tokens ends it too.
+# where it agrees (γ = 1: a wrong digit the LM finds 4x less likely than its own choice
+# passes γ = 0.5 and is copied); spans start in the retriever's top passage only; the
+# answer ends where the LM would end it; a repeat of 12 tokens ends it too.
 ANSWER_DEFAULTS: dict[str, Any] = {
     "passages_in_prompt": True,
     "prompt_passages": 1,
@@ -154,6 +155,7 @@ ANSWER_DEFAULTS: dict[str, Any] = {
     "verify_against": "lm",
     "end_with_lm": True,
     "repetition_stop": 12,
+    "relaxation": 1.0,  # Eq. 7 on p_LM: a drafted token within 2x of the LM's own choice
 }
 
 
