@@ -141,17 +141,16 @@ BUNDLED_MODEL = "SmolLM2-135M-Instruct"
 RA_NEST_RELAXATION = 0.5
 
 
-# How every surface answers by default, for any model (beyond the paper; each one measured
-# on and off on the dev splits, benchmarks/compare.py, README "Defaults"): the top passages
-# are read in the prompt (RA-Nest) and the LM is the judge of every drafted span, so the
+# How every surface answers by default, for any model (beyond the paper; measured on the dev
+# splits with benchmarks/compare.py, README "Settings"): the top 3 passages are read in the
+# prompt (RA-Nest) and the LM is the judge of every drafted span, so the
 # answer is the one the LM gives with the passages in view, copied (and cited) from them
 # where it agrees (γ = 1: a wrong digit the LM finds 4x less likely than its own choice
-# passes γ = 0.5 and is copied); spans start in the retriever's top passage only; the
+# passes γ = 0.5 and is copied); spans start in the retriever's top 3 passages only; the
 # answer ends where the LM would end it; a repeat of 12 tokens ends it too.
 ANSWER_DEFAULTS: dict[str, Any] = {
     "passages_in_prompt": True,
-    "prompt_passages": 1,
-    "span_passages": 1,
+    "span_passages": 3,
     "verify_against": "lm",
     "end_with_lm": True,
     "repetition_stop": 12,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from nest_core import NestConfig, NestDecoder, Passage, load_model
+from nest_core.config import paper_config
 
 pytestmark = pytest.mark.integration
 
@@ -95,8 +96,8 @@ def test_max_new_tokens_inside_a_cjk_character_keeps_the_spans(smollm):
     passage = Passage("tokyo", "東京は日本の首都であり、世界最大の都市圏を持つ。"
                       "江戸時代には徳川幕府が置かれた。")
     for n, dangling in [(40, True), (41, False)]:  # 40 ends inside 府, 41 after it
-        res = NestDecoder(smollm).generate("東京について教えてください。", [passage],
-                                           max_new_tokens=n)
+        res = NestDecoder(smollm, paper_config()).generate(
+            "東京について教えてください。", [passage], max_new_tokens=n)
         assert res.stats.accepted_draft_tokens > 30, "setup: the passage is copied"
         assert len(res.token_ids) == n
         assert smollm.decode(res.token_ids) == res.text

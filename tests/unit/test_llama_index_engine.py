@@ -20,9 +20,10 @@ from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle, TextN
 from nest_integrations.llama_index import NestLLM, NestQueryEngine, NestRetrievalError
 
 QUESTION = "The Zephyr Widget Company was"
-# On the tiny model (seed 0) Nest with the shipped defaults answers " Ostrava. Zephyr Widget
-# Company was founded in", copied from TINY_CORPUS[0], the top node (spans start there only).
-EXPECTED = " Ostrava. Zephyr Widget Company was founded in"
+# On the tiny model (seed 0) Nest with the shipped defaults answers "  runs it directly.
+# Zephyr  Marta Quillfeather", copied from TINY_CORPUS[2] and TINY_CORPUS[0] (the top 3 nodes
+# are in the prompt and spans start there only).
+EXPECTED = "  runs it directly. Zephyr  Marta Quillfeather"
 
 
 class ListRetriever(BaseRetriever):
@@ -79,7 +80,7 @@ def test_query_returns_stock_response_shape_with_spans(engine):
     assert res.metadata["node-2"] == {"title": None, "n": 2}  # "_node_content" stripped
     spans = res.metadata["nest_spans"]
     assert [(s["node_id"], s["cited_text"]) for s in spans] == [
-        ("node-0", "Ostrava."), ("node-0", "Zephyr Widget Company was founded in")]
+        ("node-2", "runs it directly."), ("node-0", "Zephyr"), ("node-0", "Marta Quillfeather")]
     assert_spans_consistent(res.response, spans, res.source_nodes)
     assert res.metadata["nest_finish_reason"] in {"length", "eos"}
     assert res.metadata["nest_attribution_ratio"] > 0.5
@@ -103,7 +104,7 @@ def test_citation_markers(tiny_lm):
     eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
                           max_new_tokens=24, citation_markers=True)
     res = eng.query(QUESTION)
-    assert res.response == " Ostrava. [1] Zephyr Widget Company was founded in [1]"
+    assert res.response == "  runs it directly. [3] Zephyr [1]  Marta Quillfeather [1]"
     assert res.metadata["nest_text"] == EXPECTED
     assert_spans_consistent(res.response, res.metadata["nest_spans"], res.source_nodes)
 
@@ -142,7 +143,7 @@ async def test_async_streaming(tiny_lm):
     assert isinstance(res, AsyncStreamingResponse)
     text = "".join([p async for p in res.async_response_gen()])
     assert text == EXPECTED
-    assert len(res.metadata["nest_spans"]) == 2
+    assert len(res.metadata["nest_spans"]) == 3
 
 
 def test_empty_retrieval_is_a_clear_error(tiny_lm):
@@ -196,7 +197,8 @@ def test_nest_llm_completes_with_spans_and_streams_the_same(tiny_lm):
     assert llm._decoder._decoder is None
     out = llm.complete(QUESTION)
     assert out.text == EXPECTED
-    assert [s["node_id"] for s in out.additional_kwargs["nest_spans"]] == ["node-0", "node-0"]
+    spans = out.additional_kwargs["nest_spans"]
+    assert [s["node_id"] for s in spans] == ["node-2", "node-0", "node-0"]
     streamed = list(llm.stream_complete(QUESTION))
     assert streamed[-1].text == EXPECTED
     assert "".join(r.delta or "" for r in streamed) == EXPECTED

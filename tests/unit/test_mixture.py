@@ -104,17 +104,17 @@ def test_default_config_per_model_and_ra_nest_relaxation():
 
     assert paper_config("some/other-model") == NestConfig()  # the paper's defaults
     other = default_config("some/other-model")
-    assert other == NestConfig(relaxation=RA_NEST_RELAXATION, **ANSWER_DEFAULTS)
+    assert other == NestConfig(**ANSWER_DEFAULTS)
     bundled, paper = default_config(), paper_config()
     for field, value in MODEL_DEFAULTS["SmolLM2-135M-Instruct"].items():
         assert getattr(paper, field) == value
-        if field != "relaxation":
+        if field not in ANSWER_DEFAULTS:
             assert getattr(bundled, field) == value
     for field, value in ANSWER_DEFAULTS.items():
         assert getattr(bundled, field) == value
     assert NestConfig().verify_against == "mixture"  # nothing beyond the paper by default
     assert not NestConfig().end_with_lm
-    assert bundled.relaxation == RA_NEST_RELAXATION  # passages in the prompt
+    assert bundled.relaxation == ANSWER_DEFAULTS["relaxation"]  # strict, on p_LM
     assert paper_config(passages_in_prompt=True).relaxation == RA_NEST_RELAXATION
     assert default_config(relaxation=0.01).relaxation == 0.01
-    assert default_config(passages_in_prompt=False).relaxation == 0.2
+    assert paper_config().relaxation == 0.2  # calibrated, copy-only Nest
