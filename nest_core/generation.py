@@ -174,12 +174,9 @@ class Generation:
         best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
         tops = candidates[best.indices].tolist()
         if self.cfg.verify_against == "lm":
-            # The LM is the target: p_M's choice stands only where it passes the relaxed
-            # check against p_LM (Eq. 7 on p_LM); elsewhere the LM's own argmax is decoded.
-            p_top = torch.exp(scaled.gather(1, torch.tensor(tops)[:, None])[:, 0] - lse)  # [T]
-            p_max = torch.exp(scaled.max(dim=-1).values - lse)  # [T]
-            ok = mixture.relaxed_accept(p_top, p_max, self.cfg.relaxation).tolist()
-            tops = [t if ok[i] else lm_top[i] for i, t in enumerate(tops)]
+            # The LM is the target: a single token is the LM's own choice; the kNN side only
+            # proposes drafts (starting with that token), which the LM verifies.
+            tops = lm_top
         # end_with_lm: where the LM alone would end the answer, the answer ends
         tops = [lm_top[i] if ends[i] else t for i, t in enumerate(tops)]
         out = [Belief(top_token=tops[i], top_prob=float(best.values[i]), lam=float(lam[i]),
