@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 
+from nest_core.types import Passage
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -66,3 +68,13 @@ def smollm():
     from nest_core.models import load_model
 
     return load_model()
+
+
+# The three passages and the question most unit tests decode (tiny model, exact assertions).
+PASSAGES = [
+    Passage("zw", "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather.",
+            title="Zephyr"),
+    Passage("nn", "Nearest neighbor speculative decoding copies spans of text from passages."),
+    Passage("fox", "The quick brown fox jumps over the lazy dog."),
+]
+PROMPT = "Who founded the Zephyr Widget Company?"

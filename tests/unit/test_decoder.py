@@ -6,17 +6,11 @@ import logging
 
 import pytest
 import torch
+from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.lm import LanguageModel
 
-PASSAGES = [
-    Passage("zw", "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather.",
-            title="Zephyr"),
-    Passage("nn", "Nearest neighbor speculative decoding copies spans of text from passages."),
-    Passage("fox", "The quick brown fox jumps over the lazy dog."),
-]
-PROMPT = "Who founded the Zephyr Widget Company?"
 # α = 1 makes λ < δ whenever ρ < 1 and a tiny γ accepts nearly every draft token: the
 # random model then copies a lot, which exercises spans, streaming and masking.
 COPY_HEAVY = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,

@@ -12,18 +12,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.lm import LanguageModel
 from nest_core.types import NestChunk, NestResult
 
-PASSAGES = [
-    Passage("zw", "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather.",
-            title="Zephyr"),
-    Passage("nn", "Nearest neighbor speculative decoding copies spans of text from passages."),
-    Passage("fox", "The quick brown fox jumps over the lazy dog."),
-]
-PROMPT = "Who founded the Zephyr Widget Company?"
 # Characters outside the tiny tokenizer's training text: byte-level BPE splits each of these
 # 3-byte characters over several tokens.
 CJK = [Passage("cjk", "数学者は東京で数学を教える。京都の大学で研究した。")]

@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.attribution import NO_SOURCE
@@ -43,13 +44,6 @@ from nest_core.proposer import Belief, RetrievedSpanProposer
 from nest_core.token_index import TokenIndex
 from nest_core.types import DecodeStats, NestResult
 
-PASSAGES = [
-    Passage("zw", "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather.",
-            title="Zephyr"),
-    Passage("nn", "Nearest neighbor speculative decoding copies spans of text from passages."),
-    Passage("fox", "The quick brown fox jumps over the lazy dog."),
-]
-PROMPT = "Who founded the Zephyr Widget Company?"
 # α = 1: λ < δ whenever ρ < 1, so every step may draft; a tiny γ accepts nearly every draft
 # token: long copied runs, streaming and masking.
 COPY_HEAVY = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
