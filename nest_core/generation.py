@@ -285,7 +285,7 @@ class Generation:
         if ra == NO_SOURCE or rb == NO_SOURCE:
             return ra == rb
         assert self.index is not None
-        return rb == ra + 1 and self.index.passage_of[ra] == self.index.passage_of[rb]
+        return rb == ra + 1 and bool(self.index.passage_of[ra] == self.index.passage_of[rb])
 
     def span_of(self, t0: int, t1: int) -> Span | None:
         """The span of tokens ``t0:t1`` of one copied run (``None`` for generated ones).
