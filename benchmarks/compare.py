@@ -27,7 +27,7 @@ from typing import Any
 from benchmarks.run import CORPUS_OF, NUM_PASSAGES, build_items, corpus_passages, open_search
 from benchmarks.run import FULL as PLAN
 from benchmarks.systems import citations, score
-from benchmarks.tasks import answer_words
+from benchmarks.tasks import answer_words, is_gold_passage
 
 logger = logging.getLogger("benchmarks.compare")
 
@@ -93,12 +93,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows[name].append({"quality": score(item, res.text), **citations(item, res),
                                "seconds": res.stats.total_seconds + found.seconds,
                                "words": answer_words(res.text),
-                               "attribution": res.attribution_ratio, "text": res.text})
+                               "attribution": res.attribution_ratio, "text": res.text,
+                               "cites": [(res.text[s.out_start:s.out_end], s.passage.id,
+                                          s.kind) for s in (*res.spans, *res.matches)]})
         if args.show:
-            gold = [i for i, p in enumerate(found.passages) if p.id == item.gold_passage]
-            print(f"{item.prompt} -> {item.references} (gold rank {gold})")
+            gold = [i for i, p in enumerate(found.passages)
+                    if is_gold_passage(p, item.gold_passage)]
+            print(f"{item.prompt} -> {item.references} (gold {item.gold_passage}, rank {gold})")
             for name in names:
-                print(f"  {name}: {rows[name][-1]['text']!r}")
+                print(f"  {name}: {rows[name][-1]['text']!r} cites {rows[name][-1]['cites']}")
         logger.info("%d/%d %s %s", n + 1, len(items), item.key, "  ".join(
             f"{name}={rows[name][-1]['quality']:.0f}" for name in names))
     print(table(rows))

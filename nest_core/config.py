@@ -61,6 +61,8 @@ class NestConfig:
     end_with_lm: bool = False  # the answer ends where the LM alone would end it
     repetition_stop: int = 0  # stop when the last n tokens already occurred (0: off)
     verify_against: VerifyAgainst = "mixture"  # drafts verified against p_M or p_LM
+    focus_sentences: int | None = None  # the prompt shows the k sentences best for the question
+    question_drafts: bool = False  # draft the question's own words (prompt lookup)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,11 +93,12 @@ class NestConfig:
         if self.verify_against not in ("mixture", "lm"):
             msg = f"verify_against={self.verify_against!r} is not 'mixture' or 'lm'"
             raise ValueError(msg)
-        if self.span_passages is not None and (
-                isinstance(self.span_passages, bool) or not isinstance(self.span_passages, int)
-                or self.span_passages < 1):
-            msg = f"span_passages={self.span_passages!r} must be None or a positive integer"
-            raise ValueError(msg)
+        for name in ("span_passages", "focus_sentences"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                msg = f"{name}={value!r} must be None or a positive integer"
+                raise ValueError(msg)
         if isinstance(self.repetition_stop, bool) or not isinstance(self.repetition_stop, int) \
                 or self.repetition_stop < 0:
             msg = f"repetition_stop={self.repetition_stop!r} must be 0 (off) or a positive int"

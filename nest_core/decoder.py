@@ -9,10 +9,11 @@ from collections.abc import Iterator, Sequence
 
 from nest_core.config import NestConfig, default_config
 from nest_core.encoding import KeyCache, PassageEncoder
+from nest_core.focus import best_sentences, focus_passages
 from nest_core.generation import Generation
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
-from nest_core.prompts import fit_context, with_background
+from nest_core.prompts import fit_context, question_of, with_background
 from nest_core.token_index import TokenIndex
 from nest_core.types import DecodeStats, NestChunk, NestResult, Passage
 
@@ -81,13 +82,24 @@ class NestDecoder:
             msg = f"max_new_tokens must be a positive int, got {max_new_tokens!r}"
             raise ValueError(msg)
         check_prompt(prompt)  # before background passages make an empty prompt look full
+        question = question_of(prompt)
+        focus = (best_sentences(question, passages, cfg.focus_sentences)
+                 if cfg.focus_sentences is not None else [])
         if cfg.passages_in_prompt:
-            prompt = with_background(prompt, passages[: cfg.prompt_passages])
+            # With focus: the best sentences of all passages; without (or when no sentence
+            # shares a word with the question): the top passages whole.
+            prompt = with_background(prompt, focus_passages(passages, focus) if focus
+                                     else passages[: cfg.prompt_passages])
         prompt_ids, truncated = fit_context(self.lm.prompt_ids(prompt), max_new_tokens,
                                             self.lm.max_context)
         stats = DecodeStats()
         index = self._index(passages, stats) if cfg.uses_retrieval else None
-        run = Generation(self.lm, cfg, prompt_ids, passages, index,
+        starts = (index.rows_within([(s.passage_index, s.start, s.end) for s in focus])
+                  if index is not None and focus else None)
+        question_ids = (self.lm.tokenizer.encode(question, add_special_tokens=False)
+                        if cfg.question_drafts else None)
+        run = Generation(self.lm, cfg, prompt_ids, passages, index, span_starts=starts,
+                         question_ids=question_ids,
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
                          started=started, prompt_truncated=truncated)
         for chunk in run.run():

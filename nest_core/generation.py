@@ -15,7 +15,7 @@ from nest_core import mixture
 from nest_core.attribution import NO_SOURCE, OutputText, make_span, runs
 from nest_core.config import NestConfig
 from nest_core.lm import LanguageModel
-from nest_core.proposer import Belief, RetrievedSpanProposer
+from nest_core.proposer import Belief, QuestionLookup, RetrievedSpanProposer
 from nest_core.token_index import Neighbors, TokenIndex
 from nest_core.types import DecodeStats, FinishReason, NestChunk, NestResult, Passage, Span
 
@@ -26,7 +26,9 @@ class Generation:
     def __init__(self, lm: LanguageModel, config: NestConfig, prompt_ids: list[int],
                  passages: Sequence[Passage], index: TokenIndex | None, *,
                  max_new_tokens: int, stop: Sequence[str], stats: DecodeStats,
-                 started: float, prompt_truncated: bool) -> None:
+                 started: float, prompt_truncated: bool,
+                 span_starts: torch.Tensor | None = None,
+                 question_ids: list[int] | None = None) -> None:
         self.lm, self.cfg, self.index = lm, config, index
         self.prompt_ids, self.passages = prompt_ids, list(passages)
         self.max_new_tokens, self.stop = max_new_tokens, [s for s in stop if s]
@@ -34,8 +36,10 @@ class Generation:
         self.cache = lm.new_cache()
         self.eos = lm.eos_token_ids
         self.proposer = (RetrievedSpanProposer(index, config.span_threshold,
-                                               config.span_passages)
+                                               config.span_passages, span_starts)
                          if index is not None and config.mode == "nest" else None)
+        self.lookup = (QuestionLookup(question_ids) if config.question_drafts and question_ids
+                       else None)
         self.ids: list[int] = []  # generated token ids
         self.rows: list[int] = []  # index row each token was copied from, or NO_SOURCE
         self.offsets = OutputText(lm.decode)
@@ -56,7 +60,11 @@ class Generation:
             rows = (self.proposer.propose(belief, stream_row, min(draft_len, budget))
                     if self.proposer else [])
             draft = self.index.values[rows].tolist() if rows and self.index is not None else []
-            if not draft or not self.accepts(belief, draft[0]):
+            if not draft and self.lookup is not None:
+                draft = self.lookup.propose(self.ids, min(self.cfg.span_length, budget))
+                rows = [NO_SOURCE] * len(draft)
+            exact = bool(rows) and rows[0] == NO_SOURCE  # the user's words prove nothing
+            if not draft or not self.accepts(belief, draft[0], exact):
                 # Single LM token: no draft, or its first token already fails verification.
                 if draft:
                     draft_len = self.cfg.initial_span_length
@@ -69,13 +77,13 @@ class Generation:
             stats.draft_steps += 1
             stats.drafted_tokens += len(draft)
             beliefs = self.forward(draft)  # beliefs[i]: the position after draft[i]
-            n_ok = 1 + self.verify(beliefs[:-1], draft[1:])
+            n_ok = 1 + self.verify(beliefs[:-1], draft[1:], exact)
             stats.accepted_draft_tokens += n_ok
-            assert self.index is not None
-            self.index.mask(rows[:n_ok])
+            if self.index is not None:
+                self.index.mask([r for r in rows[:n_ok] if r != NO_SOURCE])
             if n_ok == len(draft):
                 # Whole draft accepted: no bonus token; stream on from the same passage.
-                stream_row = rows[-1]
+                stream_row = rows[-1] if rows[-1] != NO_SOURCE else None
                 draft_len = min(2 * draft_len, self.cfg.span_length)
                 yield from self.accept(draft, rows)
                 belief = self.rescore(beliefs[-1])
@@ -98,11 +106,13 @@ class Generation:
             self.finish = "repetition"
         yield from self.emit(tokens, rows)
 
-    def accepts(self, belief: Belief, token: int) -> bool:
-        return self.verify([belief], [token]) == 1
+    def accepts(self, belief: Belief, token: int, exact: bool = False) -> bool:
+        return self.verify([belief], [token], exact) == 1
 
-    def verify(self, beliefs: Sequence[Belief], tokens: Sequence[int]) -> int:
-        """How many leading ``tokens`` pass relaxed verification (Eq. 7, prefix rule).
+    def verify(self, beliefs: Sequence[Belief], tokens: Sequence[int], exact: bool = False
+               ) -> int:
+        """How many leading ``tokens`` pass relaxed verification (Eq. 7, prefix rule), or
+        with ``exact`` (question drafts) equal the token decoding would pick anyway.
 
         ``verify_against="lm"`` (beyond the paper) judges drafts by p_LM alone: inside a
         copied span the kNN neighbours are the span's own rows, so p_M ≈ p_kNN approves its
@@ -113,6 +123,9 @@ class Generation:
             return 0
         t0 = time.perf_counter()
         pairs = list(zip(beliefs, tokens, strict=True))
+        if exact:
+            self.stats.knn_seconds += time.perf_counter() - t0
+            return mixture.accepted_prefix(torch.tensor([t == b.top_token for b, t in pairs]))
         if self.cfg.verify_against == "lm":
             p_tok = torch.tensor([b.lm_probability(t) for b, t in pairs])  # [n]
             p_max = torch.tensor([b.lm_top_prob for b in beliefs])  # [n]

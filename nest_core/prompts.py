@@ -36,6 +36,13 @@ def with_background(prompt: str | Sequence[Message], passages: Sequence[Passage]
     return messages
 
 
+def question_of(prompt: str | Sequence[Message]) -> str:
+    """What the user asked: the prompt string, or the last user message's content."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((str(m["content"]) for m in reversed(prompt) if m["role"] == "user"), "")
+
+
 def fit_context(prompt_ids: list[int], max_new_tokens: int, max_context: int
                 ) -> tuple[list[int], bool]:
     """Left-truncate the prompt so prompt + answer fit the context window (with a warning)."""

@@ -73,13 +73,19 @@ class RetrievedSpanProposer:
     one of the top-m passages in retrieval order, so copying follows the passages the
     retriever ranked for the question rather than any passage sharing the next token. The
     kNN distribution still sees every passage.
+
+    ``start_rows`` (beyond the paper; ``None`` = any row): a bool mask ``(N,)`` of the rows
+    a span may start at: the question's focus sentences (:mod:`nest_core.focus`), so a span
+    starts where the question's answer is read, not wherever the next token occurs.
     """
 
     def __init__(self, index: TokenIndex, span_threshold: float,
-                 span_passages: int | None = None) -> None:
+                 span_passages: int | None = None, start_rows: torch.Tensor | None = None
+                 ) -> None:
         self.index = index
         self.span_threshold = span_threshold
         self.span_passages = span_passages
+        self.start_rows = start_rows
 
     def propose(self, belief: Belief, stream_row: int | None, length: int) -> list[int]:
         if stream_row is not None:
@@ -94,8 +100,37 @@ class RetrievedSpanProposer:
         if self.span_passages is not None:
             rank = self.index.passage_of[belief.neighbors.rows[0].cpu()]  # [k]
             carries &= (rank < self.span_passages).to(carries.device)
+        if self.start_rows is not None:
+            carries &= self.start_rows[belief.neighbors.rows[0]].to(carries.device)
         carriers = carries.nonzero()
         if carriers.numel() == 0:
             return []  # no retrieved token carries the mixture's choice: nothing to copy
         start = int(belief.neighbors.rows[0, int(carriers[0, 0])])
         return [start, *self.index.continuation(start, length - 1)]
+
+
+class QuestionLookup:
+    """Drafts from the user's own words (beyond the paper; ``NestConfig.question_drafts``).
+
+    Answers restate the question ("The ISO 3166-1 numeric code of Romania is ..."): those
+    tokens are in the question, not in any passage, so Nest's copy path cannot draft them
+    and the LM writes them one forward each. As transformers' prompt lookup, the last 1-3
+    output tokens are looked up in the question's tokens and what follows is drafted; the
+    draft is kept while each token is the one decoding would pick anyway (exact, not
+    relaxed: the user's words are no evidence), so the answer is the same, only sooner.
+    The tokens are the user's, so they cite nothing.
+    """
+
+    def __init__(self, question_ids: list[int], max_ngram: int = 3) -> None:
+        self.question = question_ids
+        self.max_ngram = max_ngram
+
+    def propose(self, output: list[int], length: int) -> list[int]:
+        q = self.question
+        for n in range(min(self.max_ngram, len(output)), 0, -1):
+            tail = output[-n:]
+            # the latest occurrence with a continuation, so "of X" drafts what follows X
+            for start in range(len(q) - n - 1, -1, -1):
+                if q[start:start + n] == tail:
+                    return q[start + n:start + n + length]
+        return []

@@ -76,6 +76,17 @@ class TokenIndex:
         top = torch.topk(d2, min(k, n_active), dim=-1, largest=False, sorted=True)
         return Neighbors(dist2=top.values, rows=top.indices)
 
+    def rows_within(self, ranges: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Bool mask ``(N,)`` of the rows whose value overlaps one of ``ranges``:
+        ``(passage index, start char, end char)`` of that passage's text."""
+        out = torch.zeros(self.num_rows, dtype=torch.bool)
+        for passage, a, b in ranges:
+            lo = int(self.row_start[passage])
+            hi = lo + int((self.passage_of == passage).sum())
+            spans = self.char_spans[lo:hi]  # [n, 2]
+            out[lo:hi] |= (spans[:, 1] > a) & (spans[:, 0] < b) & (spans[:, 0] >= 0)
+        return out.to(self.values.device)
+
     def continuation(self, row: int, n: int) -> list[int]:
         """Up to ``n`` rows following ``row`` in its passage, stopping at the passage end or
         at the first inactive row (already copied text is never proposed twice)."""

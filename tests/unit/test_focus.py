@@ -1,0 +1,166 @@
+"""Question focus (``focus_sentences``) and question drafts (``question_drafts``): the
+sentence ranking on real handbook text, the row mask, the proposer's start filter, and the
+decoder end to end on the tiny random Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PASSAGES, PROMPT
+
+from nest_core import NestConfig, NestDecoder, Passage
+from nest_core.focus import best_sentences, focus_passages, question_weights, split_sentences
+from nest_core.proposer import QuestionLookup, RetrievedSpanProposer
+from test_rules import CountingLM, _toy_belief, _toy_index, nearest_carrier
+
+DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
+
+
+def handbook(*names: str) -> list[Passage]:
+    return [Passage(id=n, text=(DATA / f"{n}.md").read_text(encoding="utf-8")) for n in names]
+
+
+def best_text(question: str, passages: list[Passage], k: int = 1) -> list[str]:
+    return [passages[s.passage_index].text[s.start:s.end]
+            for s in best_sentences(question, passages, k)]
+
+
+def test_split_sentences_on_lines_and_sentence_ends():
+    text = "First one. Second one!\n\n  Third: no end\nFourth?  "
+    assert [text[a:b] for a, b in split_sentences(text)] == [
+        "First one.", "Second one!", "Third: no end", "Fourth?"]
+
+
+def test_the_ghent_office_opening_is_found_not_the_bicycle_scheme_it_started():
+    # both sentences hold "Ghent office"; only one says when it opened ("open" ~ "opened")
+    passages = handbook("10-benefits", "02-offices")
+    (best,) = best_text("When did the Ghent office open?", passages)
+    assert best.startswith("The Ghent office in Belgium opened in 2019")
+
+
+def test_a_name_outweighs_a_common_word():
+    # "currency" is rarer than "Euro" here, but the question capitalises Euro: a name
+    passages = [Passage("p", "Euro: alphabetic code EUR, numeric code 978.\n"
+                             "No currency: alphabetic code XXX, numeric code 999.\n"
+                             "Testing: alphabetic code XTS, numeric code 963.")]
+    assert question_weights("What is the numeric code of the currency Euro?")["euro"] == 2.0
+    assert best_text("What is the numeric code of the currency Euro?", passages) == [
+        "Euro: alphabetic code EUR, numeric code 978."]
+
+
+def test_no_shared_word_means_no_focus():
+    assert best_sentences("Quantum chromodynamics?", handbook("02-offices"), 3) == []
+
+
+def test_focus_passages_keep_retrieval_order_ids_and_text_order():
+    passages = [Passage("a", "Alpha one. Beta two. Gamma three.", title="A"),
+                Passage("b", "Beta four. Delta five.")]
+    best = best_sentences("beta gamma delta", passages, 3)
+    out = focus_passages(passages, best)
+    assert [(p.id, p.title, p.text) for p in out] == [
+        ("a", "A", "Beta two. ... Gamma three."), ("b", None, "Delta five.")]
+
+
+def test_rows_within_marks_the_rows_of_a_sentence():
+    index = _toy_index()  # passage i, token j covers characters j:j+1 of "abc"
+    mask = index.rows_within([(1, 1, 2), (2, 0, 1)])
+    assert mask.tolist() == [False, False, False, False, True, True, False]
+
+
+def test_spans_start_only_at_allowed_rows():
+    # caught: start_rows ignored; carriers filtered by the wrong rows
+    index = _toy_index()
+    belief = _toy_belief(index, query=0.0, top_token=7, lam=0.1)
+    # carriers of 7 by distance: row 5 (passage 2), row 3 (passage 1), row 1 (passage 0)
+    assert RetrievedSpanProposer(index, 0.5).propose(belief, None, 1) == [5]
+    only_p0 = torch.tensor([True, True, True, False, False, False, False])
+    assert RetrievedSpanProposer(index, 0.5, start_rows=only_p0).propose(belief, None, 1) == [1]
+    none = torch.zeros(7, dtype=torch.bool)
+    assert RetrievedSpanProposer(index, 0.5, start_rows=none).propose(belief, None, 1) == []
+
+
+def test_question_lookup_drafts_what_follows_the_latest_longest_match():
+    q = [5, 6, 7, 8, 6, 7, 9, 4]
+    look = QuestionLookup(q)
+    assert look.propose([1, 6, 7], 3) == [9, 4]  # "6 7" last seen before 9
+    assert look.propose([1, 5], 2) == [6, 7]
+    assert look.propose([3], 4) == []  # not in the question
+    assert look.propose([4], 4) == []  # at the question's end: nothing follows
+
+
+FOCUS = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
+                   initial_span_length=2, passages_in_prompt=True, focus_sentences=1)
+
+
+def test_decoder_shows_the_focus_sentence_and_copies_only_from_it(tiny_lm):
+    # caught: the whole passages in the prompt; span_starts not passed to the generation
+    question = "Who founded the Zephyr Widget Company, and where?"
+    passages = [*PASSAGES, Passage("extra", "Widgets are small. The Zephyr Widget Company "
+                                            "sells widgets. Zephyr winds blow west.")]
+    (best,) = best_sentences(question, passages, 1)
+    assert passages[best.passage_index].id == PASSAGES[0].id
+    lm = CountingLM(tiny_lm)
+    res = NestDecoder(lm, FOCUS).generate(question, passages, max_new_tokens=30)
+    shown = tiny_lm.decode(lm.calls[0])
+    assert PASSAGES[0].text in shown
+    assert "sells widgets" not in shown and PASSAGES[1].text not in shown
+    free = NestDecoder(tiny_lm, FOCUS.with_overrides(focus_sentences=None)).generate(
+        question, passages, max_new_tokens=30)
+    assert any(s.passage.id != PASSAGES[0].id for s in free.spans), "must discriminate"
+    assert res.spans
+    for s in res.spans:  # every span starts in the focus sentence (then may read on)
+        assert s.passage.id == PASSAGES[0].id and best.start <= s.src_start < best.end
+
+
+class ScriptedLM(CountingLM):
+    """The tiny LM whose own argmax at answer position i is ``script[i]`` (a +30 logit);
+    ``close[i]`` is a runner-up 0.3 logits below it (within 2x after the 0.7 temperature)."""
+
+    def __init__(self, lm, prompt_len: int, script: list[int],
+                 close: dict[int, int] | None = None) -> None:
+        super().__init__(lm)
+        self.prompt_len, self.script, self.close = prompt_len, script, close or {}
+
+    def forward(self, input_ids, cache, key_layer, last_only=False):
+        before = cache.get_seq_length()
+        out = super().forward(input_ids, cache, key_layer, last_only=last_only)
+        logits = out.logits.clone()
+        last = before + len(input_ids) - 1  # sequence position of the last logits row
+        for i in range(logits.shape[0]):
+            answer_pos = last - (logits.shape[0] - 1 - i) + 1 - self.prompt_len
+            if 0 <= answer_pos < len(self.script):
+                top = logits[i].max() + 30.0
+                if answer_pos in self.close:
+                    logits[i, self.close[answer_pos]] = top - 0.3
+                logits[i, self.script[answer_pos]] = top
+        return type(out)(logits=logits, hidden=out.hidden)
+
+
+def test_question_drafts_change_nothing_but_the_forward_count(tiny_lm):
+    # caught: question drafts verified relaxed (not exact) or not at all; their rows masked
+    # or cited; the lookup never consulted
+    cfg = NestConfig(mode="base", relaxation=1.0, verify_against="lm")
+    prompt = "The quick brown fox jumps over the lazy dog."
+    q = tiny_lm.tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(q) >= 8
+    # restates the question, strays (the lookup proposes q[4:], the LM says q[1] and finds
+    # q[4] nearly as likely: relaxed verification would take it), goes on
+    script = [*q[:4], q[1], *q[2:6]]
+    n = len(tiny_lm.prompt_ids(prompt))
+    plain = NestDecoder(ScriptedLM(tiny_lm, n, script, {4: q[4]}), cfg).generate(
+        prompt, PASSAGES, max_new_tokens=len(script))
+    assert plain.token_ids == script
+    lm = ScriptedLM(tiny_lm, n, script, {4: q[4]})
+    fast = NestDecoder(lm, cfg.with_overrides(question_drafts=True)).generate(
+        prompt, PASSAGES, max_new_tokens=len(script))
+    assert fast.token_ids == script and fast.spans == []
+    assert fast.stats.lm_forwards < plain.stats.lm_forwards
+    assert fast.stats.accepted_draft_tokens < fast.stats.drafted_tokens  # one was cut
+
+
+@pytest.mark.parametrize("value", [0, -1, True, 1.5])
+def test_focus_sentences_must_be_a_positive_int(value):
+    with pytest.raises(ValueError, match="focus_sentences"):
+        NestConfig(focus_sentences=value)
