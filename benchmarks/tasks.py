@@ -94,15 +94,24 @@ def cited_correct(text: str, spans: Sequence[Any], answers: Sequence[str], gold_
     """1.0 when a gold answer occurs in ``text`` (as :func:`exact_answer_recall` finds it)
     wholly inside one span (``out_start:out_end`` of ``text``) whose passage is the gold
     passage, else 0.0. ``spans`` are :class:`~nest_core.types.Span` s: copied
-    (``NestResult.spans``) or matched (``NestResult.matches``)."""
-    gold_spans = [(s.out_start, s.out_end) for s in spans if is_gold_passage(s.passage, gold_id)]
+    (``NestResult.spans``) or matched (``NestResult.matches``); spans that continue each
+    other in output and in the source (copied "48." after the matched "0" of "048") count
+    as one."""
+    gold_spans: list[tuple[int, int, int]] = []  # (out_start, out_end, src_end)
+    for s in sorted((s for s in spans if is_gold_passage(s.passage, gold_id)),
+                    key=lambda s: s.out_start):
+        prev = gold_spans[-1] if gold_spans else None
+        if prev is not None and prev[1] == s.out_start and prev[2] == s.src_start:
+            gold_spans[-1] = (prev[0], s.out_end, s.src_end)
+        else:
+            gold_spans.append((s.out_start, s.out_end, s.src_end))
     if not gold_spans:
         return 0.0
     for answer in answers:
         if not answer.strip():
             continue
         for m in answer_pattern(answer).finditer(text):
-            if any(a <= m.start() and m.end() <= b for a, b in gold_spans):
+            if any(a <= m.start() and m.end() <= b for a, b, _ in gold_spans):
                 return 1.0
     return 0.0
 

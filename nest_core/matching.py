@@ -37,7 +37,17 @@ cited when any of these holds:
    so such a word counts only when the cited passage also writes it capitalised in the
    middle of a sentence and never in lower case: the answer "Ghent." is cited from "...
    offices in Ghent and Lyon", the answer "The ..." is not cited from "... the ...".
-   "I" and "A" are not names.
+   "I" and "A" are not names;
+5. it holds a *rare word*: a word of at least 3 characters, not a stop word, that the
+   cited passage holds and no other retrieved passage does (compared in lower case, whole
+   words; at least two passages retrieved). That is how codes written in lower case
+   ("tha", the ISO 639-3 code of Thai) are cited, while "the" or "office", which most
+   passages hold, are not.
+
+A word the copy path began or finished is completed: when a copied span starts or ends
+inside a word ("48." copied after the LM wrote "0") and the LM's rest of the word continues
+the span's source there, up to a word boundary in the source too, that rest is a matched
+span whatever its size ("0"), so the answer "048" is cited whole, by two adjacent spans.
 
 Matched spans carry exact offsets under the copied-span rule
 (``text == output[out_start:out_end] == passage.text[src_start:src_end]``, no surrounding
@@ -52,6 +62,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from nest_core.focus import STOP_WORDS
 from nest_core.types import Passage, Span
 
 MIN_WORDS = 4  # a stretch of this many words is a citation whatever its words are
@@ -68,23 +79,51 @@ def match_spans(text: str, passages: Sequence[Passage], copied: Sequence[Span]) 
     pass the minimum-match rule (module docstring), as ``kind="matched"`` spans in output
     order. ``passages`` are in retrieval order (a higher-ranked passage is cited first)."""
     words = [(m.start(), m.end()) for m in _WORD.finditer(text)]
-    free = [not any(s.out_start < end and s.out_end > start for s in copied)
+    rests = word_rests(text, words, copied)
+    taken = [*copied, *rests]
+    free = [not any(s.out_start < end and s.out_end > start for s in taken)
             for start, end in words]
     sources = [p for p in passages if p.text]
-    found: list[Span] = []
+    found: list[Span] = list(rests)
     i = 0
     while i < len(words):
         if not free[i]:
             i += 1
             continue
         last, hits = _longest(text, words, free, i, sources)
-        span = _cite(text, words[i:last + 1], hits) if hits else None
+        span = _cite(text, words[i:last + 1], hits, sources) if hits else None
         if span is None:
             i += 1
             continue
         found.append(span)
         i = last + 1
-    return found
+    return sorted(found, key=lambda s: s.out_start)
+
+
+def word_rests(text: str, words: Sequence[tuple[int, int]], copied: Sequence[Span]
+               ) -> list[Span]:
+    """The LM-written rests of words that copied spans start or end inside, where they
+    continue the span's source verbatim up to a word boundary there (module docstring)."""
+    out = []
+    for s in copied:
+        src = s.passage.text
+        for start, end in words:
+            if start < s.out_start < end:  # the span starts inside this word
+                a, b = start, s.out_start
+                at = s.src_start - (b - a)
+            elif start < s.out_end < end:  # the span ends inside this word
+                a, b = s.out_end, end
+                at = s.src_end
+            else:
+                continue
+            piece = text[a:b]
+            if at >= 0 and src[at:at + len(piece)] == piece and piece.strip() == piece \
+                    and not splits_word(src, at if a == start else at + len(piece)) \
+                    and not any(c.out_start < b and c.out_end > a for c in copied):
+                out.append(Span(text=piece, out_start=a, out_end=b, passage=s.passage,
+                                src_start=at, src_end=at + len(piece), token_start=0,
+                                token_end=0, kind="matched"))
+    return out
 
 
 def _longest(text: str, words: Sequence[tuple[int, int]], free: Sequence[bool], first: int,
@@ -137,22 +176,24 @@ def _is_word_char(c: str) -> bool:
 
 
 def _cite(text: str, words: Sequence[tuple[int, int]],
-          hits: Sequence[tuple[Passage, int]]) -> Span | None:
+          hits: Sequence[tuple[Passage, int]], sources: Sequence[Passage]) -> Span | None:
     """The span for the stretch over ``words``, cited from the first passage of ``hits``
     for which it passes the minimum-match rule, or ``None``."""
     out_start, out_end = words[0][0], words[-1][1]
     stretch = text[out_start:out_end]
     for passage, at in hits:
-        if is_citation(text, words, passage):
+        if is_citation(text, words, passage, sources):
             return Span(text=stretch, out_start=out_start, out_end=out_end, passage=passage,
                         src_start=at, src_end=at + len(stretch), token_start=0, token_end=0,
                         kind="matched")
     return None
 
 
-def is_citation(text: str, words: Sequence[tuple[int, int]], passage: Passage) -> bool:
+def is_citation(text: str, words: Sequence[tuple[int, int]], passage: Passage,
+                sources: Sequence[Passage] = ()) -> bool:
     """The minimum-match rule (module docstring) for the stretch of ``text`` over ``words``
-    (``(start, end)`` offsets of consecutive words) found in ``passage``."""
+    (``(start, end)`` offsets of consecutive words) found in ``passage``, one of the
+    retrieved ``sources``."""
     if len(words) >= MIN_WORDS:
         return True
     stretch = text[words[0][0]:words[-1][1]]
@@ -165,7 +206,17 @@ def is_citation(text: str, words: Sequence[tuple[int, int]], passage: Passage) -
         if _name_shaped(word) and (not _sentence_initial(text, start)
                                    or _proper_noun_in(passage.text, word)):
             return True
+        if _rare(word, passage, sources):
+            return True
     return False
+
+
+def _rare(word: str, passage: Passage, sources: Sequence[Passage]) -> bool:
+    """Rule 5: only ``passage`` of the (two or more) ``sources`` holds ``word``."""
+    low = word.lower()
+    if len(low) < 3 or low in STOP_WORDS or len(sources) < 2:
+        return False
+    return all(find_word_aligned(p.text.lower(), low) < 0 for p in sources if p is not passage)
 
 
 def _name_shaped(word: str) -> bool:

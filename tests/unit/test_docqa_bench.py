@@ -283,3 +283,12 @@ def test_run_exits_with_one_line_naming_the_missing_packages(monkeypatch: Any) -
     with pytest.raises(SystemExit) as exc:
         run.main([])
     assert "apt-get install -y dict-foldoc iso-codes" in str(exc.value.code)
+
+
+def test_spans_that_continue_each_other_cite_the_answer_together() -> None:
+    gold = "iso-3166-1-0000"
+    head, tail = _span(GOLD, TEXT, "85", matched=True), _span(GOLD, TEXT, "4.")
+    assert cited_correct(TEXT, [tail, head], ["854"], gold) == 1.0
+    # adjacent in the output but not in the source: two separate citations
+    moved = dataclasses.replace(tail, src_start=tail.src_start + 1, src_end=tail.src_end + 1)
+    assert cited_correct(TEXT, [head, moved], ["854"], gold) == 0.0

@@ -21,9 +21,9 @@ from nest_integrations.llama_index import NestLLM, NestQueryEngine, NestRetrieva
 
 QUESTION = "The Zephyr Widget Company was"
 # On the tiny model (seed 0) Nest with the shipped defaults decodes the random LM's own
-# tokens (byte pieces, hence U+FFFD) and copies three runs from nodes 0 and 2 (the top 3
-# nodes are in the prompt; spans start there only).
-EXPECTED = '�ore�emsOstrava.phyr ?���È�ranslates sou'
+# tokens (byte pieces, hence U+FFFD) and copies two runs from node 0, the one holding the
+# question's words (the prompt shows its best sentence; spans start there only).
+EXPECTED = '�ore�emsOstrava.phyr ?�O�emsOstans7\x02��'
 
 
 class ListRetriever(BaseRetriever):
@@ -80,10 +80,10 @@ def test_query_returns_stock_response_shape_with_spans(engine):
     assert res.metadata["node-2"] == {"title": None, "n": 2}  # "_node_content" stripped
     spans = res.metadata["nest_spans"]
     assert [(s["node_id"], s["cited_text"]) for s in spans] == [
-        ('node-0', 'Ostrava.'), ('node-0', 'phyr'), ('node-2', 'lates sou')]
+        ('node-0', 'Ostrava.'), ('node-0', 'phyr')]
     assert_spans_consistent(res.response, spans, res.source_nodes)
     assert res.metadata["nest_finish_reason"] in {"length", "eos"}
-    assert res.metadata["nest_attribution_ratio"] == pytest.approx(11 / 24)  # 11 copied of 24
+    assert res.metadata["nest_attribution_ratio"] == pytest.approx(7 / 24)  # 7 copied of 24
 
 
 def test_spans_match_the_decoders_own_result(engine, tiny_lm):
@@ -104,7 +104,7 @@ def test_citation_markers(tiny_lm):
     eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
                           max_new_tokens=24, citation_markers=True)
     res = eng.query(QUESTION)
-    assert res.response == '�ore�emsOstrava. [1]phyr [1] ?���È�ranslates sou [3]'
+    assert res.response == '�ore�emsOstrava. [1]phyr [1] ?�O�emsOstans7\x02��'
     assert res.metadata["nest_text"] == EXPECTED
     assert_spans_consistent(res.response, res.metadata["nest_spans"], res.source_nodes)
 
@@ -143,7 +143,7 @@ async def test_async_streaming(tiny_lm):
     assert isinstance(res, AsyncStreamingResponse)
     text = "".join([p async for p in res.async_response_gen()])
     assert text == EXPECTED
-    assert len(res.metadata["nest_spans"]) == 3
+    assert len(res.metadata["nest_spans"]) == 2
 
 
 def test_empty_retrieval_is_a_clear_error(tiny_lm):
@@ -198,7 +198,7 @@ def test_nest_llm_completes_with_spans_and_streams_the_same(tiny_lm):
     out = llm.complete(QUESTION)
     assert out.text == EXPECTED
     spans = out.additional_kwargs["nest_spans"]
-    assert [s["node_id"] for s in spans] == ['node-0', 'node-0', 'node-2']
+    assert [s["node_id"] for s in spans] == ['node-0', 'node-0']
     streamed = list(llm.stream_complete(QUESTION))
     assert streamed[-1].text == EXPECTED
     assert "".join(r.delta or "" for r in streamed) == EXPECTED

@@ -16,7 +16,8 @@ from nest_integrations.llama_index.citations import SpanAssembler
 from nest_integrations.llama_index.llm import retrieval_query
 from nest_integrations.llama_index.nodes import nodes_to_passages, public_metadata
 
-P1 = Passage(id="n1", text="The Zephyr Widget Company was founded in 1987 in Ostrava.")
+P1 = Passage(id="n1", text="The Zephyr Widget Company was founded in 1987 in Ostrava. It makes "
+                            "clocks.")
 P2 = Passage(id="n2", text="It makes brass widgets for clocks.")
 
 
@@ -138,7 +139,7 @@ def test_assembler_ignores_spans_of_unknown_passages():
 
 def _chunks_with_matches() -> list[NestChunk]:
     """Copied "The Zephyr Widget" [n1] and "brass widgets" [n2]; the LM wrote "in Ostrava"
-    (matched, n1) and "for clocks" (too common to cite) itself."""
+    (matched, n1) and "for clocks" (both passages hold "makes" and "clocks": no citation)."""
     from nest_core.matching import match_spans
     from nest_core.types import DecodeStats, NestResult
 
