@@ -7,9 +7,9 @@ passages; this ranks their *sentences* against the question, lexically: every qu
 (lower case, crude suffix stemming, stop words dropped) that a sentence holds adds its
 inverse sentence frequency among the candidate sentences, so the rare, specific words of the
 question ("Romania", "Ghent", "opened") decide and the words every sentence shares ("code",
-"office") barely count; a word the question capitalises mid-sentence (a name: "Euro",
-"Ghent") counts twice, so "the currency Euro" finds the Euro line, not any line that
-mentions a currency. Lexical on purpose: it needs no model, runs in microseconds, and
+"office") barely count; a name the question writes (capitalised mid-sentence: "Euro",
+"Ghent", "Halvorsen Orchard Robotics") counts as one term and 1.5 times, so "the currency
+Euro" finds the Euro line, not any line that mentions a currency. Lexical on purpose: it needs no model, runs in microseconds, and
 names and numbers, which embeddings blur, are exactly what document QA asks about.
 """
 
@@ -36,6 +36,7 @@ STOP_WORDS = frozenset((
     "had", "not", "no", "if", "then", "than", "so", "about", "into", "tell", "please",
     "answer", "few", "words", "word", "briefly", "give", "explain", "describe",
 ))
+NAME_WEIGHT = 1.5  # a name in the question says more about the answer than a common word
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,34 @@ def terms(text: str) -> set[str]:
     return {stem(w) for w in (m.lower() for m in _WORD.findall(text)) if w not in STOP_WORDS}
 
 
-def question_weights(question: str) -> dict[str, float]:
-    """Question terms -> weight: 2 for a name (capitalised, not the first word of a
-    sentence), else 1."""
-    out: dict[str, float] = {}
+def question_weights(question: str) -> dict[frozenset[str], float]:
+    """Question terms -> weight. A term is a content word, or a *name*: a run of words the
+    question capitalises mid-sentence ("Halvorsen Orchard Robotics", "Euro"), held by a
+    sentence only when it holds all of its words, weighing :data:`NAME_WEIGHT`; one name
+    counts once however many words it has, so the company a handbook is about does not
+    outweigh the "headquarters" the question asks for."""
+    out: dict[frozenset[str], float] = {}
+    name: list[str] = []
+
+    def close_name() -> None:
+        if name:
+            term = frozenset(name)
+            out[term] = max(out.get(term, 0.0), NAME_WEIGHT)
+            name.clear()
+
     for m in _WORD.finditer(question):
         word = m.group().lower()
-        if word in STOP_WORDS:
-            continue
         before = question[: m.start()].rstrip()
-        name = m.group()[0].isupper() and bool(before) and before[-1] not in ".!?:\n"
-        term = stem(word)
-        out[term] = max(out.get(term, 0.0), 2.0 if name else 1.0)
+        capital = m.group()[0].isupper() and bool(before) and before[-1] not in ".!?:\n"
+        if word in STOP_WORDS:
+            close_name()
+            continue
+        if capital and (not name or question[m.start() - 1] == " "):
+            name.append(stem(word))
+            continue
+        close_name()
+        out.setdefault(frozenset((stem(word),)), 1.0)
+    close_name()
     return out
 
 
@@ -92,15 +109,17 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
 
 def rank_sentences(question: str, passages: Sequence[Passage]) -> list[Sentence]:
     """Every sentence of ``passages``, best first: summed (weighted) inverse sentence
-    frequency of the question's words it holds; ties keep passage (retrieval) order, then text order."""
+    frequency of the question's terms it holds; ties keep passage (retrieval) order, then
+    text order."""
     spans = [(i, a, b) for i, p in enumerate(passages) for a, b in split_sentences(p.text)]
     bags = [terms(passages[i].text[a:b]) for i, a, b in spans]
     wanted = question_weights(question)
-    df = Counter(t for bag in bags for t in bag & wanted.keys())
+    held = [[t for t in wanted if t <= bag] for bag in bags]
+    df = Counter(t for ts in held for t in ts)
     n = len(bags)
     idf = {t: wanted[t] * math.log(1.0 + n / df[t]) for t in df}
-    scored = [Sentence(i, a, b, sum(idf[t] for t in bag & wanted.keys()))
-              for (i, a, b), bag in zip(spans, bags, strict=True)]
+    scored = [Sentence(i, a, b, sum(idf[t] for t in ts))
+              for (i, a, b), ts in zip(spans, held, strict=True)]
     return sorted(scored, key=lambda s: -s.score)  # stable: ties stay in retrieval order
 
 

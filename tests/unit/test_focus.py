@@ -11,7 +11,7 @@ import torch
 from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
-from nest_core.focus import best_sentences, focus_passages, question_weights, split_sentences
+from nest_core.focus import NAME_WEIGHT, best_sentences, focus_passages, question_weights, split_sentences
 from nest_core.proposer import QuestionLookup, RetrievedSpanProposer
 from test_rules import CountingLM, _toy_belief, _toy_index, nearest_carrier
 
@@ -45,9 +45,20 @@ def test_a_name_outweighs_a_common_word():
     passages = [Passage("p", "Euro: alphabetic code EUR, numeric code 978.\n"
                              "No currency: alphabetic code XXX, numeric code 999.\n"
                              "Testing: alphabetic code XTS, numeric code 963.")]
-    assert question_weights("What is the numeric code of the currency Euro?")["euro"] == 2.0
+    assert question_weights("What is the numeric code of the currency Euro?")[
+        frozenset({"euro"})] == NAME_WEIGHT > 1.0
     assert best_text("What is the numeric code of the currency Euro?", passages) == [
         "Euro: alphabetic code EUR, numeric code 978."]
+
+
+def test_a_many_word_name_counts_once():
+    # caught: each word of the company's name counted: its sentences outweigh "headquarters"
+    passages = handbook("02-offices", "01-welcome", "04-working-hours", "09-remote-work")
+    q = "Where is the headquarters of Halvorsen Orchard Robotics?"
+    assert question_weights(q) == {frozenset({"headquarter"}): 1.0,
+                                   frozenset({"halvorsen", "orchard", "robotic"}): NAME_WEIGHT}
+    (best,) = best_text(q, passages)
+    assert best.startswith("The headquarters is in Dunmore")
 
 
 def test_no_shared_word_means_no_focus():
