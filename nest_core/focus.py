@@ -9,8 +9,9 @@ inverse sentence frequency among the candidate sentences, so the rare, specific 
 question ("Romania", "Ghent", "opened") decide and the words every sentence shares ("code",
 "office") barely count; a name the question writes (capitalised mid-sentence: "Euro",
 "Ghent", "Halvorsen Orchard Robotics") counts as one term and 1.5 times, so "the currency
-Euro" finds the Euro line, not any line that mentions a currency. Lexical on purpose: it needs no model, runs in microseconds, and
-names and numbers, which embeddings blur, are exactly what document QA asks about.
+Euro" finds the Euro line, not any line that mentions a currency. Lexical on purpose: it
+needs no model, runs in microseconds, and names and numbers, which embeddings blur, are
+exactly what document QA asks about.
 """
 
 from __future__ import annotations

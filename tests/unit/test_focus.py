@@ -8,12 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT
+from conftest import PASSAGES
+from test_rules import CountingLM, _toy_belief, _toy_index
 
 from nest_core import NestConfig, NestDecoder, Passage
-from nest_core.focus import NAME_WEIGHT, best_sentences, focus_passages, question_weights, split_sentences
+from nest_core.focus import (
+    NAME_WEIGHT,
+    best_sentences,
+    focus_passages,
+    question_weights,
+    split_sentences,
+)
 from nest_core.proposer import QuestionLookup, RetrievedSpanProposer
-from test_rules import CountingLM, _toy_belief, _toy_index, nearest_carrier
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
@@ -116,13 +122,15 @@ def test_decoder_shows_the_focus_sentence_and_copies_only_from_it(tiny_lm):
     res = NestDecoder(lm, FOCUS).generate(question, passages, max_new_tokens=30)
     shown = tiny_lm.decode(lm.calls[0])
     assert PASSAGES[0].text in shown
-    assert "sells widgets" not in shown and PASSAGES[1].text not in shown
+    assert "sells widgets" not in shown
+    assert PASSAGES[1].text not in shown
     free = NestDecoder(tiny_lm, FOCUS.with_overrides(focus_sentences=None)).generate(
         question, passages, max_new_tokens=30)
     assert any(s.passage.id != PASSAGES[0].id for s in free.spans), "must discriminate"
     assert res.spans
     for s in res.spans:  # every span starts in the focus sentence (then may read on)
-        assert s.passage.id == PASSAGES[0].id and best.start <= s.src_start < best.end
+        assert s.passage.id == PASSAGES[0].id
+        assert best.start <= s.src_start < best.end
 
 
 class ScriptedLM(CountingLM):
@@ -166,7 +174,8 @@ def test_question_drafts_change_nothing_but_the_forward_count(tiny_lm):
     lm = ScriptedLM(tiny_lm, n, script, {4: q[4]})
     fast = NestDecoder(lm, cfg.with_overrides(question_drafts=True)).generate(
         prompt, PASSAGES, max_new_tokens=len(script))
-    assert fast.token_ids == script and fast.spans == []
+    assert fast.token_ids == script
+    assert fast.spans == []
     assert fast.stats.lm_forwards < plain.stats.lm_forwards
     assert fast.stats.accepted_draft_tokens < fast.stats.drafted_tokens  # one was cut
 
