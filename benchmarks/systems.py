@@ -99,6 +99,7 @@ class RunRecord:
     knn_seconds: float = 0.0  # token search + mixture
     other_seconds: float = 0.0
     total_seconds: float = 0.0  # end to end, passage search included
+    first_token_seconds: float = 0.0  # to the first text (or first token), search included
     modeled_lm_seconds: float = 0.0  # LM forwards priced by FORWARD_COST (load-independent)
     answer_words: int = 0  # whitespace-separated words of the output
     # doc-QA only: the gold answer lies inside a span cut from the gold passage (1.0 / 0.0);
@@ -203,6 +204,7 @@ class Runner:
                                   self.max_new_tokens)
             rec.search_seconds = search
             rec.total_seconds += search
+            rec.first_token_seconds += search
             return rec
         res = self.decoders[system].generate(item.prompt, list(passages) if uses_passages
                                              else None, max_new_tokens=self.max_new_tokens)
@@ -215,6 +217,7 @@ class Runner:
                          search_seconds=search, datastore_seconds=st.datastore_seconds,
                          lm_seconds=st.lm_seconds, knn_seconds=st.knn_seconds,
                          other_seconds=st.other_seconds, total_seconds=st.total_seconds + search,
+                         first_token_seconds=st.first_token_seconds + search,
                          extra={"draft_steps": st.draft_steps, "drafted": st.drafted_tokens,
                                 "accepted": st.accepted_draft_tokens,
                                 "prompt_tokens": st.prompt_tokens,
@@ -234,13 +237,17 @@ class PromptLookup:
         self.forwards = 0
         self.lm_seconds = 0.0
         self._t0 = 0.0
+        self.first_token_at = 0.0  # perf_counter() when the first forward (the prompt) ended
 
     def _before(self, *_: Any) -> None:
         self._t0 = time.perf_counter()
 
     def _after(self, *_: Any) -> None:
         self.forwards += 1
-        self.lm_seconds += time.perf_counter() - self._t0
+        now = time.perf_counter()
+        self.lm_seconds += now - self._t0
+        if self.forwards == 1:
+            self.first_token_at = now  # the prompt forward yields the first token
 
     @torch.inference_mode()
     def run(self, item: Item, passages: Sequence[Passage], max_new_tokens: int) -> RunRecord:
@@ -267,4 +274,5 @@ class PromptLookup:
                          answer_words=answer_words(text),
                          lm_forwards=self.forwards, lm_seconds=self.lm_seconds,
                          other_seconds=max(0.0, total - self.lm_seconds), total_seconds=total,
+                         first_token_seconds=self.first_token_at - t0,
                          extra={"prompt_tokens": len(ids)})

@@ -287,6 +287,8 @@ class Generation:
             upto = (len(self.text) if self.finish and end == len(self.ids)
                     else self.offsets.prefix_length(self.ids, end))
             if upto > self.sent:  # else its tokens go with the next chunk, which has the text
+                if not self.stats.first_token_seconds:
+                    self.stats.first_token_seconds = time.perf_counter() - self.started
                 yield NestChunk(text=self.text[self.sent:upto],
                                 token_ids=self.ids[self.streamed:end], span=self.span_of(t, end))
                 self.sent, self.streamed = upto, end
@@ -340,6 +342,7 @@ class Generation:
                  if s is not None] if self.index is not None else []
         stats.copied_tokens = sum(s.num_tokens for s in spans)
         stats.total_seconds = time.perf_counter() - self.started
+        stats.first_token_seconds = stats.first_token_seconds or stats.total_seconds
         result = NestResult(text=self.text, token_ids=list(self.ids), spans=spans,
                             passages=self.passages, stats=stats,
                             finish_reason=self.finish or "length",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,10 +119,11 @@ class LanguageModel:
         """
         ids = torch.tensor([list(input_ids)], dtype=torch.long, device=self.device)  # [1, T]
         extra = {"logits_to_keep": 1} if last_only else {}
-        out = self.model(input_ids=ids, use_cache=True, output_hidden_states=True,
-                         **{self._cache_arg: cache}, **extra)
+        with KeyLayer(self.model, key_layer) as key:
+            out = self.model(input_ids=ids, use_cache=True, **key.kwargs,
+                             **{self._cache_arg: cache}, **extra)
         logits = out.logits[0].float()  # [T or 1, V]
-        hidden = out.hidden_states[key_layer][0].float()  # [T, D]
+        hidden = key.states(out)[0].float()  # [T, D]
         if last_only:
             logits, hidden = logits[-1:], hidden[-1:]
         return LMOutput(logits=logits, hidden=hidden)
@@ -134,10 +136,11 @@ class LanguageModel:
         ``input_ids``/``attention_mask``: ``(B, T)``; returns ``(B, T, D)`` in the model dtype.
         """
         body = self.model.base_model
-        out = body(input_ids=input_ids.to(self.device),
-                   attention_mask=attention_mask.to(self.device),
-                   output_hidden_states=True, use_cache=False)
-        return out.hidden_states[key_layer]
+        with KeyLayer(self.model, key_layer) as key:
+            out = body(input_ids=input_ids.to(self.device),
+                       attention_mask=attention_mask.to(self.device), use_cache=False,
+                       **key.kwargs)
+        return key.states(out)
 
     # --- prompts ---------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
@@ -167,6 +170,66 @@ class LanguageModel:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
                                          clean_up_tokenization_spaces=False))
+
+
+class KeyLayer:
+    """Captures ``hidden_states[key_layer]`` alone, with a forward hook on the decoder layer
+    that produces it, instead of ``output_hidden_states=True``, which keeps every layer's
+    states (about 585 MB for an 8k-token prompt on SmolLM2) where one is used.
+
+    ``hidden_states[i]`` is the output of decoder layer ``i - 1`` for ``1 <= i < L``; index
+    0 (embeddings) and ``L`` (after the final norm), and models whose layer list is not
+    found, fall back to ``output_hidden_states=True``. Use as a context manager around one
+    forward; pass ``kwargs`` to it and read :meth:`states` after. Thread-safe: each
+    capture keeps only its own thread's forward.
+    """
+
+    def __init__(self, model: Any, key_layer: int) -> None:
+        layers = _decoder_layers(model)
+        n = len(layers) if layers is not None else 0
+        index = key_layer + n + 1 if key_layer < 0 else key_layer
+        self.key_layer = key_layer
+        self.layer = layers[index - 1] if layers is not None and 1 <= index < n else None
+        self.kwargs: dict[str, Any] = {} if self.layer is not None else {
+            "output_hidden_states": True}
+        self._captured: torch.Tensor | None = None
+        self._hook: Any = None
+        self._thread = 0
+
+    def _capture(self, _module: Any, _args: Any, output: Any) -> None:
+        # one shared model serves many threads, and a hook sees every thread's forwards
+        if threading.get_ident() == self._thread:
+            self._captured = output[0] if isinstance(output, tuple) else output
+
+    def __enter__(self) -> KeyLayer:
+        self._thread = threading.get_ident()
+        if self.layer is not None:
+            self._hook = self.layer.register_forward_hook(self._capture)
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+
+    def states(self, out: Any) -> torch.Tensor:
+        """``(B, T, D)`` key-layer states of the forward that returned ``out``."""
+        if self.layer is None:
+            return out.hidden_states[self.key_layer]
+        assert self._captured is not None, "the key layer did not run"
+        return self._captured
+
+
+def _decoder_layers(model: Any) -> Any:
+    """The list of decoder blocks (``model.model.layers`` in Llama-like models), or None."""
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers"):
+        obj = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and len(obj):
+            return obj
+    return None
 
 
 def check_prompt(prompt: object) -> None:

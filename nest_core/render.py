@@ -111,7 +111,8 @@ def stats_line(result: NestResult) -> str:
     st = result.stats
     parts = [f"{st.prompt_tokens}-token prompt", f"{st.generated_tokens} tokens",
              f"{st.tokens_per_second:.1f} tokens/s",
-             f"{st.tokens_per_forward:.2f} tokens/forward", f"{st.total_seconds:.1f} s"]
+             f"{st.tokens_per_forward:.2f} tokens/forward",
+             f"first text {st.first_token_seconds:.1f} s", f"{st.total_seconds:.1f} s"]
     if result.spans:
         parts.append(f"{result.attribution_ratio:.0%} copied in {len(result.spans)} span(s)")
     else:

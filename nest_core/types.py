@@ -99,7 +99,10 @@ class DecodeStats:
     datastore_seconds: float = 0.0
     lm_seconds: float = 0.0
     knn_seconds: float = 0.0
-    total_seconds: float = 0.0
+    total_seconds: float = 0.0  # the whole call: what a user waits for the answer
+    # from the call to the first streamed text (passage keys and the prompt read included):
+    # what a user waits before anything appears; equals total_seconds when nothing streamed
+    first_token_seconds: float = 0.0
 
     @property
     def tokens_per_forward(self) -> float:

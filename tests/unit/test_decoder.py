@@ -10,6 +10,7 @@ from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.lm import LanguageModel
+from nest_core.render import stats_line
 
 # α = 1 makes λ < δ whenever ρ < 1 and a tiny γ accepts nearly every draft token: the
 # random model then copies a lot, which exercises spans, streaming and masking.
@@ -107,6 +108,44 @@ def test_stream_pieces_add_up_to_the_result(tiny_lm):
             assert c.span.text in result.text
             assert c.span.passage.text[c.span.src_start:c.span.src_end] == c.span.text
     assert result.token_ids == dec.generate(PROMPT, PASSAGES, max_new_tokens=30).token_ids
+
+
+def test_first_text_is_timed_when_the_first_chunk_is_streamed(tiny_lm):
+    # caught: first_token_seconds never set, set at the end, or reset by a later chunk
+    import time
+
+    dec = NestDecoder(tiny_lm, COPY_HEAVY)
+    t0 = time.perf_counter()
+    stream = dec.stream(PROMPT, PASSAGES, max_new_tokens=30)
+    first = next(c for c in stream if c.text)
+    seen = time.perf_counter() - t0
+    time.sleep(0.05)  # the rest of the answer comes visibly later
+    result = next(c for c in stream if c.result is not None).result
+    st = result.stats
+    assert 0 < st.first_token_seconds <= seen
+    assert st.total_seconds >= st.first_token_seconds + 0.05
+    assert first.text
+    assert result.text.startswith(first.text)
+    assert "first text" in stats_line(result)
+
+
+@pytest.mark.parametrize("key_layer", [-1, -2, -3, 0, 1, 3])
+def test_only_the_key_layer_is_kept_and_it_is_the_same_state(tiny_lm, key_layer):
+    # caught: the hook on the wrong layer (off by one), the layer's input instead of output
+    from nest_core.lm import KeyLayer
+
+    ids = list(range(5, 25))
+    ref = tiny_lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    ref = ref.hidden_states[key_layer]  # [1, T, D]
+    out = tiny_lm.forward(ids, tiny_lm.new_cache(), key_layer)
+    enc = tiny_lm.encode_hidden(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long),
+                                key_layer)
+    assert torch.equal(out.hidden, ref[0].float())
+    assert torch.equal(enc, ref)
+    hooked = KeyLayer(tiny_lm.model, key_layer)
+    # the 3 decoder layers' outputs are hidden_states 1, 2 (= -2), 3 (= -1, after the norm)
+    assert (hooked.layer is not None) == (key_layer in (-2, -3, 1))
+    assert ("output_hidden_states" in hooked.kwargs) == (hooked.layer is None)
 
 
 class RecordingLM(LanguageModel):
