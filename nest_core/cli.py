@@ -104,12 +104,16 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+# The model dtype of this process (``--dtype`` of index/ask/demo; keys cached per dtype).
+_DTYPE: dict[str, str | None] = {"dtype": None}
+
+
 def load_quietly() -> Any:
     from nest_core.models import load_model
 
     quiet_transformers()
     _note("loading the language model ...")
-    return load_model()
+    return load_model(dtype=_DTYPE["dtype"])
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -215,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-precompute", action="store_true",
                    help="skip the span datastore (the first questions will be slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _dtype_option(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("ask", help="answer a question from a store, with attribution")
@@ -228,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     _color_option(p)
+    _dtype_option(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
@@ -236,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
     _color_option(p)
+    _dtype_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cache", help="manage cached span datastores")
@@ -250,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 1 error, 2 usage, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
+    _DTYPE["dtype"] = getattr(args, "dtype", None)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
@@ -284,6 +292,11 @@ def _color_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour cited spans: copied [n] bold, matched [~n] underlined "
                    "(auto: on a terminal unless NO_COLOR is set)")
+
+
+def _dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="model weights' dtype (default float32; bfloat16 halves the memory)")
 
 
 def _color(choice: str) -> bool:

@@ -73,3 +73,12 @@ def test_summary_totals_speed_and_attribution() -> None:
     assert "plain model:  10.0 tokens/s, 1.00 tokens per LM forward" in text
     assert "Nest:         20.0 tokens/s, 4.00 tokens per LM forward" in text
     assert "2.0x the plain model" in text
+
+
+@pytest.mark.parametrize("command", [["ask", "q", "--store", "s"], ["demo"],
+                                     ["index", "f", "--out", "o"]])
+def test_dtype_option_on_every_command_that_loads_the_model(command):
+    assert build_parser().parse_args(command).dtype is None  # float32
+    assert build_parser().parse_args([*command, "--dtype", "bfloat16"]).dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--dtype", "float8"])
