@@ -39,8 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from benchmarks.run import CORPUS_OF, FULL, NUM_PASSAGES, build_items, corpus_passages
-    from benchmarks.run import open_search
+    from benchmarks.run import (
+        CORPUS_OF,
+        FULL,
+        NUM_PASSAGES,
+        build_items,
+        corpus_passages,
+        open_search,
+    )
     from nest_core import NestDecoder, load_model
     from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
@@ -55,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lm = load_model()
     decoder = NestDecoder(lm, key_cache=SpanDatastore(cache_dir() / "bench" / "spans"))
     tokens = plan.tokens("docqa")
-    for it, ps in zip(items, found, strict=True):
+    for ps in found:
         decoder.prepare(ps)  # warm keys: the levels compare decoding, not encoding
 
     def answer(i: int) -> tuple[list[int], float]:
