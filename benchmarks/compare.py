@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=0, help="max_new_tokens (0: the task's)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--show", action="store_true", help="print every answer")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"{args.task}_items": args.items})
     items = build_items(plan)
     stores = open_search(corpus_passages(CORPUS_OF[args.task]), CORPUS_OF[args.task])
-    lm = load_model()
+    lm = load_model(dtype=args.dtype)
     store = SpanDatastore(cache_dir() / "bench" / "spans")
     decoders = {name: NestDecoder(lm, default_config(lm.name) if ov is None
                                   else paper_config(lm.name, **ov), key_cache=store)
