@@ -65,6 +65,7 @@ class DatastoreStats:
     invalid: int = 0
     writes: int = 0
     evicted_files: int = 0
+    unwritable: int = 0  # puts skipped: the directory is read-only to this process
 
 
 def default_datastore_dir() -> Path:
@@ -96,7 +97,11 @@ class SpanDatastore:
             msg = f"key_dtype={key_dtype} is not supported; use one of {sorted(_DTYPES)} or None"
             raise ValueError(msg)
         self.path = Path(path) if path is not None else default_datastore_dir()
-        self.path.mkdir(parents=True, exist_ok=True)
+        # A read-only store (shared by another user, mounted read-only) is served as is:
+        # reads never write, and keys it lacks are kept in memory only.
+        with contextlib.suppress(OSError):
+            self.path.mkdir(parents=True, exist_ok=True)
+        self._warned_unwritable = False
         self.max_disk_bytes = max_disk_bytes
         self.memory_bytes = memory_bytes
         self.key_dtype = key_dtype
@@ -125,6 +130,11 @@ class SpanDatastore:
         except FileNotFoundError:
             self._count("misses")
             return None
+        except OSError as err:  # unreadable (permissions, I/O): encode again, do not fail
+            logger.warning("span datastore: cannot read %s (%s); encoding it again",
+                           file.name, err)
+            self._count("misses")
+            return None
         try:
             value = decode_entry(data, key)
         except ValueError as err:
@@ -144,9 +154,21 @@ class SpanDatastore:
         value = self._convert(value)
         data = encode_entry(key, value)
         file = self._file(key)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=file.parent)
+        if self.memory_bytes:
+            self._memory.put(key, value)
         try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=SUFFIX, dir=file.parent)
+        except OSError as err:  # a read-only store: serve it, keep this key in memory
+            self._count("unwritable")
+            if not self._warned_unwritable:
+                self._warned_unwritable = True
+                logger.warning("span datastore %s is not writable (%s): new passage keys are "
+                               "kept in memory only", self.path, err)
+            return
+        try:
+            # mkstemp makes 0600 files; a store shared with others gets what the umask allows
+            os.fchmod(fd, 0o666 & ~_UMASK)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             old = _size_or_zero(file)
@@ -154,8 +176,6 @@ class SpanDatastore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        if self.memory_bytes:
-            self._memory.put(key, value)
         with self._lock:
             self.stats.writes += 1
             self._disk_bytes += len(data) - old
@@ -243,7 +263,7 @@ class SpanDatastore:
             try:
                 if now - f.stat().st_mtime > _STALE_TMP_SECONDS:
                     f.unlink(missing_ok=True)
-            except FileNotFoundError:
+            except OSError:  # gone already, or a read-only store
                 continue
 
 
@@ -372,6 +392,17 @@ def _size_or_zero(path: Path) -> int:
 
 
 def _touch(path: Path) -> None:
-    """Mark ``path`` recently used (mtime: atime is unreliable under noatime/relatime)."""
-    with contextlib.suppress(FileNotFoundError):
+    """Mark ``path`` recently used (mtime: atime is unreliable under noatime/relatime); a
+    file of a read-only store stays as it is."""
+    with contextlib.suppress(OSError):
         os.utime(path)
+
+
+def _read_umask() -> int:
+    """The process umask (read by setting it and restoring it: once, at import)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()

@@ -282,3 +282,65 @@ def test_other_model_weights_miss(tiny_lm, tmp_path):
     assert not torch.equal(mine.keys, theirs.keys)
     expected = PassageEncoder(other).encode(PASSAGES[:1])[0]
     _assert_same(expected, theirs)
+
+
+# --- read-only stores (issue 14, case 1) -----------------------------------------------------
+def _read_only_os(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """What a read-only mount does to writes under ``root`` (as root, chmod cannot): every
+    write-side call there raises the OS's own error; reads are untouched."""
+    import tempfile
+
+    real_utime, real_mkstemp = os.utime, tempfile.mkstemp
+
+    def refuse(path: object) -> None:
+        if str(path).startswith(str(root)):
+            raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(os, "utime", lambda p, *a, **k: refuse(p) or real_utime(p, *a, **k))
+    monkeypatch.setattr(tempfile, "mkstemp",
+                        lambda *a, **k: refuse(k.get("dir", "")) or real_mkstemp(*a, **k))
+
+
+def test_a_read_only_store_is_served_and_never_written(tmp_path, monkeypatch, caplog):
+    # caught: _touch only ignoring FileNotFoundError; put raising on a read-only directory
+    SpanDatastore(tmp_path).put("k", _entry())
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    _read_only_os(monkeypatch, tmp_path)
+    store = SpanDatastore(tmp_path)
+    _assert_same(SpanDatastore(tmp_path, key_dtype=None).get("k"), store.get("k"))
+    with caplog.at_level("WARNING"):
+        store.put("new", _entry(seed=1))
+        store.put("newer", _entry(seed=2))
+    assert store.stats.unwritable == 2
+    assert sum("not writable" in r.message for r in caplog.records) == 1  # warned once
+    _assert_same(store._convert(_entry(seed=1)), store.get("new"))  # kept in memory
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+def test_a_store_without_write_permission_is_served(tmp_path):
+    SpanDatastore(tmp_path).put("k", _entry())
+    dirs = [tmp_path, *[p for p in tmp_path.rglob("*") if p.is_dir()]]
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            p.chmod(0o444)
+    for d in dirs:
+        d.chmod(0o555)
+    try:
+        store = SpanDatastore(tmp_path)
+        assert store.get("k") is not None
+        store.put("new", _entry(seed=1))
+        assert store.stats.unwritable == 1
+    finally:
+        for d in dirs:
+            d.chmod(0o755)
+
+
+def test_span_files_are_readable_as_the_umask_allows(tmp_path):
+    # caught: mkstemp's 0600 kept, so a shared store is unreadable to its other users
+    store = SpanDatastore(tmp_path)
+    store.put("k", _entry())
+    (file,) = [p for p in tmp_path.rglob("*") if p.is_file()]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert file.stat().st_mode & 0o777 == 0o666 & ~mask
