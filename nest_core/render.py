@@ -235,14 +235,25 @@ _Word = tuple[str, int]  # (text with ANSI codes, visible width); _NEWLINE force
 _Piece = tuple[str, str, str, str]  # (text, style, marker after it, marker style)
 
 
+# Control characters a document may hold (ESC starts the terminal's own commands: window
+# title, clear screen): shown as U+FFFD, never sent to a terminal. Tab and newline stay.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character but tab and newline replaced by U+FFFD."""
+    return _CONTROL.sub("\ufffd", text)
+
+
 def _words(pieces: Sequence[_Piece]) -> list[_Word]:
     """Split styled pieces into words. A word may span pieces ("Halvorsen" copied, "." not),
-    so a marker lands right after the cited text: ``Halvorsen[1].``."""
+    so a marker lands right after the cited text: ``Halvorsen[1].``. Text from documents
+    and answers passes through :func:`printable` here, before any colour code is added."""
     words: list[_Word] = []
     cur: list[str] = []
     width = 0
     for text, style, marker, marker_style in pieces:
-        for tok in re.split(r"(\s)", text):
+        for tok in re.split(r"(\s)", printable(text)):
             if tok and not tok.isspace():
                 cur.append(f"{style}{tok}{_RESET}" if style else tok)
                 width += len(tok)
@@ -305,7 +316,7 @@ def _source_lines(src: Source, color: bool, width: int) -> list[str]:
     indent = "    "
     body = [indent + line for line in _wrap(_words(pieces), max(20, width - len(indent)))]
     head = _color_of(src.number) if color else ""
-    return [_style(f"[{src.number}] {src.label}", head, color), *body]
+    return [_style(printable(f"[{src.number}] {src.label}"), head, color), *body]
 
 
 def _style(text: str, code: str, color: bool) -> str:

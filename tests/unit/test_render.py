@@ -282,3 +282,19 @@ def test_html_styles_matched_spans_apart_with_a_legend(mixed: NestResult,
     assert "<mark>27 days of paid leave</mark>" in page
     assert 'class="legend"' in page
     assert 'class="legend"' not in render_html(result)
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_terminal_output_never_carries_a_documents_control_characters(color: bool) -> None:
+    # caught: document text sent to the terminal as is (an OSC title, a clear screen)
+    evil = Passage(id="esc#0", title="T\x1b]0;pwned\x07itle",
+                   text="Clear \x1b[2J the screen\r and \x9b31m ring \x07 the bell.")
+    text = "Clear \x1b[2J the screen\r and \x9b31m ring"
+    res = _result(text, [(text, evil)])
+    shown = render_terminal(res, color=color) + render_comparison(res, res, color=color)
+    assert not _CONTROL_CHARS.search(ANSI.sub("", shown))
+    assert "\ufffd[2J the screen" in ANSI.sub("", shown)  # visible, not executed
+    assert "pwned" in shown  # the title's text stays, its escape does not
+
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
