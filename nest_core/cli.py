@@ -29,6 +29,9 @@ __all__ = ["CliError", "build_parser", "collect_files", "main", "read_documents"
 
 STORE_KINDS = ("chroma", "faiss")
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
+MAX_K = 200  # the paper retrieves 40; 200 passages are minutes of encoding on a CPU
+MAX_NEW_TOKENS = 8192  # checked before anything loads; the model's context is checked after
+MIN_PROMPT_ROOM = 512  # context tokens kept for the question and its passages
 DEFAULT_MAX_NEW_TOKENS = 64
 MODES = ("default", "nest", "ra-nest")
 DEFAULT_MODE = "default"
@@ -141,6 +144,11 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
                f"`nest index FILES... --out {store}`")
         raise CliError(msg)
     lm = load_quietly()
+    if max_new_tokens > lm.max_context - MIN_PROMPT_ROOM:
+        msg = (f"--max-new-tokens {max_new_tokens} leaves the question and its passages less "
+               f"than {MIN_PROMPT_ROOM} of the model's {lm.max_context} context tokens; use at "
+               f"most {lm.max_context - MIN_PROMPT_ROOM}")
+        raise CliError(msg)
     cache = SpanDatastore.for_store(store)
     result = NestDecoder(lm, nest_config(mode, lm.name), key_cache=cache).generate(
         question, passages, max_new_tokens=max_new_tokens)
@@ -156,6 +164,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
         msg = "the question is empty; pass it in quotes: nest ask \"...\" --store DIR"
         raise CliError(msg)
     detect_store(args.store)  # fail before loading anything heavy
+    if args.html:
+        _check_writable(Path(args.html).expanduser())
     result, base = answer(args.question, args.store, k=args.k,
                           max_new_tokens=args.max_new_tokens, compare=args.compare,
                           mode=args.mode)
@@ -229,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON (copied `spans`, matched `matches`)")
     p.add_argument("--html", metavar="FILE", help="write a page linking spans to passages")
-    p.add_argument("--k", type=_positive, default=DEFAULT_K, help="passages to retrieve")
-    p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--k", type=_passage_count, default=DEFAULT_K,
+                   help=f"passages to retrieve (1-{MAX_K})")
+    p.add_argument("--max-new-tokens", type=_new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     _color_option(p)
     _dtype_option(p)
@@ -238,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss")
-    p.add_argument("--max-new-tokens", type=_positive, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=_new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
     _color_option(p)
@@ -301,6 +312,37 @@ def _dtype_option(p: argparse.ArgumentParser) -> None:
 
 def _color(choice: str) -> bool:
     return {"always": True, "never": False}.get(choice, use_color(sys.stdout))
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before generating when the answer could not be written to ``path``."""
+    existed = path.exists()
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        msg = f"cannot write --html {path}: {err.strerror or err}; choose another path"
+        raise CliError(msg) from err
+    if not existed:
+        path.unlink()
+
+
+def _new_tokens(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_NEW_TOKENS:
+        msg = f"--max-new-tokens {value} is too many; use at most {MAX_NEW_TOKENS}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _passage_count(text: str) -> int:
+    """``--k``: every retrieved passage is read by the LM, so thousands would take hours."""
+    value = _positive(text)
+    if value > MAX_K:
+        msg = (f"--k {value} is too many: each passage is encoded by the language model "
+               f"(about 1 s each on a CPU); use at most {MAX_K}")
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def _positive(text: str) -> int:

@@ -122,6 +122,8 @@ class ChromaSource(SyncPassageSource):
         check_query(query, k)
         vector = embed_texts(self.embed, [query], self.dim)
         try:
+            # Chroma fails on a k past its integer range; no store returns more than it holds
+            k = max(1, min(k, self.collection.count()))
             res = self.collection.query(query_embeddings=vector.tolist(), n_results=k,
                                         include=["documents", "metadatas", "distances"])
         except Exception as err:

@@ -82,3 +82,32 @@ def test_dtype_option_on_every_command_that_loads_the_model(command):
     assert build_parser().parse_args([*command, "--dtype", "bfloat16"]).dtype == "bfloat16"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*command, "--dtype", "float8"])
+
+
+# --- arguments checked before anything heavy loads (issue 14, cases 9 and 10) --------------
+@pytest.mark.parametrize(("args", "says"), [
+    (["--k", "1000000000000"], "too many"),
+    (["--k", "201"], "at most 200"),
+    (["--max-new-tokens", "1000000000"], "at most 8192"),
+])
+def test_absurd_sizes_are_refused_by_the_parser(args, says, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["ask", "q", "--store", "s", *args])
+    assert says in capsys.readouterr().err
+
+
+def test_an_unwritable_html_path_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    # caught: the --html path checked only after generation (the answer lost)
+    import nest_core.cli as cli
+
+    store = tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setattr(cli, "detect_store", lambda _: "faiss")  # store kind checked apart
+    monkeypatch.setattr(cli, "answer", lambda *a, **k: pytest.fail("generated anyway"))
+    rc = cli.main(["ask", "q", "--store", str(store), "--html",
+                   str(tmp_path / "no-such-dir" / "out.html")])
+    assert rc == 1
+    assert "cannot write --html" in capsys.readouterr().err
+    ok = tmp_path / "out.html"
+    cli._check_writable(ok)
+    assert not ok.exists()  # the check leaves nothing behind

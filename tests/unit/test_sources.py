@@ -216,6 +216,12 @@ def test_chroma_source_strips_private_metadata(chroma_client):
     assert len(source) == len(PASSAGES)
 
 
+def test_chroma_k_past_the_store_size_returns_the_whole_store(chroma_client):
+    # caught: k passed to Chroma as is ("out of range integral type conversion attempted")
+    source = ChromaSource(_chroma_collection(chroma_client, "unit-huge-k"), embed=EMBED)
+    assert len(source.retrieve("fox", 10**12)) == len(PASSAGES)
+
+
 def test_chroma_bad_input(chroma_client):
     empty = get_collection(chroma_client, "unit-empty", create=True, embed=EMBED, dim=64)
     with pytest.raises(EmptyStoreError, match="is empty; ingest documents first"):
