@@ -62,12 +62,23 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
 
 def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
     """Files as :class:`~nest_core.ingest.Document` (title: a leading markdown heading, else
-    the file name); empty files are skipped with a note."""
+    the file name); empty files, and files that cannot be read (not UTF-8, a damaged PDF, no
+    permission), are skipped with a note saying why: one bad file never aborts a folder."""
     from nest_core.ingest import Document
 
     docs = []
+    unreadable = 0
     for path, doc_id in files:
-        text = _read_pdf(path) if path.suffix.lower() == PDF_SUFFIX else _read_text(path)
+        try:
+            text = _read_pdf(path) if path.suffix.lower() == PDF_SUFFIX else _read_text(path)
+        except CliError as err:
+            _note(f"skipped {err}")
+            unreadable += 1
+            continue
+        except OSError as err:
+            _note(f"skipped {path}: {err.strerror or err}")
+            unreadable += 1
+            continue
         if not text.strip():
             _note(f"skipped empty file {path}")
             continue
@@ -75,8 +86,11 @@ def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
         docs.append(Document(text=body, title=title, id=doc_id,
                              metadata={"source": _display_path(path)}))
     if not docs:
-        msg = "every file is empty: there is no text to index"
+        msg = (f"no text to index: {unreadable} file(s) could not be read, the rest are empty"
+               if unreadable else "every file is empty: there is no text to index")
         raise CliError(msg)
+    if unreadable:
+        _note(f"skipped {unreadable} file(s) that could not be read (see above)")
     return docs
 
 

@@ -111,3 +111,20 @@ def test_an_unwritable_html_path_fails_before_any_model_loads(tmp_path, monkeypa
     ok = tmp_path / "out.html"
     cli._check_writable(ok)
     assert not ok.exists()  # the check leaves nothing behind
+
+
+def test_a_bad_file_is_skipped_with_a_note_not_the_whole_folder(tmp_path, capsys):
+    # caught: a non-UTF-8 file aborting the folder (issue 14, case 12)
+    from nest_core.cli_files import read_documents
+
+    good = tmp_path / "good.md"
+    good.write_text("# Good\n\nReadable text.", encoding="utf-8")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("caf\xe9 in Latin-1".encode("latin-1"))
+    docs = read_documents([(bad, "bad.txt"), (good, "good.md")])
+    assert [d.id for d in docs] == ["good.md"]
+    err = capsys.readouterr().err
+    assert "not UTF-8" in err
+    assert "skipped 1 file(s) that could not be read" in err
+    with pytest.raises(CliError, match="1 file\\(s\\) could not be read"):
+        read_documents([(bad, "bad.txt")])
