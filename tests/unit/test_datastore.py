@@ -284,6 +284,24 @@ def test_other_model_weights_miss(tiny_lm, tmp_path):
     _assert_same(expected, theirs)
 
 
+def test_a_change_deep_in_the_weights_changes_the_fingerprint(tiny_lm, tmp_path):
+    # caught: a fingerprint from a sample of the first tensors (issue 14, case 2: a model
+    # with layers 10+ scaled was served the original model's keys)
+    import copy
+
+    changed = copy.deepcopy(tiny_lm.model)
+    with torch.no_grad():
+        changed.model.layers[-1].mlp.down_proj.weight.mul_(1.5)
+    other = LanguageModel(changed, tiny_lm.tokenizer, name=tiny_lm.name)
+    same = LanguageModel(copy.deepcopy(tiny_lm.model), tiny_lm.tokenizer, name=tiny_lm.name)
+    assert other.fingerprint != tiny_lm.fingerprint
+    assert same.fingerprint == tiny_lm.fingerprint
+    store = SpanDatastore(tmp_path)
+    PassageEncoder(tiny_lm, cache=store).encode(PASSAGES[:1])
+    PassageEncoder(other, cache=store).encode(PASSAGES[:1])
+    assert store.stats.writes == 2  # the changed model's keys were encoded, not reused
+
+
 # --- read-only stores (issue 14, case 1) -----------------------------------------------------
 def _read_only_os(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     """What a read-only mount does to writes under ``root`` (as root, chmod cannot): every
