@@ -29,7 +29,11 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
     """
     found: list[tuple[Path, str]] = []
     skipped: list[Path] = []
+    outside: list[Path] = []
     for raw in paths:
+        if not raw.strip():
+            msg = "an empty path was given; name a file or folder (use . for this folder)"
+            raise CliError(msg)
         path = Path(raw).expanduser()
         if not path.exists():
             msg = f"{raw}: no such file or folder; check the path"
@@ -41,8 +45,12 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
                 raise CliError(msg)
             found.append((path, path.name))
             continue
+        root = path.resolve()  # "." and the folder's path give the same ids
         files = sorted(p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        # a symlink to a file outside the folder would index (and cite) that file's path
+        outside += [p for p in files if not p.resolve().is_relative_to(root)]
+        files = [p for p in files if p.resolve().is_relative_to(root)]
         if not files:
             msg = f"{raw}: the folder is empty; put {_supported_list()} files in it"
             raise CliError(msg)
@@ -53,7 +61,10 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
             msg = (f"{raw}: no supported files (found {', '.join(kinds)}); nest index reads "
                    f"{_supported_list()} files")
             raise CliError(msg)
-        found += [(p, f"{path.name}/{p.relative_to(path).as_posix()}") for p in ok]
+        found += [(p, f"{root.name}/{p.relative_to(path).as_posix()}") for p in ok]
+    if outside:
+        names = ", ".join(str(p) for p in outside[:3]) + (" ..." if len(outside) > 3 else "")
+        _note(f"skipped {len(outside)} symlink(s) to files outside the folder: {names}")
     if skipped:
         names = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
         _note(f"skipped {len(skipped)} unsupported file(s): {names}")

@@ -128,3 +128,29 @@ def test_a_bad_file_is_skipped_with_a_note_not_the_whole_folder(tmp_path, capsys
     assert "skipped 1 file(s) that could not be read" in err
     with pytest.raises(CliError, match="1 file\\(s\\) could not be read"):
         read_documents([(bad, "bad.txt")])
+
+
+def test_a_folder_gets_the_same_ids_by_dot_and_by_path(tmp_path, monkeypatch):
+    # caught: "." named "" in ids, so the same folder indexed twice (issue 14, case 3)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.md").write_text("alpha", encoding="utf-8")
+    by_path = [doc_id for _, doc_id in collect_files([str(notes)])]
+    monkeypatch.chdir(notes)
+    assert [doc_id for _, doc_id in collect_files(["."])] == by_path == ["notes/a.md"]
+    with pytest.raises(CliError, match="empty path"):
+        collect_files([""])
+
+
+def test_symlinks_to_files_outside_the_folder_are_skipped_with_a_note(tmp_path, capsys):
+    # caught: an outside file indexed under its absolute path (issue 14, case 5)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.md").write_text("alpha", encoding="utf-8")
+    secret = tmp_path / "secret.md"
+    secret.write_text("do not index", encoding="utf-8")
+    (notes / "link.md").symlink_to(secret)
+    (notes / "inside.md").symlink_to(notes / "a.md")
+    ids = [doc_id for _, doc_id in collect_files([str(notes)])]
+    assert ids == ["notes/a.md", "notes/inside.md"]
+    assert "skipped 1 symlink(s) to files outside the folder" in capsys.readouterr().err
