@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 from nest_core.config import NestConfig, default_config
 from nest_core.encoding import KeyCache, PassageEncoder
-from nest_core.focus import best_sentences, focus_passages
+from nest_core.focus import best_sentences, continues_passage, focus_passages
 from nest_core.generation import Generation
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
@@ -83,6 +83,8 @@ class NestDecoder:
             raise ValueError(msg)
         check_prompt(prompt)  # before background passages make an empty prompt look full
         question = question_of(prompt)
+        if cfg.continuation is not None and continues_passage(question, passages):
+            cfg = cfg.continuation
         focus = (best_sentences(question, passages, cfg.focus_sentences)
                  if cfg.focus_sentences is not None else [])
         if cfg.passages_in_prompt:

@@ -124,6 +124,16 @@ def rank_sentences(question: str, passages: Sequence[Passage]) -> list[Sentence]
     return sorted(scored, key=lambda s: -s.score)  # stable: ties stay in retrieval order
 
 
+def continues_passage(prompt: str, passages: Sequence[Passage], words: int = 6) -> bool:
+    """Whether ``prompt`` ends with ``words`` words that a passage holds verbatim (white
+    space aside): the user pasted a passage's beginning and asks for the rest of it."""
+    tail = prompt.split()[-words:]
+    if len(tail) < words:
+        return False
+    needle = " ".join(tail)
+    return any(needle in " ".join(p.text.split()) for p in passages)
+
+
 def best_sentences(question: str, passages: Sequence[Passage], k: int) -> list[Sentence]:
     """The ``k`` best sentences for ``question``; one sharing no word with it never counts."""
     return [s for s in rank_sentences(question, passages)[:k] if s.score > 0]

@@ -15,6 +15,7 @@ from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.focus import (
     NAME_WEIGHT,
     best_sentences,
+    continues_passage,
     focus_passages,
     question_weights,
     split_sentences,
@@ -184,3 +185,37 @@ def test_question_drafts_change_nothing_but_the_forward_count(tiny_lm):
 def test_focus_sentences_must_be_a_positive_int(value):
     with pytest.raises(ValueError, match="focus_sentences"):
         NestConfig(focus_sentences=value)
+
+
+def test_a_prompt_ending_with_a_passages_words_continues_it():
+    passages = handbook("02-offices")
+    assert continues_passage("Go on: The Ghent office in Belgium opened in 2019 and\nhosts",
+                             passages)  # white space aside
+    assert not continues_passage("When did the Ghent office in Belgium open?", passages)
+    assert not continues_passage("opened in 2019", passages)  # fewer than 6 words
+
+
+def test_a_continuation_is_decoded_by_the_continuation_settings(tiny_lm):
+    # caught: the continuation settings ignored, or used for every prompt
+    cfg = FOCUS.with_overrides(continuation=NestConfig(confidence_offset=1.0,
+                                                       relaxation=1e-6, span_length=8,
+                                                       initial_span_length=2))
+    text = PASSAGES[0].text
+    prompt = "Continue: " + " ".join(text.split()[:7])
+    lm = CountingLM(tiny_lm)
+    res = NestDecoder(lm, cfg).generate(prompt, PASSAGES, max_new_tokens=12)
+    plain = NestDecoder(tiny_lm, cfg.continuation).generate(prompt, PASSAGES,
+                                                            max_new_tokens=12)
+    assert res.token_ids == plain.token_ids
+    assert text not in tiny_lm.decode(lm.calls[0])  # no background in the prompt
+    lm = CountingLM(tiny_lm)
+    NestDecoder(lm, cfg).generate("Who founded the Zephyr Widget Company?", PASSAGES,
+                                  max_new_tokens=4)
+    assert PASSAGES[0].text in tiny_lm.decode(lm.calls[0])  # a question: focus as before
+
+
+def test_continuation_settings_must_share_the_keys():
+    with pytest.raises(ValueError, match="same key_layer"):
+        NestConfig(continuation=NestConfig(key_layer=-3))
+    with pytest.raises(ValueError, match="without a continuation"):
+        NestConfig(continuation=NestConfig(continuation=NestConfig()))
