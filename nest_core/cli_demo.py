@@ -98,9 +98,15 @@ def run_demo(*, store_kind: str = "faiss", max_new_tokens: int = 64, mode: str =
 
 def intro(config: Any, k: int) -> str:
     """What the two columns are, in two lines, before the first answer."""
-    n = config.prompt_passages
-    how = (f"the top {n} {'is' if n == 1 else 'are'} also in its prompt; "
-           if config.passages_in_prompt else "")
+    n, f = config.prompt_passages, config.focus_sentences
+    if not config.passages_in_prompt:
+        how = ""
+    elif f:
+        how = (f"the {'sentence' if f == 1 else f'{f} sentences'} of them that best "
+               f"match{'es' if f == 1 else ''} the question {'is' if f == 1 else 'are'} in "
+               f"its prompt; ")
+    else:
+        how = f"the top {n} {'is' if n == 1 else 'are'} also in its prompt; "
     judge = "the LM" if config.verify_against == "lm" else "the mixture"
     return ("Plain model: SmolLM2-135M-Instruct alone, greedy.\n"
             f"Nest: the same model with {k} handbook passages retrieved; {how}copied spans are "

@@ -88,7 +88,8 @@ class Segment(NamedTuple):
 
 
 def segments(result: NestResult, sources: Sequence[Source] | None = None) -> list[Segment]:
-    """The answer cut into :class:`Segment` pieces, in output order."""
+    """The answer cut into :class:`Segment` pieces, in output order. Adjacent pieces citing
+    the same source are separate segments; renderers mark only the last of such a run."""
     sources = number_sources(result) if sources is None else sources
     number = {s.passage.id: s.number for s in sources}
     pieces: list[Segment] = []
@@ -294,12 +295,16 @@ def _wrap(words: Sequence[_Word], width: int) -> list[str]:
 
 def _answer_words(result: NestResult, color: bool) -> list[_Word]:
     pieces: list[_Piece] = []
-    for text, number, kind in segments(result):
+    segs = segments(result)
+    for i, (text, number, kind) in enumerate(segs):
         if number is None or kind is None:
             pieces.append((text, "", "", ""))
-        else:
-            style = _color_of(number, kind) if color else ""
-            pieces.append((text, style, marker(number, kind), _DIM if color else ""))
+            continue
+        style = _color_of(number, kind) if color else ""
+        # "Hal" matched + "vorsen Orchard" copied from one source: one marker, at the end
+        same_next = i + 1 < len(segs) and segs[i + 1].number == number
+        pieces.append((text, style, "" if same_next else marker(number, kind),
+                       _DIM if color else ""))
     return _words(pieces)
 
 

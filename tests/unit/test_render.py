@@ -298,3 +298,16 @@ def test_terminal_output_never_carries_a_documents_control_characters(color: boo
 
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def test_adjacent_citations_of_one_source_get_one_marker() -> None:
+    # caught: a marker inside a word ("Hal[~1]vorsen") where two spans of one source meet
+    text = "It was founded in 2009 by Odile Halvorsen."
+    head = _span(text, "founded in 2009 by Odile Hal", HISTORY, 2, 0)
+    tail = dataclasses.replace(_span(text, "vorsen", HISTORY, 0, head.out_end),
+                               token_start=0, token_end=0, kind="matched")
+    tail = dataclasses.replace(tail, src_start=head.src_end, src_end=head.src_end + 6)
+    res = NestResult(text=text, token_ids=list(range(12)), spans=[head], matches=[tail],
+                     passages=[HISTORY], stats=DecodeStats(), finish_reason="eos")
+    shown = render_terminal(res, show_sources=False)
+    assert shown == "It was founded in 2009 by Odile Halvorsen[~1]."
