@@ -104,7 +104,8 @@ def test_default_config_per_model_and_ra_nest_relaxation():
 
     assert paper_config("some/other-model") == NestConfig()  # the paper's defaults
     other = default_config("some/other-model")
-    assert other == NestConfig(**ANSWER_DEFAULTS)
+    assert other == NestConfig(**ANSWER_DEFAULTS, continuation=NestConfig())
+    assert default_config().continuation == paper_config()  # a continuation: the paper's way
     bundled, paper = default_config(), paper_config()
     for field, value in MODEL_DEFAULTS["SmolLM2-135M-Instruct"].items():
         assert getattr(paper, field) == value
