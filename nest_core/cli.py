@@ -72,9 +72,12 @@ def detect_store(path: str | os.PathLike[str]) -> str:
 
 
 def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], kind: str, *,
-                precompute: bool = True, progress: bool = True) -> Any:
+                precompute: bool = True, progress: bool = True,
+                folders: Sequence[str] = ()) -> Any:
     """Chunk, embed and write ``files`` into a ``kind`` store at ``out``, and precompute the
-    span datastore inside it, so ``nest ask`` runs no LM over passages."""
+    span datastore inside it, so ``nest ask`` runs no LM over passages. ``folders``: the
+    folders indexed whole; what the store holds from them that ``files`` lacks (deleted
+    files) is removed."""
     from nest_core.datastore import SpanDatastore
     from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
 
@@ -87,7 +90,9 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     # the key layer and window must be the ones `nest ask` decodes with, or every key misses
     config = nest_config(DEFAULT_MODE, lm.name) if lm is not None else None
     return ingest(docs, store, progress=progress, lm=lm, config=config,
-                  datastore=SpanDatastore.for_store(out) if precompute else None)
+                  datastore=SpanDatastore.for_store(out) if precompute else None,
+                  complete_prefixes=[f"{Path(f).expanduser().resolve().name}/"
+                                     for f in folders])
 
 
 def open_source(path: str | os.PathLike[str]) -> Any:
@@ -124,7 +129,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     files = collect_files(args.paths)
     _note(f"indexing {len(files)} file(s) into a {args.store} store at {args.out}")
     report = build_store(files, args.out, args.store, precompute=not args.no_precompute,
-                         progress=not args.quiet)
+                         progress=not args.quiet,
+                         folders=[p for p in args.paths if Path(p).expanduser().is_dir()])
     _note(f"done: {report.passages} passages from {report.documents} file(s) "
           f"({report.written} new, {report.unchanged} unchanged, {report.removed} removed); "
           f"ask with: nest ask \"your question\" --store {args.out}")

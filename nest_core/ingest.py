@@ -110,13 +110,18 @@ def chunk_document(doc: Document, words_per_passage: int = 100) -> list[Passage]
 def ingest(documents: Iterable[Document], store: Any, *,
            embed: EmbeddingFunction | None = None, words_per_passage: int = 100,
            batch_size: int = 64, progress: bool = True, lm: LanguageModel | None = None,
-           datastore: KeyCache | None = None, config: NestConfig | None = None) -> IngestReport:
+           datastore: KeyCache | None = None, config: NestConfig | None = None,
+           complete_prefixes: Sequence[str] = ()) -> IngestReport:
     """Chunk, embed and write ``documents`` into ``store``: a :class:`FaissStore` (saved at
     the end), a :class:`ChromaSource` or a chromadb collection. Idempotent by passage id.
 
     With ``lm``, also precompute the span datastore (``datastore``, default: the one inside a
     FAISS store's directory) with the key layer and window of ``config``, so queries over
     these passages run no LM on them.
+
+    ``complete_prefixes``: document-id prefixes (``"notes/"``) this call covers completely,
+    as ``nest index`` does for a folder: a stored document under one of them that is not in
+    ``documents`` any more (its file was deleted) is removed, counted in ``removed``.
     """
     embed = resolve_embedding(embed)
     docs = list(documents)
@@ -147,6 +152,9 @@ def ingest(documents: Iterable[Document], store: Any, *,
         bar.close()
     keep = {p.id for p in passages}
     report.removed = writer.remove_stale([d.doc_id for d in docs], keep)
+    if complete_prefixes:
+        present = {d.doc_id for d in docs}
+        report.removed += writer.remove_missing(tuple(complete_prefixes), present)
     writer.finish()
     if lm is not None:
         target = datastore if datastore is not None else writer.datastore()
@@ -223,6 +231,11 @@ class _FaissWriter:
         return self.store.delete([i for i in self.store.ids()
                                   if i.startswith(prefixes) and i not in keep])
 
+    def remove_missing(self, prefixes: tuple[str, ...], present: set[str]) -> int:
+        """Passages of documents under ``prefixes`` that are not in ``present``."""
+        return self.store.delete([i for i in self.store.ids() if i.startswith(prefixes)
+                                  and i.rsplit("#", 1)[0] not in present])
+
     def finish(self) -> None:
         self.store.save()
 
@@ -263,6 +276,24 @@ class _ChromaWriter:
             where: Any = {"doc_id": {"$in": doc_ids[start:start + 100]}}
             got = self.collection.get(where=where, include=[])
             stale.extend(i for i in got["ids"] if i not in keep)
+        if stale:
+            self.collection.delete(ids=stale)
+        return len(stale)
+
+    def remove_missing(self, prefixes: tuple[str, ...], present: set[str]) -> int:
+        """Passages of documents under ``prefixes`` that are not in ``present`` (Chroma has
+        no prefix filter: the ids are read in pages)."""
+        stale: list[str] = []
+        offset, page = 0, 1000
+        while True:
+            got = self.collection.get(include=["metadatas"], limit=page, offset=offset)
+            for pid, meta in zip(got["ids"], got["metadatas"] or [], strict=False):
+                doc_id = str((meta or {}).get("doc_id", pid.rsplit("#", 1)[0]))
+                if doc_id.startswith(prefixes) and doc_id not in present:
+                    stale.append(pid)
+            if len(got["ids"]) < page:
+                break
+            offset += page
         if stale:
             self.collection.delete(ids=stale)
         return len(stale)

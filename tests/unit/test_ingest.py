@@ -130,3 +130,27 @@ def test_precompute_fills_the_datastore_the_decoder_reads(tiny_lm, tmp_path):
     finally:
         handle.remove()
     assert calls == []  # every passage came from disk: the LM ran on none of them
+
+
+@pytest.mark.parametrize("kind", ["faiss", "chroma"])
+def test_a_deleted_file_of_a_folder_indexed_whole_is_removed(tmp_path, kind):
+    # caught: a deleted file's passages kept ("0 removed"; issue 14, case 3)
+    docs = [Document(text=LONG_TEXT, id="notes/a.md"),
+            Document(text="Gone tomorrow.", id="notes/b.md"),
+            Document(text="Elsewhere.", id="other/c.md")]
+
+    def store():
+        return (open_faiss_store(tmp_path / "s", embed=EMBED) if kind == "faiss"
+                else open_chroma_collection(tmp_path / "s", embed=EMBED))
+
+    ingest(docs, store(), embed=EMBED, progress=False)
+    kept = ingest(docs[:1], store(), embed=EMBED, progress=False)
+    assert kept.removed == 0  # without a folder, absence means nothing
+    report = ingest(docs[:1], store(), embed=EMBED, progress=False,
+                    complete_prefixes=["notes/"])
+    assert report.removed == 1
+    source = (FaissSource(FaissStore.open(tmp_path / "s"), embed=EMBED) if kind == "faiss"
+              else ChromaSource(store(), embed=EMBED))
+    ids = {p.id for p in source.retrieve("term glossary gone elsewhere", 50)}
+    assert "notes/b.md#0" not in ids
+    assert {"other/c.md#0", "notes/a.md#0"} <= ids
