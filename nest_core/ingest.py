@@ -24,6 +24,7 @@ from nest_core.sources.base import drop_empty, embedding_text
 from nest_core.sources.chroma import (
     DEFAULT_COLLECTION,
     DIM_KEY,
+    EMBEDDING_KEY,
     ChromaSource,
     get_collection,
     http_client,
@@ -137,6 +138,12 @@ def ingest(documents: Iterable[Document], store: Any, *,
     report.passages = len(passages)
     _check_unique(passages)
     writer = _FaissWriter(store) if isinstance(store, FaissStore) else _ChromaWriter(store)
+    built_with, name = writer.embedding(), embedding_name(embed)
+    if built_with and built_with != name:
+        msg = (f"this store was built with the embedding {built_with!r}, not {name!r}: adding "
+               f"passages would mix vectors of two models, and search would return noise. "
+               f"Ingest with {built_with!r}, or into a new store")
+        raise ValueError(msg)
     bar = _progress(len(passages), "embedding passages", progress)
     try:
         for start in range(0, len(passages), batch_size):
@@ -218,6 +225,9 @@ class _FaissWriter:
         self.store = store
         self.dim: int | None = store.dim
 
+    def embedding(self) -> str | None:
+        return self.store.meta.embedding if len(self.store) else None
+
     def changed(self, batch: list[Passage]) -> list[Passage]:
         return [p for p in batch if not self.store.contains(p)]
 
@@ -255,6 +265,11 @@ class _ChromaWriter:
         self.collection = collection
         meta = getattr(collection, "metadata", None) or {}
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
+
+    def embedding(self) -> str | None:
+        meta = getattr(self.collection, "metadata", None) or {}
+        name = meta.get(EMBEDDING_KEY)
+        return str(name) if name and self.collection.count() else None
 
     def changed(self, batch: list[Passage]) -> list[Passage]:
         got = self.collection.get(ids=[p.id for p in batch], include=["documents", "metadatas"])

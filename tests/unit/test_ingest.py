@@ -154,3 +154,19 @@ def test_a_deleted_file_of_a_folder_indexed_whole_is_removed(tmp_path, kind):
     ids = {p.id for p in source.retrieve("term glossary gone elsewhere", 50)}
     assert "notes/b.md#0" not in ids
     assert {"other/c.md#0", "notes/a.md#0"} <= ids
+
+
+@pytest.mark.parametrize("kind", ["faiss", "chroma"])
+def test_another_embedding_of_the_same_dimension_is_refused(tmp_path, kind):
+    # caught: vectors of two models mixed silently (issue 14, case 4)
+    other = HashingEmbeddings(64)
+    other.name = "another-model"  # another model, the same 64 dimensions
+
+    def store():
+        return (open_faiss_store(tmp_path / "s", embed=EMBED) if kind == "faiss"
+                else open_chroma_collection(tmp_path / "s", embed=EMBED))
+
+    ingest(DOCS[1:], store(), embed=EMBED, progress=False)
+    with pytest.raises(ValueError, match="built with the embedding"):
+        ingest(DOCS[:1], store(), embed=other, progress=False)
+    assert ingest(DOCS[:1], store(), embed=EMBED, progress=False).written > 0
