@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from nest_core.embeddings import (
@@ -46,6 +48,37 @@ def chroma_module() -> Any:
 def persistent_client(path: str | os.PathLike[str]) -> Any:
     """An embedded Chroma database stored under ``path``."""
     return chroma_module().PersistentClient(path=str(path))
+
+
+DEFAULT_TIMEOUT = 30.0  # seconds a Chroma server may take to answer one call
+
+
+def with_deadline(call: Callable[[], Any], timeout: float | None, where: str) -> Any:
+    """``call()``, or a ``TimeoutError`` after ``timeout`` seconds (``None``: no limit).
+
+    The call runs in a daemon thread, so a server that never answers holds neither the
+    caller nor the interpreter's exit; the abandoned call ends when its socket does.
+    """
+    if timeout is None:
+        return call()
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as err:  # handed to the caller below
+            box["error"] = err
+
+    worker = threading.Thread(target=run, name="nest-chroma-call", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        msg = (f"the Chroma server ({where}) did not answer within {timeout:g} s; check that "
+               f"it is running and not overloaded (or pass a larger timeout=)")
+        raise TimeoutError(msg)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def http_client(host: str = "127.0.0.1", port: int = 8000, *, ssl: bool = False,
@@ -89,8 +122,11 @@ class ChromaSource(SyncPassageSource):
     """Top-k passages from a chromadb collection; ``Passage.score`` is Chroma's distance
     (lower is closer), ``Passage.title`` comes from ``metadata["title"]``."""
 
-    def __init__(self, collection: Any, *, embed: EmbeddingFunction | None = None) -> None:
+    def __init__(self, collection: Any, *, embed: EmbeddingFunction | None = None,
+                 timeout: float | None = None) -> None:
         self.collection = collection
+        # seconds a server may take per call (chromadb's own HTTP client never gives up)
+        self.timeout = timeout
         self.embed = resolve_embedding(embed)
         meta = getattr(collection, "metadata", None) or {}
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
@@ -110,22 +146,35 @@ class ChromaSource(SyncPassageSource):
     def from_server(cls, host: str = "127.0.0.1", port: int = 8000,
                     collection: str = DEFAULT_COLLECTION, *,
                     embed: EmbeddingFunction | None = None, ssl: bool = False,
-                    headers: dict[str, str] | None = None) -> ChromaSource:
-        """An existing collection on a Chroma server (``chroma run --path DIR --port P``)."""
-        client = http_client(host, port, ssl=ssl, headers=headers)
-        return cls(get_collection(client, collection), embed=embed)
+                    headers: dict[str, str] | None = None,
+                    timeout: float | None = DEFAULT_TIMEOUT) -> ChromaSource:
+        """An existing collection on a Chroma server (``chroma run --path DIR --port P``).
+
+        Connecting and every query give up after ``timeout`` seconds with a
+        ``TimeoutError`` (``None``: wait for ever), since a frozen server would otherwise
+        hold the caller for ever: chromadb's HTTP client has no timeout."""
+        where = f"{host}:{port}"
+        col = with_deadline(lambda: get_collection(http_client(host, port, ssl=ssl,
+                                                               headers=headers), collection),
+                            timeout, where)
+        return cls(col, embed=embed, timeout=timeout)
 
     def __len__(self) -> int:
-        return int(self.collection.count())
+        return int(with_deadline(self.collection.count, self.timeout, self.collection.name))
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
         check_query(query, k)
         vector = embed_texts(self.embed, [query], self.dim)
-        try:
+        def query() -> Any:
             # Chroma fails on a k past its integer range; no store returns more than it holds
-            k = max(1, min(k, self.collection.count()))
-            res = self.collection.query(query_embeddings=vector.tolist(), n_results=k,
-                                        include=["documents", "metadatas", "distances"])
+            n = max(1, min(k, self.collection.count()))
+            return self.collection.query(query_embeddings=vector.tolist(), n_results=n,
+                                         include=["documents", "metadatas", "distances"])
+
+        try:
+            res = with_deadline(query, self.timeout, self.collection.name)
+        except TimeoutError:
+            raise
         except Exception as err:
             raise translate_chroma_error(err, self.collection.name) from err
         ids = res["ids"][0]

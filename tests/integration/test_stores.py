@@ -4,6 +4,7 @@ with SmolLM2 over a warm span datastore."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -99,7 +100,7 @@ def chroma_server(tmp_path_factory):
                     pytest.fail(f"chroma run did not start (exit {proc.poll()}); see "
                                 f"{log.name}")
                 time.sleep(0.2)
-        yield "127.0.0.1", port, path
+        yield "127.0.0.1", port, path, proc
     finally:
         proc.terminate()
         try:
@@ -114,7 +115,7 @@ def test_chroma_server_ingest_retrieve_and_decode(chroma_server, minilm, smollm,
     from nest_core.config import NestConfig
     from nest_core.decoder import NestDecoder
 
-    host, port, _ = chroma_server
+    host, port, _, _ = chroma_server
     col = open_chroma_collection(host=host, port=port, name="served", embed=minilm)
     datastore = SpanDatastore(tmp_path / "spans")
     report = ingest(DOCS, col, embed=minilm, progress=False, lm=smollm, datastore=datastore)
@@ -135,6 +136,29 @@ def test_chroma_server_ingest_retrieve_and_decode(chroma_server, minilm, smollm,
     for span in result.spans:
         assert span.passage.text[span.src_start:span.src_end] == span.text
         assert result.text[span.out_start:span.out_end] == span.text
+
+
+def test_a_frozen_server_times_out_instead_of_hanging(chroma_server):
+    # issue 14, case 8: the real `chroma run`, stopped with SIGSTOP after connecting
+    import signal
+
+    from nest_core.embeddings import HashingEmbeddings
+
+    host, port, _, proc = chroma_server
+    embed = HashingEmbeddings(32)
+    col = open_chroma_collection(host=host, port=port, name="frozen", embed=embed)
+    ingest(DOCS[:2], col, embed=embed, progress=False)
+    source = ChromaSource.from_server(host, port, "frozen", embed=embed, timeout=2.0)
+    assert source.retrieve("What is FOLDOC?", 1)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not answer within 2 s"):
+            source.retrieve("What is FOLDOC?", 1)
+        assert time.monotonic() - t0 < 20
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    assert source.retrieve("What is FOLDOC?", 1)  # served again once it runs
 
 
 def test_server_not_running_is_a_clear_error():

@@ -254,3 +254,39 @@ def test_public_names():
                                        "FaissStore", "InMemorySource", "PassageSource",
                                        "SyncPassageSource"]
     assert all(hasattr(sources, name) for name in sources.__all__)
+
+
+def test_a_frozen_chroma_server_times_out_with_a_clear_error():
+    # caught: chromadb's HttpClient waiting for ever (issue 14, case 8). A real loopback
+    # server that accepts connections and never answers, as a frozen `chroma run` does.
+    import socket
+    import threading
+    import time
+
+    pytest.importorskip("chromadb")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])  # read nothing, answer nothing
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not answer within 1 s"):
+            ChromaSource.from_server("127.0.0.1", port, "served", embed=EMBED, timeout=1.0)
+        assert time.monotonic() - t0 < 10
+    finally:
+        stop.set()
+        for conn in held:
+            conn.close()
+        listener.close()
