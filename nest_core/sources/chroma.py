@@ -165,14 +165,14 @@ class ChromaSource(SyncPassageSource):
     def retrieve(self, query: str, k: int) -> list[Passage]:
         check_query(query, k)
         vector = embed_texts(self.embed, [query], self.dim)
-        def query() -> Any:
+        def ask() -> Any:
             # Chroma fails on a k past its integer range; no store returns more than it holds
             n = max(1, min(k, self.collection.count()))
             return self.collection.query(query_embeddings=vector.tolist(), n_results=n,
                                          include=["documents", "metadatas", "distances"])
 
         try:
-            res = with_deadline(query, self.timeout, self.collection.name)
+            res = with_deadline(ask, self.timeout, self.collection.name)
         except TimeoutError:
             raise
         except Exception as err:
