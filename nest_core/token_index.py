@@ -81,18 +81,22 @@ class TokenIndex:
         ``(passage index, start char, end char)`` of that passage's text."""
         out = torch.zeros(self.num_rows, dtype=torch.bool)
         for passage, a, b in ranges:
-            lo = int(self.row_start[passage])
-            hi = lo + int((self.passage_of == passage).sum())
+            lo, hi = self.rows_of(passage)
             spans = self.char_spans[lo:hi]  # [n, 2]
             out[lo:hi] |= (spans[:, 1] > a) & (spans[:, 0] < b) & (spans[:, 0] >= 0)
         return out.to(self.values.device)
 
+    def rows_of(self, passage: int) -> tuple[int, int]:
+        """The row range ``[start, end)`` of passage number ``passage``."""
+        start = int(self.row_start[passage])
+        end = (int(self.row_start[passage + 1]) if passage + 1 < len(self.row_start)
+               else self.num_rows)
+        return start, end
+
     def continuation(self, row: int, n: int) -> list[int]:
         """Up to ``n`` rows following ``row`` in its passage, stopping at the passage end or
         at the first inactive row (already copied text is never proposed twice)."""
-        passage = int(self.passage_of[row])
-        end = (int(self.row_start[passage + 1]) if passage + 1 < len(self.row_start)
-               else self.num_rows)
+        _, end = self.rows_of(int(self.passage_of[row]))
         stop = min(row + 1 + n, end)
         active = self.active[row + 1:stop].tolist()
         out = []
