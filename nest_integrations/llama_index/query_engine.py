@@ -4,6 +4,12 @@ Swap it in where a ``RetrieverQueryEngine`` stood: it returns the same ``Respons
 (``source_nodes`` and ``metadata={node_id: node.metadata}``) plus ``metadata["nest_spans"]``,
 the exact character ranges of the answer that were copied from each node, and
 ``metadata["nest_matches"]``, the ranges the LM wrote itself that a node holds verbatim.
+
+It behaves like the stock engine around the answer too: ``node_postprocessors`` run on the
+retrieved nodes (sync and async), ``retrieve()`` / ``synthesize()`` work on their own, and the
+same callback events (QUERY > RETRIEVE, SYNTHESIZE > LLM, for ``LlamaDebugHandler``) and
+instrumentation events (``QueryStartEvent``, ``RetrievalStartEvent``,
+``SynthesizeStartEvent``, ``LLMCompletionStartEvent`` and their ends) are emitted.
 """
 
 from __future__ import annotations
@@ -14,22 +20,36 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import llama_index.core.instrumentation as instrument
 from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.base.response.schema import (
+    RESPONSE_TYPE,
     AsyncStreamingResponse,
     Response,
     StreamingResponse,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import ConfigDict, Field, PrivateAttr, model_validator
+from llama_index.core.callbacks.schema import CBEventType, EventPayload
+from llama_index.core.instrumentation.events.query import QueryEndEvent, QueryStartEvent
+from llama_index.core.instrumentation.events.synthesis import (
+    SynthesizeEndEvent,
+    SynthesizeStartEvent,
+)
+from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.query_engine import CustomQueryEngine
-from llama_index.core.schema import NodeWithScore
+from llama_index.core.schema import NodeWithScore, QueryBundle, QueryType
 
 from nest_core.config import NestConfig
 from nest_core.types import Passage
+from nest_integrations.llama_index._events import llm_events
+from nest_integrations.llama_index._options import refuse_unsupported
 from nest_integrations.llama_index._runtime import LazyDecoder, decode_pieces
 from nest_integrations.llama_index.nodes import nodes_to_passages, response_metadata
 
 logger = logging.getLogger(__name__)
+dispatcher = instrument.get_dispatcher(__name__)
+
+DEFAULT_EMPTY_RESPONSE = "Empty Response"  # what stock synthesizers answer with no nodes
 
 
 class NestRetrievalError(RuntimeError):
@@ -37,7 +57,8 @@ class NestRetrievalError(RuntimeError):
 
 
 class NestQueryEngine(CustomQueryEngine):
-    """Retrieve nodes, then decode with Nearest Neighbor Speculative Decoding over them.
+    """Retrieve nodes, post-process them, then decode with Nearest Neighbor Speculative
+    Decoding over them.
 
     The question is the prompt; the retrieved nodes become the token datastore Nest copies
     spans from (and, with ``config.passages_in_prompt``, background in the prompt too).
@@ -49,12 +70,29 @@ class NestQueryEngine(CustomQueryEngine):
     ``kind="matched"`` (text the LM wrote that the node holds verbatim; the token range is
     0/0). They are filled when decoding ends, and get no ``[n]`` marker.
 
-    ``source_nodes`` are the retrieved nodes Nest decoded over (nodes without text are
+    ``source_nodes`` are the post-processed nodes Nest decoded over (nodes without text are
     skipped with a warning). Metadata keys starting with ``_`` (LlamaIndex bookkeeping such
     as ``_node_content``) are left out of ``metadata``.
+
+    When the retriever returns nothing, that is an error (an empty or broken index). When
+    ``node_postprocessors`` drop every node (e.g. a ``SimilarityPostprocessor`` cutoff that
+    nothing passes), the answer is ``empty_response`` with no source nodes and no spans, as
+    the stock engines answer; with ``empty_response=None`` the LM answers on its own
+    instead, and the response has no citations (nothing relevant was retrieved).
+
+    Keyword arguments of ``as_query_engine`` that cannot apply to Nest (``llm``,
+    ``response_mode`` other than ``"compact"``, prompt templates, ``response_synthesizer``,
+    ``output_cls``...) are refused with a ``ValueError`` that says what to use instead;
+    unknown names are refused by pydantic.
     """
 
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
     retriever: BaseRetriever = Field(description="Where passages come from (any retriever).")
+    node_postprocessors: list[BaseNodePostprocessor] = Field(
+        default_factory=list, description="Applied in order to the retrieved nodes before "
+        "decoding (similarity cutoffs, rerankers, metadata filters), as in "
+        "RetrieverQueryEngine.")
     model_name: str | None = Field(
         default=None, description="HF id, local dir or .gguf path; None = bundled SmolLM2.")
     dtype: str | None = Field(
@@ -78,23 +116,56 @@ class NestQueryEngine(CustomQueryEngine):
     datastore_dir: Path | None = Field(
         default=None, description="Directory of a persistent SpanDatastore for passage keys "
         "(default: an in-memory cache per engine).")
+    empty_response: str | None = Field(
+        default=DEFAULT_EMPTY_RESPONSE, description="The answer when node_postprocessors "
+        "leave no node (stock engines say 'Empty Response'); None = let the LM answer "
+        "without passages (no citations).")
 
     _decoder: LazyDecoder = PrivateAttr()
 
     def __init__(self, *, lm: Any = None, key_cache: Any = None, **data: Any) -> None:
         """``lm`` (a built ``nest_core.LanguageModel``) and ``key_cache`` are injected as
-        is; everything else is a pydantic field. Nothing is loaded here."""
+        is; everything else is a pydantic field. Nothing is loaded here.
+
+        An explicit ``callback_manager`` is also given to the node postprocessors (as
+        ``RetrieverQueryEngine`` does) and to a retriever that has no handlers of its own,
+        so one ``LlamaDebugHandler`` sees the whole query.
+        """
+        explicit_cm = data.get("callback_manager")
         super().__init__(**data)
         self._decoder = LazyDecoder(model_name=self.model_name, dtype=self.dtype,
                                     config=self.config, lm=lm, key_cache=key_cache,
                                     datastore_dir=self.datastore_dir)
+        if explicit_cm is not None:
+            for post in self.node_postprocessors:
+                post.callback_manager = explicit_cm
+            if not getattr(self.retriever, "callback_manager", None) or \
+                    not self.retriever.callback_manager.handlers:
+                self.retriever.callback_manager = explicit_cm
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_stock_only_options(cls, data: Any) -> Any:
+        return refuse_unsupported(data, cls.__name__) if isinstance(data, dict) else data
 
     # --- alternative constructors ---------------------------------------------------------
     @classmethod
     def from_index(cls, index: Any, *, similarity_top_k: int = 4,
                    **kwargs: Any) -> NestQueryEngine:
-        """From a ``VectorStoreIndex`` (or any index with ``as_retriever``)."""
-        return cls(retriever=index.as_retriever(similarity_top_k=similarity_top_k), **kwargs)
+        """From a ``VectorStoreIndex`` (or any index with ``as_retriever``), taking the
+        keyword arguments ``index.as_query_engine`` takes: engine fields go to the engine,
+        the rest (``filters``, ``vector_store_query_mode``...) to ``index.as_retriever``."""
+        kwargs = refuse_unsupported(kwargs, cls.__name__)
+        ours = {k: v for k, v in kwargs.items() if k in cls.model_fields or k in {"lm",
+                                                                                  "key_cache"}}
+        rest = {k: v for k, v in kwargs.items() if k not in ours}
+        retriever = index.as_retriever(similarity_top_k=similarity_top_k, **rest)
+        return cls(retriever=retriever, **ours)
+
+    @classmethod
+    def from_args(cls, retriever: BaseRetriever, **kwargs: Any) -> NestQueryEngine:
+        """``RetrieverQueryEngine.from_args``'s signature: a retriever plus engine options."""
+        return cls(retriever=retriever, **kwargs)
 
     @classmethod
     def from_vector_store(cls, vector_store: Any, *, embed_model: Any,
@@ -120,40 +191,124 @@ class NestQueryEngine(CustomQueryEngine):
         index = VectorStoreIndex.from_vector_store(vector_store, embed_model=embed_model)
         return cls.from_index(index, similarity_top_k=similarity_top_k, **kwargs)
 
-    # --- queries --------------------------------------------------------------------------
-    def custom_query(self, query_str: str) -> Response | StreamingResponse:
-        nodes = self._retrieve(query_str)
-        passages, kept = self._passages(query_str, nodes)
-        decoder = self._decoder.get()
-        metadata = response_metadata(kept)
-        pieces = self._pieces(decoder, query_str, passages, kept, metadata)
-        if self.streaming:
-            return StreamingResponse(response_gen=pieces, source_nodes=list(kept),
-                                     metadata=metadata)
-        return Response("".join(pieces), source_nodes=list(kept), metadata=metadata)
+    # --- the stock engine's public steps ----------------------------------------------------
+    def query(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
+        bundle = _bundle(str_or_query_bundle)
+        dispatcher.event(QueryStartEvent(query=bundle))
+        with self.callback_manager.as_trace("query"), self.callback_manager.event(
+                CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
+            response = self.synthesize(bundle, self.retrieve(bundle))
+            ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(QueryEndEvent(query=bundle, response=response))
+        return response
 
-    async def acustom_query(self, query_str: str) -> Response | AsyncStreamingResponse:
+    async def aquery(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
         """Truly async: ``aretrieve`` on the loop, model loading and decoding in a thread."""
+        bundle = _bundle(str_or_query_bundle)
+        dispatcher.event(QueryStartEvent(query=bundle))
+        with self.callback_manager.as_trace("query"), self.callback_manager.event(
+                CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
+            response = await self.asynthesize(bundle, await self.aretrieve(bundle))
+            ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(QueryEndEvent(query=bundle, response=response))
+        return response
+
+    def retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        """The retriever's nodes after ``node_postprocessors`` (what would be decoded over)."""
         try:
-            nodes = await self.retriever.aretrieve(query_str)
+            nodes = self.retriever.retrieve(query_bundle)
         except Exception as err:
-            raise self._retrieval_error(query_str, err) from err
-        passages, kept = self._passages(query_str, nodes)
-        decoder = await asyncio.to_thread(self._decoder.get)
-        metadata = response_metadata(kept)
-        pieces = self._pieces(decoder, query_str, passages, kept, metadata)
-        if self.streaming:
-            return AsyncStreamingResponse(response_gen=_in_thread(pieces),
-                                          source_nodes=list(kept), metadata=metadata)
-        text = await asyncio.to_thread("".join, pieces)
-        return Response(text, source_nodes=list(kept), metadata=metadata)
+            raise self._retrieval_error(query_bundle.query_str, err) from err
+        self._check_retrieved(query_bundle.query_str, nodes)
+        for post in self.node_postprocessors:
+            nodes = post.postprocess_nodes(nodes, query_bundle=query_bundle)
+        return nodes
+
+    async def aretrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
+        try:
+            nodes = await self.retriever.aretrieve(query_bundle)
+        except Exception as err:
+            raise self._retrieval_error(query_bundle.query_str, err) from err
+        self._check_retrieved(query_bundle.query_str, nodes)
+        for post in self.node_postprocessors:
+            nodes = await post.apostprocess_nodes(nodes, query_bundle=query_bundle)
+        return nodes
+
+    def synthesize(self, query_bundle: QueryBundle, nodes: list[NodeWithScore],
+                   additional_source_nodes: Sequence[NodeWithScore] | None = None,
+                   ) -> RESPONSE_TYPE:
+        """Decode an answer over ``nodes`` (no retrieval): a ``Response`` (or
+        ``StreamingResponse``) like the stock synthesizer's, with Nest's span metadata.
+        ``additional_source_nodes`` are appended to ``source_nodes`` (not decoded over)."""
+        return self._synthesize(query_bundle, nodes, additional_source_nodes, use_async=False)
+
+    async def asynthesize(self, query_bundle: QueryBundle, nodes: list[NodeWithScore],
+                          additional_source_nodes: Sequence[NodeWithScore] | None = None,
+                          ) -> RESPONSE_TYPE:
+        response = self._synthesize(query_bundle, nodes, additional_source_nodes,
+                                    use_async=True)
+        if isinstance(response, _PendingText):
+            return await response.run()
+        return response
+
+    # --- CustomQueryEngine's hooks (kept for code that calls them directly) -----------------
+    def custom_query(self, query_str: str) -> RESPONSE_TYPE:
+        bundle = QueryBundle(query_str)
+        return self.synthesize(bundle, self.retrieve(bundle))
+
+    async def acustom_query(self, query_str: str) -> RESPONSE_TYPE:
+        bundle = QueryBundle(query_str)
+        return await self.asynthesize(bundle, await self.aretrieve(bundle))
+
+    def _query(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        return self.synthesize(query_bundle, self.retrieve(query_bundle))
+
+    async def _aquery(self, query_bundle: QueryBundle) -> RESPONSE_TYPE:
+        return await self.asynthesize(query_bundle, await self.aretrieve(query_bundle))
 
     # --- internals -------------------------------------------------------------------------
-    def _retrieve(self, query_str: str) -> list[NodeWithScore]:
-        try:
-            return self.retriever.retrieve(query_str)
-        except Exception as err:
-            raise self._retrieval_error(query_str, err) from err
+    def _synthesize(self, bundle: QueryBundle, nodes: Sequence[NodeWithScore],
+                    extra: Sequence[NodeWithScore] | None, *, use_async: bool) -> Any:
+        """SYNTHESIZE events around building the response; async non-streaming returns a
+        :class:`_PendingText` that decodes in a thread inside the same events."""
+        dispatcher.event(SynthesizeStartEvent(query=bundle))
+        event_id = self.callback_manager.on_event_start(
+            CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: bundle.query_str})
+
+        def done(response: RESPONSE_TYPE) -> RESPONSE_TYPE:
+            self.callback_manager.on_event_end(
+                CBEventType.SYNTHESIZE, payload={EventPayload.RESPONSE: response},
+                event_id=event_id)
+            dispatcher.event(SynthesizeEndEvent(query=bundle, response=response))
+            return response
+
+        query_str = bundle.query_str
+        if nodes:
+            passages, kept = self._passages(query_str, nodes)
+        else:
+            passages, kept = [], []
+            if self.empty_response is not None:
+                return done(_empty(self.empty_response, self.streaming, use_async, extra))
+            logger.info("node_postprocessors left no node for %r: answering without "
+                        "passages (no citations)", query_str[:80])
+        metadata = response_metadata(kept)
+        sources = list(kept) + list(extra or [])
+        if use_async and not self.streaming:
+            return _PendingText(self, query_str, passages, kept, metadata, sources, done)
+        pieces = self._pieces(self._decoder.get(), query_str, passages, kept, metadata)
+        if not self.streaming:
+            return done(Response("".join(pieces), source_nodes=sources, metadata=metadata))
+        if use_async:
+            return done(AsyncStreamingResponse(response_gen=_in_thread(pieces),
+                                               source_nodes=sources, metadata=metadata))
+        return done(StreamingResponse(response_gen=pieces, source_nodes=sources,
+                                      metadata=metadata))
+
+    def _check_retrieved(self, query_str: str, nodes: Sequence[NodeWithScore]) -> None:
+        if not nodes:
+            msg = (f"{type(self.retriever).__name__} returned no nodes (is the index empty?) "
+                   f"for query {query_str!r:.80}; Nest needs text passages to decode over")
+            raise NestRetrievalError(msg)
 
     def _retrieval_error(self, query_str: str, err: Exception) -> NestRetrievalError:
         msg = (f"{type(self.retriever).__name__} failed for query {query_str!r:.80}: "
@@ -164,10 +319,9 @@ class NestQueryEngine(CustomQueryEngine):
                   ) -> tuple[list[Passage], list[NodeWithScore]]:
         passages, kept = nodes_to_passages(nodes, title_key=self.title_key)
         if not passages:
-            what = ("no nodes (is the index empty?)" if not nodes else
-                    f"{len(nodes)} node(s), none with text (e.g. image nodes)")
-            msg = (f"{type(self.retriever).__name__} returned {what} for query "
-                   f"{query_str!r:.80}; Nest needs text passages to decode over")
+            msg = (f"{type(self.retriever).__name__} returned {len(nodes)} node(s), none "
+                   f"with text (e.g. image nodes) for query {query_str!r:.80}; Nest needs "
+                   f"text passages to decode over")
             raise NestRetrievalError(msg)
         return passages, kept
 
@@ -179,9 +333,53 @@ class NestQueryEngine(CustomQueryEngine):
 
     def _pieces(self, decoder: Any, query_str: str, passages: list[Passage],
                 kept: list[NodeWithScore], metadata: dict[str, Any]) -> Iterator[str]:
-        return decode_pieces(decoder, self._prompt(query_str), passages, kept, metadata,
-                             max_new_tokens=self.max_new_tokens, stop=self.stop,
-                             citation_markers=self.citation_markers)
+        prompt = self._prompt(query_str)
+        pieces = decode_pieces(decoder, prompt, passages, kept, metadata,
+                               max_new_tokens=self.max_new_tokens, stop=self.stop,
+                               citation_markers=self.citation_markers)
+        return llm_events(pieces, callback_manager=self.callback_manager,
+                          prompt=query_str if isinstance(prompt, str) else str(prompt),
+                          model_name=self.model_name or decoder.lm.name,
+                          metadata=lambda: metadata)
+
+
+class _PendingText:
+    """An async non-streaming answer: decoded in a worker thread, then closed by ``done``."""
+
+    def __init__(self, engine: NestQueryEngine, query_str: str, passages: list[Passage],
+                 kept: list[NodeWithScore], metadata: dict[str, Any],
+                 sources: list[NodeWithScore], done: Any) -> None:
+        self.engine, self.query_str, self.passages, self.kept = engine, query_str, passages, kept
+        self.metadata, self.sources, self.done = metadata, sources, done
+
+    async def run(self) -> RESPONSE_TYPE:
+        decoder = await asyncio.to_thread(self.engine._decoder.get)
+        pieces = self.engine._pieces(decoder, self.query_str, self.passages, self.kept,
+                                     self.metadata)
+        text = await asyncio.to_thread("".join, pieces)
+        return self.done(Response(text, source_nodes=self.sources, metadata=self.metadata))
+
+
+def _bundle(query: QueryType) -> QueryBundle:
+    return query if isinstance(query, QueryBundle) else QueryBundle(str(query))
+
+
+def _empty(text: str, streaming: bool, use_async: bool,
+           extra: Sequence[NodeWithScore] | None) -> RESPONSE_TYPE:
+    """The stock synthesizers' answer when no node is left: text only, no spans."""
+    metadata: dict[str, Any] = {"nest_spans": [], "nest_matches": []}
+    sources = list(extra or [])
+    if not streaming:
+        return Response(text, source_nodes=sources, metadata=metadata)
+    if use_async:
+        return AsyncStreamingResponse(response_gen=_agen_of(text), source_nodes=sources,
+                                      metadata=metadata)
+    return StreamingResponse(response_gen=iter([text]), source_nodes=sources,
+                             metadata=metadata)
+
+
+async def _agen_of(text: str) -> AsyncIterator[str]:
+    yield text
 
 
 async def _in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
@@ -194,4 +392,4 @@ async def _in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
         yield piece  # type: ignore[misc]
 
 
-__all__ = ["NestQueryEngine", "NestRetrievalError"]
+__all__ = ["DEFAULT_EMPTY_RESPONSE", "NestQueryEngine", "NestRetrievalError"]
