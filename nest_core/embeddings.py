@@ -55,16 +55,20 @@ class SentenceTransformerEmbeddings:
     """
 
     def __init__(self, model_name_or_path: str | os.PathLike[str] | None = None, *,
-                 batch_size: int = 64, device: str = "cpu") -> None:
+                 batch_size: int = 64, device: str = "cpu", name: str | None = None) -> None:
         self.model_name_or_path = model_name_or_path
         self.batch_size = batch_size
         self.device = device
+        self._name = name
         self._model: Any = None
         self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
-        """Recorded in store metadata so a store is not queried with another model."""
+        """Recorded in store metadata so a store is not queried with another model
+        (``name=`` when given: a Hub snapshot directory is named by a commit hash)."""
+        if self._name:
+            return self._name
         if self.model_name_or_path is None:
             return DEFAULT_EMBEDDING_NAME
         return Path(str(self.model_name_or_path)).name or str(self.model_name_or_path)
@@ -158,13 +162,37 @@ def embedding_name(embed: EmbeddingFunction) -> str:
     return getattr(embed, "__qualname__", type(embed).__qualname__)
 
 
+class EmbeddingDimensionError(ValueError):
+    """The query embedding's size differs from the store's vectors: another model built it.
+
+    The message names both dimensions, the model the store recorded (when it did) and the
+    fix, because a raw ``InvalidArgumentError``/``AssertionError`` from the store names none.
+    """
+
+    def __init__(self, *, store_dim: int, embed_dim: int, embedding: str | None = None,
+                 store: str | None = None, recorded: str | None = None) -> None:
+        self.store_dim, self.embed_dim = store_dim, embed_dim
+        self.embedding, self.store, self.recorded = embedding, store, recorded
+        where = store or "the store"
+        built = (f", built with the embedding model {recorded!r}" if recorded
+                 else " (it does not record which embedding model built it)")
+        model = f"the embedding {embedding!r}" if embedding else "the embedding function"
+        fix = f"--embedding {recorded}" if recorded else "--embedding NAME_OR_DIR"
+        msg = (f"{where} holds {store_dim}-d vectors{built}, but {model} gives "
+               f"{embed_dim}-d vectors. Use the model it was built with: `{fix}` on "
+               f"the command line, embed=SentenceTransformerEmbeddings(...) in Python")
+        super().__init__(msg)
+
+
 def embed_texts(embed: EmbeddingFunction, texts: Sequence[str],
-                dimension: int | None = None) -> np.ndarray:
+                dimension: int | None = None, *, store: str | None = None,
+                recorded: str | None = None) -> np.ndarray:
     """Call ``embed`` and check its answer: a float32 ``(len(texts), d)`` array.
 
-    ``dimension`` is the store's vector size; a different ``d`` raises ``ValueError`` naming
-    both (the usual cause: querying a store with another embedding model than it was built
-    with).
+    ``dimension`` is the store's vector size; a different ``d`` raises
+    :class:`EmbeddingDimensionError` naming both, the store (``store``) and the model it
+    recorded (``recorded``): the usual cause is querying a store with another embedding model
+    than it was built with.
     """
     if not texts:
         return np.zeros((0, dimension or 0), dtype=np.float32)
@@ -177,8 +205,54 @@ def embed_texts(embed: EmbeddingFunction, texts: Sequence[str],
         msg = "embedding function returned NaN or infinite values"
         raise ValueError(msg)
     if dimension is not None and vectors.shape[1] != dimension:
-        msg = (f"embedding dimension {vectors.shape[1]} does not match the store's dimension "
-               f"{dimension}; query with the embedding model the store was built with, or "
-               f"re-ingest into a new store with this one")
-        raise ValueError(msg)
+        raise EmbeddingDimensionError(store_dim=dimension, embed_dim=int(vectors.shape[1]),
+                                      embedding=embedding_name(embed), store=store,
+                                      recorded=recorded)
     return vectors
+
+
+def load_embedding(name_or_dir: str | os.PathLike[str] | None = None
+                   ) -> SentenceTransformerEmbeddings:
+    """The sentence-transformers model ``--embedding NAME_OR_DIR`` names, never downloaded.
+
+    ``None`` or ``"all-MiniLM-L6-v2"``: the bundled default. A directory: a saved
+    sentence-transformers (or plain transformers) model. Otherwise a Hub name already in the
+    local Hugging Face cache (``sentence-transformers/`` is tried for a bare name, as
+    sentence-transformers does), so offline machines (``HF_HUB_OFFLINE=1``) work. The model
+    itself loads on the first call.
+    """
+    bundled = (DEFAULT_EMBEDDING_NAME, f"sentence-transformers/{DEFAULT_EMBEDDING_NAME}")
+    if name_or_dir is None or str(name_or_dir) in bundled:
+        return default_embedding_function()
+    text = str(name_or_dir)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("modules.json", "config.json")):
+            msg = (f"--embedding {text}: the folder holds no sentence-transformers model (no "
+                   f"modules.json or config.json); pass the folder model.save(...) wrote")
+            raise FileNotFoundError(msg)
+        return SentenceTransformerEmbeddings(path)
+    if path.exists() or text.startswith((".", "/", "~")):
+        msg = f"--embedding {text}: not a folder; pass a model folder or a Hugging Face name"
+        raise FileNotFoundError(msg)
+    snapshot = _cached_snapshot(text)
+    return SentenceTransformerEmbeddings(snapshot, name=text)
+
+
+def _cached_snapshot(name: str) -> Path:
+    """The local Hugging Face cache folder of model ``name`` (no download is attempted)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as err:  # pragma: no cover - sentence-transformers depends on it
+        msg = f"loading a model by name needs huggingface_hub: `{EMBEDDINGS_INSTALL_HINT}`"
+        raise ImportError(msg) from err
+    candidates = [name] if "/" in name else [name, f"sentence-transformers/{name}"]
+    for repo in candidates:
+        try:
+            return Path(snapshot_download(repo, local_files_only=True))
+        except Exception as err:  # LocalEntryNotFoundError, or an invalid repo id
+            logger.debug("embedding %s not in the local cache: %s", repo, err)
+    msg = (f"--embedding {name}: no such folder, and no model of that name is in the local "
+           f"Hugging Face cache (nothing is downloaded). Pass the folder of a saved "
+           f"sentence-transformers model, or copy the model into the cache first")
+    raise FileNotFoundError(msg)

@@ -1,20 +1,36 @@
 """Passage sources (stage 1 of Nest): one protocol, framework-free adapters.
 
 Chroma and FAISS adapters import their client libraries lazily, so importing this package
-costs nothing beyond numpy.
+costs nothing beyond numpy. :func:`open_store` opens a store directory whoever wrote it
+(nest, LangChain's Chroma or ``FAISS.save_local``, LlamaIndex's FAISS persist directory).
 """
 
-from nest_core.sources.base import EmptyStoreError, PassageSource, SyncPassageSource
+from nest_core.embeddings import EmbeddingDimensionError
+from nest_core.sources.base import (
+    EmptyStoreError,
+    PassageSource,
+    SyncPassageSource,
+    UnsafeStoreError,
+)
 from nest_core.sources.chroma import ChromaSource
 from nest_core.sources.faiss_store import FaissSource, FaissStore
+from nest_core.sources.framework_faiss import LangChainFaissSource, LlamaIndexFaissSource
 from nest_core.sources.memory import InMemorySource
+from nest_core.sources.open import detect_store_kind, open_store, span_datastore_dir
 
 __all__ = [
     "ChromaSource",
+    "EmbeddingDimensionError",
     "EmptyStoreError",
     "FaissSource",
     "FaissStore",
     "InMemorySource",
+    "LangChainFaissSource",
+    "LlamaIndexFaissSource",
     "PassageSource",
     "SyncPassageSource",
+    "UnsafeStoreError",
+    "detect_store_kind",
+    "open_store",
+    "span_datastore_dir",
 ]

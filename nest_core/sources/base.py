@@ -22,6 +22,10 @@ class EmptyStoreError(ValueError):
     """The store holds no passages: retrieval has nothing to return (ingest first)."""
 
 
+class UnsafeStoreError(ValueError):
+    """Opening the store would unpickle a file (code execution); the caller did not opt in."""
+
+
 @runtime_checkable
 class PassageSource(Protocol):
     """``retrieve(query, k)`` returns at most ``k`` passages, best first."""

@@ -3,19 +3,24 @@
 
 We always send vectors: chromadb's default embedding function downloads a model on first use,
 which fails offline and silently differs from the model the collection was built with.
-Collections written by LangChain or LlamaIndex work too (``_``-prefixed bookkeeping keys are
-stripped from metadata; the title is read from ``metadata["title"]`` when present).
+Collections written by LangChain (``langchain_chroma.Chroma``: collection ``langchain``) or
+LlamaIndex (``ChromaVectorStore``) work too: the text is the ``documents`` field, ``_``-prefixed
+bookkeeping keys (``_node_content``, ``_node_type``) are stripped from metadata, and the title
+is read from ``metadata["title"]`` when present. Such collections record no embedding model,
+so the store's dimension is read from one stored vector to catch a mismatched query model.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from nest_core.embeddings import (
+    EmbeddingDimensionError,
     EmbeddingFunction,
     embed_texts,
     embedding_name,
@@ -106,9 +111,10 @@ def get_collection(client: Any, name: str = DEFAULT_COLLECTION, *, create: bool 
         except Exception as err:  # chromadb raises NotFoundError / ValueError by version
             if "does not exist" not in str(err) and "not found" not in str(err).lower():
                 raise
-            known = [getattr(c, "name", c) for c in client.list_collections()]
-            msg = (f"Chroma collection {name!r} does not exist (collections: {known}); ingest "
-                   f"documents into it first (nest_core.ingest or `nest index`)")
+            known = collection_names(client)
+            msg = (f"Chroma collection {name!r} does not exist (collections: {known}); name "
+                   f"one of those (--collection NAME, collection= in Python), or ingest "
+                   f"documents into {name!r} first (nest_core.ingest or `nest index`)")
             raise EmptyStoreError(msg) from err
     metadata: dict[str, Any] = {"hnsw:space": "cosine"}
     if embed is not None:
@@ -116,6 +122,32 @@ def get_collection(client: Any, name: str = DEFAULT_COLLECTION, *, create: bool 
     if dim is not None:
         metadata[DIM_KEY] = int(dim)
     return client.get_or_create_collection(name, embedding_function=None, metadata=metadata)
+
+
+def collection_names(client: Any) -> list[str]:
+    """Names of the collections in a Chroma database, sorted."""
+    return sorted(str(getattr(c, "name", c)) for c in client.list_collections())
+
+
+def choose_collection(client: Any, name: str | None, where: str = "the Chroma database"
+                      ) -> tuple[str, str | None]:
+    """``(collection name, note)``: ``name`` when given; else ``nest`` when present, else the
+    only collection there is (the note says so: LangChain names its ``langchain``, LlamaIndex
+    users name theirs). Several and none named is an error listing them."""
+    if name is not None:
+        return name, None
+    names = collection_names(client)
+    if DEFAULT_COLLECTION in names:
+        return DEFAULT_COLLECTION, None
+    if len(names) == 1:
+        return names[0], f"using the only Chroma collection in {where}: {names[0]!r}"
+    if not names:
+        msg = (f"{where} holds no Chroma collections; ingest documents first "
+               f"(nest_core.ingest or `nest index`)")
+        raise EmptyStoreError(msg)
+    msg = (f"{where} holds {len(names)} Chroma collections {names}; name one with "
+           f"--collection NAME (collection= in Python)")
+    raise EmptyStoreError(msg)
 
 
 class ChromaSource(SyncPassageSource):
@@ -128,19 +160,30 @@ class ChromaSource(SyncPassageSource):
         # seconds a server may take per call (chromadb's own HTTP client never gives up)
         self.timeout = timeout
         self.embed = resolve_embedding(embed)
+        self.note: str | None = None  # said to the user when the collection was picked for them
         meta = getattr(collection, "metadata", None) or {}
+        # None until read from a stored vector (collections LangChain/LlamaIndex wrote)
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
         built_with = meta.get(EMBEDDING_KEY)
+        self.recorded: str | None = str(built_with) if built_with else None
         if built_with and built_with != embedding_name(self.embed):
             logger.warning("Chroma collection %r was built with embeddings %r but is queried "
                            "with %r; results will be poor unless they are the same model",
                            collection.name, built_with, embedding_name(self.embed))
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike[str], collection: str = DEFAULT_COLLECTION, *,
+    def from_path(cls, path: str | os.PathLike[str], collection: str | None = None, *,
                   embed: EmbeddingFunction | None = None) -> ChromaSource:
-        """An existing collection of an embedded Chroma database at ``path``."""
-        return cls(get_collection(persistent_client(path), collection), embed=embed)
+        """An existing collection of an embedded Chroma database at ``path`` (written by
+        nest, LangChain or LlamaIndex). ``collection=None``: ``nest``, else the only one
+        there is (``source.note`` says which); a missing name lists those that exist."""
+        client = persistent_client(path)
+        name, note = choose_collection(client, collection, str(path))
+        source = cls(get_collection(client, name), embed=embed)
+        if note:
+            logger.info("%s", note)
+            source.note = note
+        return source
 
     @classmethod
     def from_server(cls, host: str = "127.0.0.1", port: int = 8000,
@@ -162,9 +205,42 @@ class ChromaSource(SyncPassageSource):
     def __len__(self) -> int:
         return int(with_deadline(self.collection.count, self.timeout, self.collection.name))
 
+    def store_dim(self) -> int | None:
+        """The collection's vector size: recorded by nest, else read from one stored vector
+        (``None`` while the collection is empty)."""
+        if self.dim is None:
+            got = with_deadline(lambda: self.collection.get(limit=1, include=["embeddings"]),
+                                self.timeout, self.collection.name)
+            vectors = got.get("embeddings")
+            if vectors is not None and len(vectors):
+                self.dim = len(vectors[0])
+        return self.dim
+
+    def passages(self, page: int = 1000) -> list[Passage]:
+        """Every passage of the collection (for precomputing its span datastore); the same
+        :class:`Passage` objects :meth:`retrieve` returns, without scores."""
+        out: list[Passage] = []
+        offset = 0
+
+        def read() -> Any:
+            return self.collection.get(include=["documents", "metadatas"], limit=page,
+                                       offset=offset)
+
+        while True:
+            got = with_deadline(read, self.timeout, self.collection.name)
+            metas = got["metadatas"] or [None] * len(got["ids"])
+            for pid, doc, meta in zip(got["ids"], got["documents"], metas, strict=True):
+                if doc and doc.strip():
+                    out.append(_passage(pid, doc, meta, None))
+            if len(got["ids"]) < page:
+                return out
+            offset += page
+
     def retrieve(self, query: str, k: int) -> list[Passage]:
         check_query(query, k)
-        vector = embed_texts(self.embed, [query], self.dim)
+        vector = embed_texts(self.embed, [query], self.store_dim(),
+                             store=f"Chroma collection {self.collection.name!r}",
+                             recorded=self.recorded)
         def ask() -> Any:
             # Chroma fails on a k past its integer range; no store returns more than it holds
             n = max(1, min(k, self.collection.count()))
@@ -190,16 +266,28 @@ class ChromaSource(SyncPassageSource):
             if not doc or not doc.strip():
                 logger.warning("Chroma passage %r has no text; skipped", pid)
                 continue
-            metadata = public_metadata(meta)
-            title = metadata.get("title")
-            out.append(Passage(id=str(pid), text=doc, title=title if isinstance(title, str)
-                               and title else None, metadata=metadata, score=float(dist)))
+            out.append(_passage(pid, doc, meta, float(dist)))
         return out
+
+
+def _passage(pid: Any, doc: str, meta: Any, score: float | None) -> Passage:
+    """A stored record as a passage: bookkeeping keys dropped, title from the metadata."""
+    metadata = public_metadata(meta)
+    title = metadata.get("title")
+    return Passage(id=str(pid), text=doc, title=title if isinstance(title, str) and title
+                   else None, metadata=metadata, score=score)
+
+
+_DIMS = re.compile(r"dimension of (\d+), got (\d+)")
 
 
 def translate_chroma_error(err: Exception, name: str) -> Exception:
     """chromadb's errors, restated with the fix."""
     text = str(err)
+    dims = _DIMS.search(text)
+    if dims:
+        return EmbeddingDimensionError(store_dim=int(dims[1]), embed_dim=int(dims[2]),
+                                       store=f"Chroma collection {name!r}")
     if "dimension" in text:
         msg = (f"Chroma collection {name!r} rejected the query vector: {text}. Query with the "
                f"embedding model the collection was built with, or re-ingest it")

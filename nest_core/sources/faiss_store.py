@@ -230,6 +230,11 @@ class FaissStore:
         """Ids of the live passages, in row order."""
         return sorted(self._by_id, key=self._by_id.__getitem__)
 
+    def passages(self) -> list[Passage]:
+        """The live passages, in row order, as :meth:`search` returns them (no score)."""
+        with self._lock:
+            return [_passage(self._records[row], None) for row in sorted(self._by_id.values())]
+
     def save(self) -> None:
         """Write sidecar, index, then header, each atomically (a reader racing a save sees a
         sidecar at least as long as the index, which :meth:`open` accepts)."""
@@ -306,8 +311,14 @@ class FaissSource(SyncPassageSource):
             msg = (f"the FAISS store at {self.store.path} is empty; ingest documents first "
                    f"(nest_core.ingest.ingest(documents, store) or `nest index`)")
             raise EmptyStoreError(msg)
-        vectors = embed_texts(self.embed, [query], self.store.dim)
+        vectors = embed_texts(self.embed, [query], self.store.dim,
+                              store=f"the FAISS store at {self.store.path}",
+                              recorded=self.store.meta.embedding)
         return self.store.search(vectors, k)[0]
+
+    def passages(self) -> list[Passage]:
+        """Every live passage, in row order (for precomputing the span datastore)."""
+        return self.store.passages()
 
 
 def _faiss() -> Any:
