@@ -54,17 +54,18 @@ class NestDecoder:
         return sum(e.num_rows for e in self.encoder.encode(_check_passages(passages)))
 
     def generate(self, prompt: Prompt, passages: Sequence[Passage] | None = None, *,
-                 max_new_tokens: int = 128, stop: str | Sequence[str] | None = None
-                 ) -> NestResult:
+                 max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
+                 question: str | None = None) -> NestResult:
         """Decode an answer to ``prompt`` grounded in ``passages``; see :meth:`stream`."""
-        for chunk in self.stream(prompt, passages, max_new_tokens=max_new_tokens, stop=stop):
+        for chunk in self.stream(prompt, passages, max_new_tokens=max_new_tokens, stop=stop,
+                                 question=question):
             if chunk.result is not None:
                 return chunk.result
         raise AssertionError("stream ended without a result")  # pragma: no cover
 
     def stream(self, prompt: Prompt, passages: Sequence[Passage] | None = None, *,
-               max_new_tokens: int = 128, stop: str | Sequence[str] | None = None
-               ) -> Iterator[NestChunk]:
+               max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
+               question: str | None = None) -> Iterator[NestChunk]:
         """Yield accepted text as soon as it is decided; the last chunk carries the result.
 
         ``prompt``: a string (sent as one user message through the chat template) or a list
@@ -72,6 +73,9 @@ class NestDecoder:
         (excluded from the text) or after ``max_new_tokens``. The result's ``matches`` hold
         the text the LM wrote itself that a passage holds verbatim
         (:func:`~nest_core.matching.match_spans`), apart from the copied ``spans``.
+        ``question`` is what the user asked, when ``prompt`` wraps it in a template with other
+        text (focus, question drafts and the continuation test look at it); by default it is
+        the prompt string or its last user message.
         """
         started = time.perf_counter()
         cfg = self.config
@@ -82,7 +86,10 @@ class NestDecoder:
             msg = f"max_new_tokens must be a positive int, got {max_new_tokens!r}"
             raise ValueError(msg)
         check_prompt(prompt)  # before background passages make an empty prompt look full
-        question = question_of(prompt)
+        if question is not None and not isinstance(question, str):
+            msg = f"question must be a str or None, got {type(question).__name__}"
+            raise TypeError(msg)
+        question = question_of(prompt) if question is None else question
         if cfg.continuation is not None and continues_passage(question, passages):
             cfg = cfg.continuation
         focus = (best_sentences(question, passages, cfg.focus_sentences)

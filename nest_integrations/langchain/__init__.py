@@ -18,6 +18,7 @@ from nest_integrations.langchain.chains import create_nest_chain
 from nest_integrations.langchain.chat_models import ChatNest
 from nest_integrations.langchain.documents import (
     document_to_passage,
+    documents_to_blocks,
     documents_to_passages,
     format_citations,
     passage_to_document,
@@ -26,13 +27,17 @@ from nest_integrations.langchain.documents import (
 )
 from nest_integrations.langchain.embeddings import NestMiniLMEmbeddings
 from nest_integrations.langchain.llms import NestLLM
+from nest_integrations.langchain.tools import NestToolInput, create_nest_tool
 
 __all__ = [
     "ChatNest",
     "NestLLM",
     "NestMiniLMEmbeddings",
+    "NestToolInput",
     "create_nest_chain",
+    "create_nest_tool",
     "document_to_passage",
+    "documents_to_blocks",
     "documents_to_passages",
     "format_citations",
     "passage_to_document",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -19,9 +20,10 @@ from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import VectorStore
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from nest_core.config import NestConfig
+from nest_core.prompts import stuffed_question
 from nest_core.types import NestChunk, NestResult, Passage
 from nest_integrations.langchain.documents import documents_to_passages
 
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROVIDER = "nest"
-CALL_OPTIONS = ("documents", "model", "max_tokens")
+CALL_OPTIONS = ("documents", "model", "max_tokens", "temperature")
+# What hosted chat models take (and langchain-tests passes): meaningless for a local model.
+REMOTE_ONLY = ("api_key", "base_url", "timeout", "max_retries")
 _T = TypeVar("_T")
 _DONE = object()
 _CACHE_LOCK = threading.Lock()
@@ -65,10 +69,19 @@ class NestParams(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     model: str | None = Field(
-        default=None,
+        default=None, validation_alias=AliasChoices("model", "model_name"),
         description="Hugging Face id, local directory or .gguf path of the causal LM; None is "
-        "the bundled SmolLM2-135M-Instruct. Loaded on the first call, shared between instances.",
+        "the bundled SmolLM2-135M-Instruct. Loaded on the first call, shared between instances. "
+        "`model_name=` is accepted as an alias, as in the partner packages.",
     )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for transformers' `from_pretrained` when `model` is "
+        "loaded, e.g. {'revision': 'main', 'attn_implementation': 'sdpa'} (dtype and device "
+        "have their own fields).")
+    streaming: bool = Field(
+        default=False,
+        description="Stream inside `invoke` too (callbacks see each piece as it is accepted).")
     retriever: BaseRetriever | None = Field(
         default=None, description="Where passages come from: any LangChain retriever.")
     vectorstore: VectorStore | None = Field(
@@ -100,13 +113,44 @@ class NestParams(BaseModel):
     _lm: Any = PrivateAttr(default=None)  # LanguageModel, loaded on the first call
     _lm_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data: Any) -> Any:
+        """Unknown arguments are refused, not silently dropped (pydantic's default here):
+        a misspelt or unsupported setting must not load another model than asked for."""
+        if not isinstance(data, dict):
+            return data
+        remote = sorted(set(data) & set(REMOTE_ONLY))
+        if remote:
+            warnings.warn(f"{cls.__name__} ignores {remote}: Nest runs the model locally "
+                          f"(no API key, retries or network timeout)", UserWarning,
+                          stacklevel=2)
+            data = {k: v for k, v in data.items() if k not in REMOTE_ONLY}
+        known = set(cls.model_fields)
+        for field in cls.model_fields.values():
+            alias = field.validation_alias
+            if isinstance(alias, AliasChoices):
+                known.update(a for a in alias.choices if isinstance(a, str))
+            elif isinstance(alias, str):
+                known.add(alias)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = (f"{cls.__name__} got unexpected argument(s) {unknown}. Decoder settings go "
+                   f"in nest_overrides={{...}} (NestConfig fields), transformers loading "
+                   f"options in model_kwargs={{...}}; the fields are {sorted(known)}")
+            raise ValueError(msg)
+        return data
+
     @model_validator(mode="after")
     def _check_settings(self) -> NestParams:
-        if self.temperature not in (None, 0, 0.0):
-            msg = (f"temperature={self.temperature!r} is not supported: Nest decodes greedily "
-                   f"(its speculative verification and citations assume it). Use "
-                   f"temperature=0 or leave it unset")
-            raise ValueError(msg)
+        _check_temperature(self.temperature)
+        for key in ("dtype", "torch_dtype", "device_map", "trust_remote_code"):
+            if key in self.model_kwargs:
+                hint = ("it is the user's own decision: load the model yourself and use "
+                        "from_lm(...)" if key == "trust_remote_code"
+                        else "use the `dtype` / `device` fields")
+                msg = f"model_kwargs[{key!r}] is not passed through: {hint}"
+                raise ValueError(msg)
         if self.retriever is not None and self.vectorstore is not None:
             msg = ("pass either `retriever` or `vectorstore`, not both "
                    "(vectorstore.as_retriever(...) makes a retriever from a store)")
@@ -159,6 +203,7 @@ class NestParams(BaseModel):
         if documents is not None and not isinstance(documents, (list, tuple)):
             msg = f"documents must be a list of Document, got {type(documents).__name__}"
             raise TypeError(msg)
+        _check_temperature(kwargs.get("temperature"))
         max_tokens = kwargs.get("max_tokens", self.max_tokens)
         if not isinstance(max_tokens, int) or max_tokens < 1:
             msg = f"max_tokens={max_tokens!r} must be a positive integer"
@@ -172,28 +217,48 @@ class NestParams(BaseModel):
         """The LM for ``name`` (this instance's model unless a call overrides it)."""
         from nest_core.models import load_model
 
+        kwargs = self.model_kwargs or None
         if name != self.model:
-            return load_model(name, dtype=self.dtype, device=self.device)
+            return load_model(name, dtype=self.dtype, device=self.device, model_kwargs=kwargs)
         with self._lm_lock:
             if self._lm is None:
                 logger.info("loading %s (first call)", name or default_model_name())
-                self._lm = load_model(name, dtype=self.dtype, device=self.device)
+                self._lm = load_model(name, dtype=self.dtype, device=self.device,
+                                      model_kwargs=kwargs)
             return self._lm
 
     def _decoder_stream(self, prompt: str | list[dict[str, str]], passages: list[Passage],
-                        opts: CallOptions) -> Iterator[NestChunk]:
+                        opts: CallOptions, question: str | None = None
+                        ) -> Iterator[NestChunk]:
         from nest_core.decoder import NestDecoder
 
         lm = self._load_lm(opts.model)
         decoder = NestDecoder(lm, self.resolved_config(lm.name),
                               key_cache=_key_cache(lm, self.datastore_dir))
         return decoder.stream(prompt, passages or None, max_new_tokens=opts.max_tokens,
-                              stop=opts.stop)
+                              stop=opts.stop, question=question)
 
     # --- retrieval -------------------------------------------------------------------------
-    def _retrieve(self, query: str, opts: CallOptions) -> tuple[list[Passage], list[Document]]:
+    def _query(self, asked: str, opts: CallOptions, given: list[Document]) -> str | None:
+        """The question inside a stuffed prompt (what the retriever and the focus must see),
+        None for a plain question. Warns once when a stuffed prompt comes with no passages
+        at all: it is decoded as a plain LM, and the user should know what to change."""
+        question = stuffed_question(asked)
+        has_source = (opts.documents is not None or bool(given)
+                      or self.retriever is not None or self.vectorstore is not None)
+        if question is not None and not has_source:
+            warnings.warn(STUFFED_WARNING.format(cls=type(self).__name__), UserWarning,
+                          stacklevel=4)
+        return question
+
+    def _retrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
+                  ) -> tuple[list[Passage], list[Document]]:
+        """Passages, by precedence: per-call ``documents``, documents given in the messages
+        (content blocks), then the retriever or vector store searched with ``query``."""
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
+        if given:
+            return documents_to_passages(given)
         # LLM runs are leaves in LangChain's run tree (no get_child): the retriever run
         # inherits the caller's context instead, so traces show it beside the model run.
         if self.retriever is not None:
@@ -202,16 +267,34 @@ class NestParams(BaseModel):
             return documents_to_passages(_search(self.vectorstore, query, self.k))
         return [], []
 
-    async def _aretrieve(self, query: str, opts: CallOptions
+    async def _aretrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
                          ) -> tuple[list[Passage], list[Document]]:
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
+        if given:
+            return documents_to_passages(given)
         if self.retriever is not None:
             docs = await self.retriever.ainvoke(query)
             return documents_to_passages(docs)
         if self.vectorstore is not None:
             return documents_to_passages(await _asearch(self.vectorstore, query, self.k))
         return [], []
+
+
+STUFFED_WARNING = (
+    "{cls} got a prompt that already holds retrieved context (a 'Question:' line amid other "
+    "text) but no passages, so it answers as a plain LM with no citations. Give Nest the "
+    "documents instead of pasting them: put them in the message as content blocks "
+    "(documents_to_blocks(docs)), bind them per call (.bind(documents=docs)), or set "
+    "{cls}(retriever=...), which retrieves on the question inside the prompt.")
+
+
+def _check_temperature(value: Any) -> None:
+    if value not in (None, 0, 0.0) or isinstance(value, bool):
+        msg = (f"temperature={value!r} is not supported: Nest decodes greedily (its "
+               f"speculative verification and citations assume it). Use temperature=0 or "
+               f"leave it unset")
+        raise ValueError(msg)
 
 
 def _search(store: VectorStore, query: str, k: int) -> Sequence[Document | tuple[Document, float]]:

@@ -5,11 +5,17 @@ The answer is one standard text block; each cited span is a standard ``Citation`
 with ``extras["kind"]``: ``"copied"`` for text Nest copied, ``"matched"`` for text the LM
 wrote itself that the document holds verbatim. ``response_metadata["nest"]`` lists them
 apart, as ``spans`` and ``matches``.
-Streaming sends plain text pieces as the decoder accepts them and puts every annotation, the
-usage and the metadata in the last chunk (``chunk_position="last"``). All chunks use block
-``index`` 0, so ``sum(chunks)`` merges into the same single block ``invoke`` returns:
-``AIMessageChunk.__add__`` concatenates strings and adds ints, so per-piece scalars would be
-mangled and are never sent early.
+Streaming sends text pieces as the decoder accepts them; a copied span's citation rides
+with the first chunk after the span is complete (the chunk that starts the next run), and
+the matched spans, the usage and the metadata come in the last chunk
+(``chunk_position="last"``). All chunks use block ``index`` 0 and ``AIMessageChunk.__add__``
+concatenates annotation lists, so ``sum(chunks)`` is the single block ``invoke`` returns
+(``invoke`` is built from the stream). Scalars other than a citation's own are never sent
+early: merging adds ints.
+
+Documents can come in the messages themselves, as standard ``text-plain`` content blocks
+(:func:`~nest_integrations.langchain.documents.documents_to_blocks`, or
+``create_plaintext_block``), the way citation-capable chat models receive them.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from langchain_core.messages import (
 from langchain_core.messages.content import Citation, TextContentBlock, create_text_block
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
-from nest_core.types import NestResult
+from nest_core.types import NestChunk, NestResult, Span
 from nest_integrations.langchain._shared import (
     PROVIDER,
     CallOptions,
@@ -45,7 +51,11 @@ from nest_integrations.langchain._shared import (
     nest_metadata,
     usage,
 )
-from nest_integrations.langchain.documents import result_citations
+from nest_integrations.langchain.documents import (
+    blocks_to_documents,
+    result_citations,
+    span_to_citation,
+)
 
 BLOCK_INDEX = 0  # the answer is always one text block
 
@@ -64,10 +74,13 @@ class ChatNest(NestParams, BaseChatModel):
         msg.text, msg.content[0]["annotations"], msg.response_metadata["source_documents"]
         ```
 
-    Passages come from ``retriever``, ``vectorstore`` or, per call, ``documents=[...]``
-    (which wins); the retrieval query is the last human message. Without passages it is a
-    plain greedy chat model. Greedy only: ``temperature`` must be None or 0. Tool calling
-    and structured output are not supported (a 135M model cannot do them reliably).
+    Passages come, by precedence, from ``documents=[...]`` per call, from ``text-plain``
+    document blocks in the messages, or from ``retriever`` / ``vectorstore``, searched with
+    the user's question: the last human message, or the question line inside it when a prompt
+    template has stuffed retrieved context around it. Without passages it is a plain greedy
+    chat model. Greedy only: ``temperature`` must be None or 0. It cannot call tools or
+    produce structured output (a 135M model cannot do them reliably); for agents, use
+    :meth:`as_tool`, a tool that returns a cited answer.
     """
 
     @property
@@ -92,25 +105,115 @@ class ChatNest(NestParams, BaseChatModel):
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
         prompt = messages_to_prompt(messages)
-        passages, sources = self._retrieve(retrieval_query(messages), opts)
-        for piece in self._decoder_stream(prompt, passages, opts):
-            if piece.text:
-                yield _text_chunk(piece.text)
-            if piece.result is not None:
-                yield _last_chunk(piece.result, sources, opts)
+        given = message_documents(messages)
+        asked = retrieval_query(messages)
+        question = self._query(asked, opts, given)
+        passages, sources = self._retrieve(question or asked, opts, given)
+        citing = CitationStream()
+        for piece in self._decoder_stream(prompt, passages, opts, question):
+            yield from citing.chunks(piece, sources, opts)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
         prompt = messages_to_prompt(messages)
-        passages, sources = await self._aretrieve(retrieval_query(messages), opts)
-        pieces = aiter_in_thread(lambda: self._decoder_stream(prompt, passages, opts))
+        given = message_documents(messages)
+        asked = retrieval_query(messages)
+        question = self._query(asked, opts, given)
+        passages, sources = await self._aretrieve(question or asked, opts, given)
+        citing = CitationStream()
+        pieces = aiter_in_thread(
+            lambda: self._decoder_stream(prompt, passages, opts, question))
         async for piece in pieces:
-            if piece.text:
-                yield _text_chunk(piece.text)
-            if piece.result is not None:
-                yield _last_chunk(piece.result, sources, opts)
+            for chunk in citing.chunks(piece, sources, opts):
+                yield chunk
+
+    # --- what a 135M grounded decoder does not do: say what to use instead ------------------
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
+                   **kwargs: Any) -> Any:
+        msg = ("ChatNest cannot call tools: it decodes one grounded answer with citations. "
+               "Give an agent cited answers the other way round: make Nest a tool of a "
+               "tool-calling model with chat.as_tool() or create_nest_tool(chat, retriever)")
+        raise NotImplementedError(msg)
+
+    def with_structured_output(self, schema: Any, **kwargs: Any) -> Any:
+        msg = ("ChatNest does not produce structured output: its text is decoded (and cited) "
+               "token by token from the documents. Parse the answer text instead (e.g. "
+               "chat | StrOutputParser()), or use a tool-calling model for structure and "
+               "chat.as_tool() for the grounded facts")
+        raise NotImplementedError(msg)
+
+    def as_tool(self, args_schema: Any = None, *, name: str | None = None,
+                description: str | None = None, arg_types: Any = None) -> Any:
+        """A tool for agents that answers a question from this model's retriever or vector
+        store: the cited answer as content, the citations and source documents as artifact
+        (see :func:`~nest_integrations.langchain.tools.create_nest_tool`)."""
+        if args_schema is not None or arg_types is not None:
+            msg = ("ChatNest.as_tool takes one string, the question: pass only name= and "
+                   "description= (or use create_nest_tool)")
+            raise ValueError(msg)
+        from nest_integrations.langchain.tools import create_nest_tool
+
+        return create_nest_tool(self, name=name, description=description)
+
+
+class CitationStream:
+    """Turns decoder pieces into chunks, citing each copied span as soon as it is complete.
+
+    Consecutive pieces copied from consecutive rows of one passage make one span (as in the
+    result); the span is cited in the chunk of the first piece that does not continue it.
+    The last chunk cites what is left: the span still open, any copied span of the result
+    not cited yet, and the matched spans (found only once the answer is complete).
+    """
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.open: Span | None = None
+        self.sent: set[str] = set()
+
+    def chunks(self, piece: NestChunk, sources: list[Document],
+               opts: CallOptions) -> Iterator[ChatGenerationChunk]:
+        self.text += piece.text
+        closed = self._feed(piece.span, bool(piece.text.strip()))
+        if piece.text or closed:
+            yield _text_chunk(piece.text, self._cite(closed))
+        if piece.result is not None:
+            yield _last_chunk(piece.result, sources, opts, self._rest(piece.result))
+
+    def _feed(self, span: Span | None, has_text: bool) -> list[Span]:
+        """The span closed by this piece, if any (whitespace-only pieces close nothing)."""
+        if span is None and not has_text:
+            return []
+        if span is not None and self.open is not None and _continues(self.open, span):
+            self.open = _joined(self.open, span, self.text)
+            return []
+        closed = [self.open] if self.open is not None else []
+        self.open = span
+        return closed
+
+    def _cite(self, spans: list[Span]) -> list[Citation]:
+        citations = [span_to_citation(s) for s in spans]
+        self.sent.update(str(c.get("id")) for c in citations)
+        return citations
+
+    def _rest(self, result: NestResult) -> list[Citation]:
+        rest = self._cite([self.open] if self.open is not None else [])
+        self.open = None
+        return rest + [c for c in result_citations(result) if str(c.get("id")) not in self.sent]
+
+
+def _continues(first: Span, then: Span) -> bool:
+    """Whether ``then`` copies on from where ``first`` left off in the same passage."""
+    return (then.passage.id == first.passage.id and then.kind == first.kind == "copied"
+            and then.source_row - first.source_row == then.token_start - first.token_start)
+
+
+def _joined(first: Span, then: Span, output: str) -> Span:
+    return Span(text=output[first.out_start:then.out_end], out_start=first.out_start,
+                out_end=then.out_end, passage=first.passage, src_start=first.src_start,
+                src_end=then.src_end, token_start=first.token_start,
+                token_end=then.token_end, source_row=first.source_row)
 
 
 def _text_block(text: str, annotations: list[Citation] | None = None) -> TextContentBlock:
@@ -121,15 +224,17 @@ def _text_block(text: str, annotations: list[Citation] | None = None) -> TextCon
     return block
 
 
-def _text_chunk(text: str) -> ChatGenerationChunk:
-    return ChatGenerationChunk(message=AIMessageChunk(content=[_text_block(text)]))
+def _text_chunk(text: str, annotations: list[Citation] | None = None) -> ChatGenerationChunk:
+    return ChatGenerationChunk(
+        message=AIMessageChunk(content=[_text_block(text, annotations or None)]))
 
 
-def _last_chunk(result: NestResult, sources: list[Document],
-                opts: CallOptions) -> ChatGenerationChunk:
-    """Annotations, usage and metadata: sent once, at the end, so merging cannot mangle them."""
+def _last_chunk(result: NestResult, sources: list[Document], opts: CallOptions,
+                annotations: list[Citation]) -> ChatGenerationChunk:
+    """The citations still due, usage and metadata: sent once, at the end, so merging
+    cannot mangle them."""
     message = AIMessageChunk(
-        content=[_text_block("", result_citations(result))],
+        content=[_text_block("", annotations or None)],
         usage_metadata=usage(result),
         response_metadata={
             "model_name": opts.model_name,
@@ -159,6 +264,15 @@ def messages_to_prompt(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
             raise TypeError(msg)
         prompt.append({"role": role, "content": m.text})
     return prompt
+
+
+def message_documents(messages: Sequence[BaseMessage]) -> list[Document]:
+    """Documents given as ``text-plain`` content blocks in any message, in order."""
+    docs: list[Document] = []
+    for m in messages:
+        if isinstance(m.content, list):
+            docs.extend(blocks_to_documents(m.content))
+    return docs
 
 
 def retrieval_query(messages: Sequence[BaseMessage]) -> str:

@@ -138,3 +138,56 @@ def format_citations(answer: str, citations: Sequence[Citation]) -> str:
         out = out[:end] + mark + out[end:]
     lines = [f"[{n}] {labels[key]}: {' '.join(quotes[key])}" for key, n in numbers.items()]
     return "\n".join([out, "", *lines]).rstrip()
+
+
+# --- documents given in the messages as standard content blocks ------------------------------
+DOCUMENT_BLOCK_TYPES = ("text-plain",)
+
+
+def documents_to_blocks(docs: Iterable[Document]) -> list[dict[str, Any]]:
+    """Documents as standard ``text-plain`` content blocks, the way citation-capable chat
+    models receive documents: put them in a ``HumanMessage`` beside the question and
+    :class:`ChatNest` decodes over them and cites them. The block ``id`` is the document's
+    stable id, so citations name the same document as a retriever would."""
+    from langchain_core.messages.content import create_plaintext_block
+
+    blocks: list[dict[str, Any]] = []
+    for doc in docs:
+        passage = document_to_passage(doc)
+        source = doc.metadata.get("source")
+        extras = {k: v for k, v in doc.metadata.items() if k not in TITLE_KEYS}
+        block = dict(create_plaintext_block(text=doc.page_content, title=passage.title,
+                                            id=passage.id,
+                                            url=None if source is None else str(source)))
+        if extras:
+            block["extras"] = extras
+        blocks.append(block)
+    return blocks
+
+
+def block_to_document(block: dict[str, Any]) -> Document:
+    """A ``text-plain`` block as a ``Document``: ``title``, ``url`` (as ``source``) and
+    ``extras`` become metadata. Ids that ``create_plaintext_block`` invented (``lc_`` + a
+    random uuid) are dropped so the content hash names the passage, stably across calls."""
+    text = block.get("text")
+    if not isinstance(text, str):
+        msg = (f"a {block.get('type')!r} content block needs its document in 'text' (inline "
+               f"plain text); got {type(text).__name__}. Nest cannot fetch 'url', 'file_id' "
+               f"or 'base64' documents: pass the text itself")
+        raise TypeError(msg)
+    metadata: dict[str, Any] = dict(block.get("extras") or {})
+    if block.get("title"):
+        metadata["title"] = str(block["title"])
+    if block.get("url"):
+        metadata.setdefault("source", str(block["url"]))
+    if block.get("context"):
+        metadata["context"] = str(block["context"])
+    block_id = block.get("id")
+    doc_id = str(block_id) if block_id and not str(block_id).startswith("lc_") else None
+    return Document(id=doc_id, page_content=text, metadata=metadata)
+
+
+def blocks_to_documents(blocks: Iterable[Any]) -> list[Document]:
+    """The documents among a message's content blocks (other blocks are skipped)."""
+    return [block_to_document(b) for b in blocks
+            if isinstance(b, dict) and b.get("type") in DOCUMENT_BLOCK_TYPES]

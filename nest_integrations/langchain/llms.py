@@ -33,7 +33,8 @@ class NestLLM(NestParams, BaseLLM):
     """Nest as a LangChain LLM: a prompt string in, an attributed completion out.
 
     The prompt goes through the model's chat template as one user message (SmolLM2 is an
-    instruct model); it is also the retrieval query. Same fields as :class:`ChatNest`.
+    instruct model); it is also the retrieval query, unless a template stuffed retrieved
+    context around a "Question:" line: then that line is. Same fields as :class:`ChatNest`.
     """
 
     @property
@@ -65,8 +66,9 @@ class NestLLM(NestParams, BaseLLM):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        passages, sources = self._retrieve(prompt, opts)
-        for piece in self._decoder_stream(prompt, passages, opts):
+        question = self._query(prompt, opts, [])
+        passages, sources = self._retrieve(question or prompt, opts)
+        for piece in self._decoder_stream(prompt, passages, opts, question):
             for chunk in _piece_chunks(piece, sources, opts):
                 # BaseLLM.stream does not report tokens itself: callbacks rely on this call.
                 if run_manager:
@@ -77,8 +79,10 @@ class NestLLM(NestParams, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        passages, sources = await self._aretrieve(prompt, opts)
-        pieces = aiter_in_thread(lambda: self._decoder_stream(prompt, passages, opts))
+        question = self._query(prompt, opts, [])
+        passages, sources = await self._aretrieve(question or prompt, opts)
+        pieces = aiter_in_thread(
+            lambda: self._decoder_stream(prompt, passages, opts, question))
         async for piece in pieces:
             for chunk in _piece_chunks(piece, sources, opts):
                 if run_manager:

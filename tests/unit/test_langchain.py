@@ -12,7 +12,7 @@ from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, System
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 import nest_integrations.langchain as lc
-from nest_core.types import DecodeStats, NestResult, Passage, Span
+from nest_core.types import DecodeStats, NestChunk, NestResult, Passage, Span
 from nest_integrations.langchain import (
     ChatNest,
     NestLLM,
@@ -25,11 +25,12 @@ from nest_integrations.langchain import (
 )
 from nest_integrations.langchain._shared import CallOptions
 from nest_integrations.langchain.chat_models import (
+    CitationStream,
     _last_chunk,
-    _text_chunk,
     messages_to_prompt,
     retrieval_query,
 )
+from nest_integrations.langchain.documents import result_citations
 
 
 class TestChatNestUnit(ChatModelUnitTests):
@@ -52,8 +53,9 @@ class TestChatNestUnit(ChatModelUnitTests):
 
 def test_all_is_exact() -> None:
     assert sorted(lc.__all__) == [
-        "ChatNest", "NestLLM", "NestMiniLMEmbeddings", "create_nest_chain",
-        "document_to_passage", "documents_to_passages", "format_citations",
+        "ChatNest", "NestLLM", "NestMiniLMEmbeddings", "NestToolInput", "create_nest_chain",
+        "create_nest_tool", "document_to_passage", "documents_to_blocks",
+        "documents_to_passages", "format_citations",
         "passage_to_document", "span_to_citation", "stable_document_id",
     ]
     for name in lc.__all__:
@@ -142,12 +144,36 @@ def test_format_citations_numbers_sources() -> None:
                     '[1] Zephyr (https://example.org/zephyr): "Marta Quillfeather"')
 
 
-def test_stream_chunks_add_up_to_one_block_with_citations_last() -> None:
+def _pieces(result: NestResult, cuts: list[tuple[str, Span | None]]) -> list[NestChunk]:
+    """Decoder pieces with the given texts and spans; the last carries ``result``."""
+    chunks = [NestChunk(text=t, token_ids=[], span=sp) for t, sp in cuts]
+    chunks.append(NestChunk(text="", token_ids=[], result=result))
+    return chunks
+
+
+def _split(span: Span, at: int) -> tuple[Span, Span]:
+    """``span`` as two pieces copied from consecutive rows, cut after ``at`` characters
+    and one token (the way the stream's hold-back cuts a run in two)."""
+    a = dataclasses.replace(span, text=span.text[:at], out_end=span.out_start + at,
+                            src_end=span.src_start + at, token_end=span.token_start + 1)
+    b = dataclasses.replace(span, text=span.text[at:].lstrip(),
+                            out_start=span.out_start + at + 1, src_start=span.src_start + at + 1,
+                            token_start=span.token_start + 1, source_row=span.source_row + 1)
+    return a, b
+
+
+def test_stream_cites_a_copied_span_once_it_is_complete_and_merges_to_invoke() -> None:
     result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
     opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
-    pieces = ["It was ", "Marta Quillfeather", ", in 1987."]
-    chunks = [_text_chunk(t).message for t in pieces]
-    chunks.append(_last_chunk(result, [passage_to_document(PASSAGE)], opts).message)
+    first, rest = _split(result.spans[0], len("Marta"))
+    citing = CitationStream()
+    pieces = _pieces(result, [("It was ", None), ("Marta", first), (" ", None),
+                              ("Quillfeather", rest), (", in 1987.", None)])
+    chunks = [c.message for p in pieces
+              for c in citing.chunks(p, [passage_to_document(PASSAGE)], opts)]
+    cited = [[a["cited_text"] for a in c.content[0].get("annotations", [])] for c in chunks]
+    # one citation for the whole span, in the chunk that follows it, none in the last
+    assert cited == [[], [], [], [], ["Marta Quillfeather"], []]
     full = chunks[0]
     for c in chunks[1:]:
         full = full + c
@@ -159,6 +185,20 @@ def test_stream_chunks_add_up_to_one_block_with_citations_last() -> None:
     assert [d.id for d in full.response_metadata["source_documents"]] == ["doc-1"]
     assert full.response_metadata["nest"]["spans"] == [result.spans[0].to_dict()]
     assert full.response_metadata["nest"]["matches"] == []
+
+
+def test_stream_cites_an_open_span_and_matches_in_the_last_chunk() -> None:
+    result = _with_matches()
+    opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
+    copied = result.spans[0]
+    start = copied.out_start
+    cuts = [(result.text[:start], None), (copied.text, copied)]
+    citing = CitationStream()
+    chunks = [c.message for p in _pieces(result, cuts) for c in citing.chunks(p, [], opts)]
+    assert [len(c.content[0].get("annotations", [])) for c in chunks] == [0, 0, 3]
+    last = chunks[-1].content[0]["annotations"]
+    assert [(a["cited_text"], a["extras"]["kind"]) for a in last] == [
+        ("Marta Quillfeather", "copied"), ("1987", "matched"), ("in Ostrava", "matched")]
 
 
 def _with_matches() -> NestResult:
@@ -176,7 +216,8 @@ def _with_matches() -> NestResult:
 def test_matched_spans_become_citations_of_kind_matched() -> None:
     result = _with_matches()
     opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
-    chunk = _last_chunk(result, [passage_to_document(p) for p in result.passages], opts)
+    chunk = _last_chunk(result, [passage_to_document(p) for p in result.passages], opts,
+                        result_citations(result))
     annotations = chunk.message.content[0]["annotations"]
     assert [(c["cited_text"], c["extras"]["doc_id"], c["extras"]["kind"])
             for c in annotations] == [("1987", "doc-2", "matched"),

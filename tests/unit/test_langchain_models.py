@@ -91,10 +91,19 @@ def test_invoke_cites_exact_source_slices(chat: ChatNest) -> None:
 def test_stream_adds_up_to_invoke(chat: ChatNest) -> None:
     msg = chat.invoke(QUESTION, documents=DOCS)
     chunks = list(chat.stream(QUESTION, documents=DOCS))
-    assert all(not c.content[0].get("annotations") for c in chunks[:-1])
     assert chunks[-1].chunk_position == "last"
     full = summed(chunks)
     assert full.content == msg.content
+    # copied spans are cited while the answer streams, each once its run is complete: all
+    # but the span still open when the answer ends arrive before the last chunk
+    early = [a for c in chunks[:-1] for a in c.content[0].get("annotations", [])]
+    copied = [a for a in msg.content[0]["annotations"] if a["extras"]["kind"] == "copied"]
+    assert len(copied) >= 2, "the tiny model copies several spans"
+    assert all(a["extras"]["kind"] == "copied" for a in early)
+    assert len(early) >= len(copied) - 1
+    spans = msg.response_metadata["nest"]["spans"]
+    assert sorted((a["start_index"], a["end_index"]) for a in copied) == \
+        sorted((s["out_start"], s["out_end"]) for s in spans)
     assert full.usage_metadata == msg.usage_metadata
     assert full.response_metadata["nest"]["spans"] == msg.response_metadata["nest"]["spans"]
     assert full.response_metadata["source_documents"] == \
