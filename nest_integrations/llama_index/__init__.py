@@ -1,5 +1,6 @@
 """LlamaIndex integration: ``NestQueryEngine`` (span-cited ``Response`` objects over any
-retriever, index or vector store) and ``NestLLM`` (Nest behind ``Settings.llm``, text only).
+retriever, index or vector store), ``NestChatEngine`` (condense-question chat with span
+citations) and ``NestLLM`` (Nest behind ``Settings.llm`` in stock engines).
 
 Install: ``pip install "nest-decoding[llamaindex]"``.
 """
@@ -8,6 +9,7 @@ from nest_integrations.llama_index._deps import require
 
 require("llama_index.core")
 
+from nest_integrations.llama_index.chat_engine import NestChatEngine  # noqa: E402
 from nest_integrations.llama_index.embeddings import (  # noqa: E402
     bundled_embedding,
     bundled_minilm_path,
@@ -20,6 +22,7 @@ from nest_integrations.llama_index.query_engine import (  # noqa: E402
 )
 
 __all__ = [
+    "NestChatEngine",
     "NestLLM",
     "NestQueryEngine",
     "NestRetrievalError",

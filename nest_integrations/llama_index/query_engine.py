@@ -193,25 +193,12 @@ class NestQueryEngine(CustomQueryEngine):
 
     # --- the stock engine's public steps ----------------------------------------------------
     def query(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
-        bundle = _bundle(str_or_query_bundle)
-        dispatcher.event(QueryStartEvent(query=bundle))
-        with self.callback_manager.as_trace("query"), self.callback_manager.event(
-                CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
-            response = self.synthesize(bundle, self.retrieve(bundle))
-            ev.on_end(payload={EventPayload.RESPONSE: response})
-        dispatcher.event(QueryEndEvent(query=bundle, response=response))
-        return response
+        return self._evented_query(_bundle(str_or_query_bundle), streaming=self.streaming)
 
     async def aquery(self, str_or_query_bundle: QueryType) -> RESPONSE_TYPE:
         """Truly async: ``aretrieve`` on the loop, model loading and decoding in a thread."""
-        bundle = _bundle(str_or_query_bundle)
-        dispatcher.event(QueryStartEvent(query=bundle))
-        with self.callback_manager.as_trace("query"), self.callback_manager.event(
-                CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
-            response = await self.asynthesize(bundle, await self.aretrieve(bundle))
-            ev.on_end(payload={EventPayload.RESPONSE: response})
-        dispatcher.event(QueryEndEvent(query=bundle, response=response))
-        return response
+        return await self._aevented_query(_bundle(str_or_query_bundle),
+                                          streaming=self.streaming)
 
     def retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
         """The retriever's nodes after ``node_postprocessors`` (what would be decoded over)."""
@@ -240,15 +227,39 @@ class NestQueryEngine(CustomQueryEngine):
         """Decode an answer over ``nodes`` (no retrieval): a ``Response`` (or
         ``StreamingResponse``) like the stock synthesizer's, with Nest's span metadata.
         ``additional_source_nodes`` are appended to ``source_nodes`` (not decoded over)."""
-        return self._synthesize(query_bundle, nodes, additional_source_nodes, use_async=False)
+        return self._synthesize(query_bundle, nodes, additional_source_nodes,
+                                streaming=self.streaming, use_async=False)
 
     async def asynthesize(self, query_bundle: QueryBundle, nodes: list[NodeWithScore],
                           additional_source_nodes: Sequence[NodeWithScore] | None = None,
                           ) -> RESPONSE_TYPE:
         response = self._synthesize(query_bundle, nodes, additional_source_nodes,
-                                    use_async=True)
+                                    streaming=self.streaming, use_async=True)
         if isinstance(response, _PendingText):
             return await response.run()
+        return response
+
+    # --- one query, with its events; streaming chosen per call (the chat engine's way) ------
+    def _evented_query(self, bundle: QueryBundle, *, streaming: bool) -> RESPONSE_TYPE:
+        dispatcher.event(QueryStartEvent(query=bundle))
+        with self.callback_manager.as_trace("query"), self.callback_manager.event(
+                CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
+            response = self._synthesize(bundle, self.retrieve(bundle), None,
+                                        streaming=streaming, use_async=False)
+            ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(QueryEndEvent(query=bundle, response=response))
+        return response
+
+    async def _aevented_query(self, bundle: QueryBundle, *, streaming: bool) -> RESPONSE_TYPE:
+        dispatcher.event(QueryStartEvent(query=bundle))
+        with self.callback_manager.as_trace("query"), self.callback_manager.event(
+                CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
+            response = self._synthesize(bundle, await self.aretrieve(bundle), None,
+                                        streaming=streaming, use_async=True)
+            if isinstance(response, _PendingText):
+                response = await response.run()
+            ev.on_end(payload={EventPayload.RESPONSE: response})
+        dispatcher.event(QueryEndEvent(query=bundle, response=response))
         return response
 
     # --- CustomQueryEngine's hooks (kept for code that calls them directly) -----------------
@@ -268,7 +279,8 @@ class NestQueryEngine(CustomQueryEngine):
 
     # --- internals -------------------------------------------------------------------------
     def _synthesize(self, bundle: QueryBundle, nodes: Sequence[NodeWithScore],
-                    extra: Sequence[NodeWithScore] | None, *, use_async: bool) -> Any:
+                    extra: Sequence[NodeWithScore] | None, *, streaming: bool,
+                    use_async: bool) -> Any:
         """SYNTHESIZE events around building the response; async non-streaming returns a
         :class:`_PendingText` that decodes in a thread inside the same events."""
         dispatcher.event(SynthesizeStartEvent(query=bundle))
@@ -288,15 +300,15 @@ class NestQueryEngine(CustomQueryEngine):
         else:
             passages, kept = [], []
             if self.empty_response is not None:
-                return done(_empty(self.empty_response, self.streaming, use_async, extra))
+                return done(_empty(self.empty_response, streaming, use_async, extra))
             logger.info("node_postprocessors left no node for %r: answering without "
                         "passages (no citations)", query_str[:80])
         metadata = response_metadata(kept)
         sources = list(kept) + list(extra or [])
-        if use_async and not self.streaming:
+        if use_async and not streaming:
             return _PendingText(self, query_str, passages, kept, metadata, sources, done)
         pieces = self._pieces(self._decoder.get(), query_str, passages, kept, metadata)
-        if not self.streaming:
+        if not streaming:
             return done(Response("".join(pieces), source_nodes=sources, metadata=metadata))
         if use_async:
             return done(AsyncStreamingResponse(response_gen=_in_thread(pieces),
