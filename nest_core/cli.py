@@ -19,7 +19,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nest_core.cli_files import CliError, collect_files, read_documents, split_title
+from nest_core.cli_files import (
+    MAX_K,
+    CliError,
+    check_writable,
+    collect_files,
+    color_option,
+    dtype_option,
+    new_tokens,
+    passage_count,
+    read_documents,
+    split_title,
+    store_options,
+)
 from nest_core.render import render_comparison, render_html, render_terminal, use_color
 
 logger = logging.getLogger(__name__)
@@ -27,10 +39,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["CliError", "build_parser", "collect_files", "main", "read_documents",
            "split_title"]
 
-STORE_KINDS = ("chroma", "faiss")
+STORE_KINDS = ("chroma", "faiss")  # what `nest index` writes; `nest ask` reads more
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
-MAX_K = 200  # the paper retrieves 40; 200 passages are minutes of encoding on a CPU
-MAX_NEW_TOKENS = 8192  # checked before anything loads; the model's context is checked after
 MIN_PROMPT_ROOM = 512  # context tokens kept for the question and its passages
 DEFAULT_MAX_NEW_TOKENS = 64
 MODES = ("default", "nest", "ra-nest")
@@ -56,53 +66,91 @@ def nest_config(mode: str, model_name: str | None = None) -> Any:
 
 
 # --- stores ----------------------------------------------------------------------------------
-def detect_store(path: str | os.PathLike[str]) -> str:
-    """``"faiss"`` or ``"chroma"`` from the files in ``path``; a clear error otherwise."""
-    from nest_core.sources.faiss_store import META_FILE
+def detect_store(path: str | os.PathLike[str], collection: str | None = None) -> str:
+    """The kind of store in ``path`` (:func:`nest_core.sources.detect_store_kind`: nest's,
+    Chroma, LlamaIndex FAISS, LangChain FAISS); a clear error otherwise."""
+    from nest_core.sources.open import detect_store_kind
 
     p = Path(path).expanduser()
-    if (p / META_FILE).is_file():
-        return "faiss"
-    if (p / "chroma.sqlite3").is_file():
-        return "chroma"
-    what = "does not exist" if not p.exists() else "holds no nest vector store"
-    msg = (f"{path} {what}; build one with `nest index FILES... --out {path}` "
-           f"(or run `nest demo`)")
-    raise CliError(msg)
+    kind = detect_store_kind(p)
+    if kind is None:
+        what = "does not exist" if not p.exists() else "holds no vector store nest can read"
+        msg = (f"{path} {what}; build one with `nest index FILES... --out {path}` (or run "
+               f"`nest demo`), or point --store at a Chroma directory, a LlamaIndex FAISS "
+               f"persist directory or a LangChain FAISS.save_local directory")
+        raise CliError(msg)
+    if collection is not None and kind != "chroma":
+        msg = f"--collection {collection} applies to Chroma stores; {path} is a {kind} store"
+        raise CliError(msg)
+    return kind
 
 
 def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], kind: str, *,
                 precompute: bool = True, progress: bool = True,
-                folders: Sequence[str] = ()) -> Any:
+                folders: Sequence[str] = (), embed: Any = None,
+                collection: str | None = None) -> Any:
     """Chunk, embed and write ``files`` into a ``kind`` store at ``out``, and precompute the
     span datastore inside it, so ``nest ask`` runs no LM over passages. ``folders``: the
     folders indexed whole; what the store holds from them that ``files`` lacks (deleted
     files) is removed."""
     from nest_core.datastore import SpanDatastore
     from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
+    from nest_core.sources.chroma import DEFAULT_COLLECTION
 
     docs = read_documents(files)
     quiet_transformers()
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    store = open_faiss_store(out) if kind == "faiss" else open_chroma_collection(out)
+    store = (open_faiss_store(out, embed=embed) if kind == "faiss" else
+             open_chroma_collection(out, embed=embed, name=collection or DEFAULT_COLLECTION))
     lm = load_quietly() if precompute else None
     # the key layer and window must be the ones `nest ask` decodes with, or every key misses
     config = nest_config(DEFAULT_MODE, lm.name) if lm is not None else None
-    return ingest(docs, store, progress=progress, lm=lm, config=config,
+    return ingest(docs, store, embed=embed, progress=progress, lm=lm, config=config,
                   datastore=SpanDatastore.for_store(out) if precompute else None,
                   complete_prefixes=[f"{Path(f).expanduser().resolve().name}/"
                                      for f in folders])
 
 
-def open_source(path: str | os.PathLike[str]) -> Any:
-    """The passage source of a store built by ``nest index`` (kind detected from its files)."""
-    from nest_core.sources import ChromaSource, FaissSource
+def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
+                embedding: str | None = None, allow_dangerous_deserialization: bool = False
+                ) -> Any:
+    """The passage source of the store at ``path``, whoever wrote it
+    (:func:`nest_core.sources.open_store`), queried with the ``--embedding`` model."""
+    from nest_core.embeddings import load_embedding
+    from nest_core.sources.open import open_store
 
-    kind = detect_store(path)
+    detect_store(path, collection)
     quiet_transformers()
-    p = Path(path).expanduser()
-    return FaissSource.from_path(p) if kind == "faiss" else ChromaSource.from_path(p)
+    source = open_store(Path(path).expanduser(), collection=collection,
+                        embed=load_embedding(embedding),
+                        allow_dangerous_deserialization=allow_dangerous_deserialization)
+    if getattr(source, "note", None):
+        _note(source.note)
+    return source
+
+
+def precompute_existing(path: str | os.PathLike[str], *, collection: str | None = None,
+                        allow_dangerous_deserialization: bool = False,
+                        progress: bool = True) -> tuple[int, int, Path]:
+    """Encode every passage of the store at ``path`` into its span datastore
+    (:func:`nest_core.sources.span_datastore_dir`: inside the store when writable, else the
+    user cache); returns ``(passages, rows, datastore dir)``."""
+    from nest_core.datastore import SpanDatastore
+    from nest_core.ingest import precompute_source
+    from nest_core.sources.open import span_datastore_dir
+
+    source = open_source(path, collection=collection,
+                         allow_dangerous_deserialization=allow_dangerous_deserialization)
+    lm = load_quietly()
+    where = span_datastore_dir(path)
+    passages, rows = precompute_source(source, lm, datastore=SpanDatastore(where),
+                                       config=nest_config(DEFAULT_MODE, lm.name),
+                                       progress=progress)
+    if not passages:
+        msg = f"{path} holds no passages with text; add documents to it first"
+        raise CliError(msg)
+    return passages, rows, where
 
 
 def quiet_transformers() -> None:
@@ -126,10 +174,24 @@ def load_quietly() -> Any:
 
 # --- commands --------------------------------------------------------------------------------
 def cmd_index(args: argparse.Namespace) -> int:
+    if args.from_store:
+        return index_existing(args)
+    if not args.paths or not args.out:
+        msg = ("name the files to index and the store to write: nest index PATH... --out DIR "
+               "(or precompute an existing store: nest index --from-store DIR)")
+        raise CliError(msg)
+    if args.collection and args.store != "chroma":
+        msg = f"--collection {args.collection} applies to --store chroma"
+        raise CliError(msg)
     files = collect_files(args.paths)
+    embed = None
+    if args.embedding:
+        from nest_core.embeddings import load_embedding
+
+        embed = load_embedding(args.embedding)
     _note(f"indexing {len(files)} file(s) into a {args.store} store at {args.out}")
     report = build_store(files, args.out, args.store, precompute=not args.no_precompute,
-                         progress=not args.quiet,
+                         progress=not args.quiet, embed=embed, collection=args.collection,
                          folders=[p for p in args.paths if Path(p).expanduser().is_dir()])
     _note(f"done: {report.passages} passages from {report.documents} file(s) "
           f"({report.written} new, {report.unchanged} unchanged, {report.removed} removed); "
@@ -137,13 +199,33 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_existing(args: argparse.Namespace) -> int:
+    """``nest index --from-store DIR``: the span datastore of a store nest did not write."""
+    if args.paths or args.out:
+        msg = "--from-store DIR reads the store at DIR: give no PATH or --out with it"
+        raise CliError(msg)
+    if args.no_precompute:
+        msg = "--from-store only precomputes the span datastore; drop --no-precompute"
+        raise CliError(msg)
+    passages, rows, where = precompute_existing(
+        args.from_store, collection=args.collection, progress=not args.quiet,
+        allow_dangerous_deserialization=args.allow_dangerous_deserialization)
+    _note(f"done: {passages} passages encoded ({rows} key rows) into the span datastore at "
+          f"{where}; ask with: nest ask \"your question\" --store {args.from_store}")
+    return 0
+
+
 def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_tokens: int,
-           compare: bool, mode: str = DEFAULT_MODE) -> tuple[Any, Any | None]:
+           compare: bool, mode: str = DEFAULT_MODE, collection: str | None = None,
+           embedding: str | None = None, allow_dangerous_deserialization: bool = False
+           ) -> tuple[Any, Any | None]:
     """Retrieve, then decode with Nest (and the plain model when ``compare``)."""
     from nest_core import NestConfig, NestDecoder
     from nest_core.datastore import SpanDatastore
+    from nest_core.sources.open import span_datastore_dir
 
-    source = open_source(store)
+    source = open_source(store, collection=collection, embedding=embedding,
+                         allow_dangerous_deserialization=allow_dangerous_deserialization)
     passages = source.retrieve(question, k)
     if not passages:
         msg = (f"no passages found in {store} for this question; index more files with "
@@ -155,7 +237,7 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
                f"than {MIN_PROMPT_ROOM} of the model's {lm.max_context} context tokens; use at "
                f"most {lm.max_context - MIN_PROMPT_ROOM}")
         raise CliError(msg)
-    cache = SpanDatastore.for_store(store)
+    cache = SpanDatastore(span_datastore_dir(store))
     result = NestDecoder(lm, nest_config(mode, lm.name), key_cache=cache).generate(
         question, passages, max_new_tokens=max_new_tokens)
     base = None
@@ -169,12 +251,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
     if not args.question.strip():
         msg = "the question is empty; pass it in quotes: nest ask \"...\" --store DIR"
         raise CliError(msg)
-    detect_store(args.store)  # fail before loading anything heavy
+    detect_store(args.store, args.collection)  # fail before loading anything heavy
     if args.html:
-        _check_writable(Path(args.html).expanduser())
+        check_writable(Path(args.html).expanduser())
     result, base = answer(args.question, args.store, k=args.k,
                           max_new_tokens=args.max_new_tokens, compare=args.compare,
-                          mode=args.mode)
+                          mode=args.mode, collection=args.collection, embedding=args.embedding,
+                          allow_dangerous_deserialization=args.allow_dangerous_deserialization)
     if args.html:
         page = render_html(result, question=args.question, baseline=base)
         Path(args.html).expanduser().write_text(page, encoding="utf-8")
@@ -229,37 +312,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("index", help="chunk, embed and store text/markdown files")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="files or folders to index")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="files or folders to index")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss", help="vector store kind")
-    p.add_argument("--out", required=True, metavar="DIR", help="where to write the store")
+    p.add_argument("--out", metavar="DIR", help="where to write the store")
+    p.add_argument("--from-store", metavar="DIR",
+                   help="instead of indexing files, precompute the span datastore of an "
+                   "existing store (LangChain/LlamaIndex-written ones too)")
     p.add_argument("--no-precompute", action="store_true",
                    help="skip the span datastore (the first questions will be slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    _dtype_option(p)
+    store_options(p)
+    dtype_option(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("ask", help="answer a question from a store, with attribution")
     p.add_argument("question")
-    p.add_argument("--store", required=True, metavar="DIR", help="a store from `nest index`")
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="a store from `nest index`, LangChain or LlamaIndex")
+    store_options(p)
     p.add_argument("--compare", action="store_true", help="also show the plain model's answer")
     p.add_argument("--json", action="store_true",
                    help="print the result as JSON (copied `spans`, matched `matches`)")
     p.add_argument("--html", metavar="FILE", help="write a page linking spans to passages")
-    p.add_argument("--k", type=_passage_count, default=DEFAULT_K,
+    p.add_argument("--k", type=passage_count, default=DEFAULT_K,
                    help=f"passages to retrieve (1-{MAX_K})")
-    p.add_argument("--max-new-tokens", type=_new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
-    _color_option(p)
-    _dtype_option(p)
+    color_option(p)
+    dtype_option(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss")
-    p.add_argument("--max-new-tokens", type=_new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
-    _color_option(p)
-    _dtype_option(p)
+    color_option(p)
+    dtype_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("cache", help="manage cached span datastores")
@@ -289,10 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _expected(err: Exception) -> bool:
-    from nest_core.sources.base import EmptyStoreError
+    from nest_core.embeddings import EmbeddingDimensionError
+    from nest_core.sources.base import EmptyStoreError, UnsafeStoreError
 
     return isinstance(err, (CliError, EmptyStoreError, FileNotFoundError, ImportError,
-                            ConnectionError, FileExistsError))
+                            ConnectionError, FileExistsError, EmbeddingDimensionError,
+                            UnsafeStoreError))
 
 
 def _setup_logging(debug: bool) -> None:
@@ -305,61 +396,8 @@ def _setup_logging(debug: bool) -> None:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _color_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                   help="colour cited spans: copied [n] bold, matched [~n] underlined "
-                   "(auto: on a terminal unless NO_COLOR is set)")
-
-
-def _dtype_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="model weights' dtype (default float32; bfloat16 halves the memory)")
-
-
 def _color(choice: str) -> bool:
     return {"always": True, "never": False}.get(choice, use_color(sys.stdout))
-
-
-def _check_writable(path: Path) -> None:
-    """Fail before generating when the answer could not be written to ``path``."""
-    existed = path.exists()
-    try:
-        with path.open("a", encoding="utf-8"):
-            pass
-    except OSError as err:
-        msg = f"cannot write --html {path}: {err.strerror or err}; choose another path"
-        raise CliError(msg) from err
-    if not existed:
-        path.unlink()
-
-
-def _new_tokens(text: str) -> int:
-    value = _positive(text)
-    if value > MAX_NEW_TOKENS:
-        msg = f"--max-new-tokens {value} is too many; use at most {MAX_NEW_TOKENS}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _passage_count(text: str) -> int:
-    """``--k``: every retrieved passage is read by the LM, so thousands would take hours."""
-    value = _positive(text)
-    if value > MAX_K:
-        msg = (f"--k {value} is too many: each passage is encoded by the language model "
-               f"(about 1 s each on a CPU); use at most {MAX_K}")
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        msg = f"{text!r} is not a positive integer"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def _note(message: str) -> None:

@@ -1,11 +1,13 @@
-"""Files -> documents for ``nest index``: discovery, supported types, titles, PDF text.
+"""What the ``nest`` command reads: files -> documents for ``nest index`` (discovery,
+supported types, titles, PDF text), and the checks of its arguments.
 
 Kept apart from the command plumbing in :mod:`nest_core.cli`; every failure is a
-:class:`CliError` whose message names the file and the fix.
+:class:`CliError` (or an argparse usage error) whose message names the value and the fix.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Any
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 PDF_SUFFIX = ".pdf"
 PDF_INSTALL_HINT = "pip install pypdf"
+MAX_K = 200  # the paper retrieves 40; 200 passages are minutes of encoding on a CPU
+MAX_NEW_TOKENS = 8192  # checked before anything loads; the model's context is checked after
 
 
 class CliError(Exception):
@@ -158,3 +162,68 @@ def split_title(text: str, path: Path) -> tuple[str, str]:
 
 def _note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# --- arguments -------------------------------------------------------------------------------
+def store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--collection", metavar="NAME",
+                   help="the Chroma collection (default: nest, else the only one there is)")
+    p.add_argument("--embedding", metavar="NAME_OR_DIR",
+                   help="the sentence-transformers model the store was built with: a folder "
+                   "or a name in the local Hugging Face cache (default: all-MiniLM-L6-v2)")
+    p.add_argument("--allow-dangerous-deserialization", action="store_true",
+                   help="open a LangChain FAISS.save_local store, whose docstore is a pickle "
+                   "(unpickling can run code: only for stores you trust)")
+
+
+def color_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour cited spans: copied [n] bold, matched [~n] underlined "
+                   "(auto: on a terminal unless NO_COLOR is set)")
+
+
+def dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="model weights' dtype (default float32; bfloat16 halves the memory)")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before generating when the answer could not be written to ``path``."""
+    existed = path.exists()
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as err:
+        msg = f"cannot write --html {path}: {err.strerror or err}; choose another path"
+        raise CliError(msg) from err
+    if not existed:
+        path.unlink()
+
+
+def new_tokens(text: str) -> int:
+    value = positive(text)
+    if value > MAX_NEW_TOKENS:
+        msg = f"--max-new-tokens {value} is too many; use at most {MAX_NEW_TOKENS}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def passage_count(text: str) -> int:
+    """``--k``: every retrieved passage is read by the LM, so thousands would take hours."""
+    value = positive(text)
+    if value > MAX_K:
+        msg = (f"--k {value} is too many: each passage is encoded by the language model "
+               f"(about 1 s each on a CPU); use at most {MAX_K}")
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        msg = f"{text!r} is not a positive integer"
+        raise argparse.ArgumentTypeError(msg)
+    return value

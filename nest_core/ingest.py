@@ -150,7 +150,8 @@ def ingest(documents: Iterable[Document], store: Any, *,
             batch = writer.changed(passages[start:start + batch_size])
             report.unchanged += min(batch_size, len(passages) - start) - len(batch)
             if batch:
-                vectors = embed_texts(embed, [embedding_text(p) for p in batch], writer.dim)
+                vectors = embed_texts(embed, [embedding_text(p) for p in batch], writer.dim,
+                                      recorded=built_with)
                 writer.dim = vectors.shape[1]
                 writer.write(batch, vectors, embed)
                 report.written += len(batch)
@@ -218,6 +219,22 @@ def precompute(passages: Sequence[Passage], lm: LanguageModel, *, datastore: Key
     finally:
         bar.close()
     return rows
+
+
+def precompute_source(source: Any, lm: LanguageModel, *, datastore: KeyCache | None,
+                      config: NestConfig | None = None, progress: bool = True) -> tuple[int, int]:
+    """:func:`precompute` for a store nest did not write (or one indexed without it): every
+    passage of an opened source (``nest_core.sources.open_store(path)``; anything with a
+    ``passages()`` method) goes into ``datastore``, so queries over it run no LM on passages.
+    Returns ``(passages, rows stored)``."""
+    read_all = getattr(source, "passages", None)
+    if not callable(read_all):
+        msg = (f"{type(source).__name__} cannot list its passages; open the store with "
+               f"nest_core.sources.open_store(path)")
+        raise TypeError(msg)
+    passages = drop_empty(list(read_all()), "precompute")
+    return len(passages), precompute(passages, lm, datastore=datastore, config=config,
+                                     progress=progress)
 
 
 class _FaissWriter:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from nest_core.embeddings import (
+    EmbeddingDimensionError,
     EmbeddingFunction,
     embed_texts,
     embedding_name,
@@ -129,10 +130,10 @@ class FaissStore:
         if (Path(path) / META_FILE).is_file():
             store = cls.open(path)
             if store.dim != dim:
-                msg = (f"the FAISS store at {path} holds {store.dim}-d vectors but the embedding "
-                       f"function gives {dim}-d ones; use the model it was built with, or a "
-                       f"new path")
-                raise ValueError(msg)
+                raise EmbeddingDimensionError(store_dim=store.dim, embed_dim=dim,
+                                              embedding=kwargs.get("embedding"),
+                                              store=f"the FAISS store at {path}",
+                                              recorded=store.meta.embedding)
             return store
         return cls.create(path, dim, **kwargs)
 

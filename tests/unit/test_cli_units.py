@@ -102,14 +102,14 @@ def test_an_unwritable_html_path_fails_before_any_model_loads(tmp_path, monkeypa
 
     store = tmp_path / "store"
     store.mkdir()
-    monkeypatch.setattr(cli, "detect_store", lambda _: "faiss")  # store kind checked apart
+    monkeypatch.setattr(cli, "detect_store", lambda *_: "faiss")  # store kind checked apart
     monkeypatch.setattr(cli, "answer", lambda *a, **k: pytest.fail("generated anyway"))
     rc = cli.main(["ask", "q", "--store", str(store), "--html",
                    str(tmp_path / "no-such-dir" / "out.html")])
     assert rc == 1
     assert "cannot write --html" in capsys.readouterr().err
     ok = tmp_path / "out.html"
-    cli._check_writable(ok)
+    cli.check_writable(ok)
     assert not ok.exists()  # the check leaves nothing behind
 
 

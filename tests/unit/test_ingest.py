@@ -10,7 +10,7 @@ import pytest
 
 from nest_core.config import NestConfig
 from nest_core.datastore import SpanDatastore
-from nest_core.embeddings import HashingEmbeddings
+from nest_core.embeddings import EmbeddingDimensionError, HashingEmbeddings
 from nest_core.ingest import (
     Document,
     chunk_document,
@@ -98,7 +98,7 @@ def test_chroma_ingest_is_idempotent(tmp_path):
 
 def test_ingest_bad_input(tmp_path):
     store = open_faiss_store(tmp_path, embed=EMBED)
-    with pytest.raises(ValueError, match="dimension 32 does not match the store's dimension 64"):
+    with pytest.raises(ValueError, match=r"holds 64-d vectors.*'hashing-32' gives 32-d vectors"):
         ingest(DOCS[1:], store, embed=HashingEmbeddings(32), progress=False)
     with pytest.raises(ValueError, match=re.escape("give documents distinct ids or titles")):
         ingest([DOCS[1], DOCS[1]], store, embed=EMBED, progress=False)
@@ -107,7 +107,9 @@ def test_ingest_bad_input(tmp_path):
     with pytest.raises(ValueError, match="exactly one of path="):
         open_chroma_collection(embed=EMBED)
     store.save()
-    with pytest.raises(ValueError, match="holds 64-d vectors but the embedding function gives 16"):
+    with pytest.raises(EmbeddingDimensionError, match=f"the FAISS store at {tmp_path} holds "
+                       f"64-d vectors, built with the embedding model 'hashing-64', but the "
+                       f"embedding 'hashing-16' gives 16-d vectors"):
         open_faiss_store(tmp_path, embed=HashingEmbeddings(16))
 
 

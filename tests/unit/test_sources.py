@@ -10,7 +10,7 @@ import socket
 import numpy as np
 import pytest
 
-from nest_core.embeddings import HashingEmbeddings, embed_texts
+from nest_core.embeddings import EmbeddingDimensionError, HashingEmbeddings, embed_texts
 from nest_core.sources import (
     ChromaSource,
     EmptyStoreError,
@@ -50,8 +50,14 @@ def test_hashing_embeddings_are_deterministic_and_normalised():
 
 
 def test_embed_texts_checks_shape_and_dimension():
-    with pytest.raises(ValueError, match="does not match the store's dimension 32"):
+    with pytest.raises(EmbeddingDimensionError,
+                       match=r"the store holds 32-d vectors \(it does not record which "
+                             r"embedding model built it\), but the embedding 'hashing-64' gives "
+                             r"64-d vectors.*`--embedding NAME_OR_DIR`"):
         embed_texts(EMBED, ["x"], 32)
+    with pytest.raises(EmbeddingDimensionError, match=r"the FAISS store at /s holds 32-d "
+                       r"vectors, built with the embedding model 'minilm'.*--embedding minilm"):
+        embed_texts(EMBED, ["x"], 32, store="the FAISS store at /s", recorded="minilm")
     with pytest.raises(ValueError, match="one vector per text"):
         embed_texts(lambda texts: [[1.0, 0.0]], ["a", "b"])
 
@@ -93,7 +99,7 @@ def test_in_memory_query_embedding_of_other_dimension_is_an_error():
         """Passages (a batch) in 64 dims, queries (one text) in 2: two models mixed up."""
         return EMBED(texts) if len(texts) > 1 else [[1.0, 0.0]]
 
-    with pytest.raises(ValueError, match="dimension 2 does not match the store's dimension 64"):
+    with pytest.raises(EmbeddingDimensionError, match=r"holds 64-d vectors.*gives 2-d vectors"):
         InMemorySource(PASSAGES, embed=switching).retrieve("fox", 1)
 
 
@@ -177,7 +183,8 @@ def test_faiss_bad_input(tmp_path):
         FaissStore.create(tmp_path / "ivf", 16, kind="ivf", nlist=10).add(
             _numbered(3), _unit_vectors(3, 16))
     assert (tmp_path / INDEX_FILE).is_file()
-    with pytest.raises(ValueError, match="dimension 64 does not match the store's dimension 16"):
+    with pytest.raises(EmbeddingDimensionError, match=f"the FAISS store at {tmp_path} holds "
+                       f"16-d vectors .*gives 64-d vectors"):
         FaissSource(FaissStore.open(tmp_path), embed=EMBED).retrieve("fox", 1)
 
 
@@ -229,11 +236,16 @@ def test_chroma_bad_input(chroma_client):
     with pytest.raises(EmptyStoreError, match="does not exist"):
         get_collection(chroma_client, "unit-missing")
     full = _chroma_collection(chroma_client, "unit-dim")
-    with pytest.raises(ValueError, match="does not match the store's dimension 64"):
+    with pytest.raises(EmbeddingDimensionError, match="Chroma collection 'unit-dim' holds "
+                       "64-d vectors, built with the embedding model 'hashing-64', but the "
+                       "embedding 'hashing-32' gives 32-d vectors"):
         ChromaSource(full, embed=HashingEmbeddings(32)).retrieve("fox", 1)
     untagged = chroma_client.create_collection("unit-untagged", embedding_function=None)
     untagged.add(ids=["a"], embeddings=[[1.0, 0.0, 0.0]], documents=["abc"])
-    with pytest.raises(ValueError, match="Query with the embedding model"):
+    # a collection nest did not write records no dimension: it is read from a stored vector
+    with pytest.raises(EmbeddingDimensionError, match=r"'unit-untagged' holds 3-d vectors \(it "
+                       r"does not record which embedding model built it\), but the embedding "
+                       r"'hashing-64' gives 64-d vectors"):
         ChromaSource(untagged, embed=EMBED).retrieve("fox", 1)
 
 
@@ -250,9 +262,11 @@ def test_chroma_server_not_running_names_the_command():
 def test_public_names():
     import nest_core.sources as sources
 
-    assert sorted(sources.__all__) == ["ChromaSource", "EmptyStoreError", "FaissSource",
-                                       "FaissStore", "InMemorySource", "PassageSource",
-                                       "SyncPassageSource"]
+    assert sorted(sources.__all__) == [
+        "ChromaSource", "EmbeddingDimensionError", "EmptyStoreError", "FaissSource",
+        "FaissStore", "InMemorySource", "LangChainFaissSource", "LlamaIndexFaissSource",
+        "PassageSource", "SyncPassageSource", "UnsafeStoreError", "detect_store_kind",
+        "open_store", "span_datastore_dir"]
     assert all(hasattr(sources, name) for name in sources.__all__)
 
 
