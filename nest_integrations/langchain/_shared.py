@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
@@ -38,6 +38,7 @@ CALL_OPTIONS = ("documents", "model", "max_tokens", "temperature")
 # What hosted chat models take (and langchain-tests passes): meaningless for a local model.
 REMOTE_ONLY = ("api_key", "base_url", "timeout", "max_retries")
 _T = TypeVar("_T")
+_P = TypeVar("_P", str, list[dict[str, str]])
 _DONE = object()
 _CACHE_LOCK = threading.Lock()
 _KEY_CACHES: dict[tuple[str, str | None], KeyCache] = {}
@@ -105,6 +106,12 @@ class NestParams(BaseModel):
     dtype: str | None = Field(
         default=None, description="Model dtype: None/'float32', or 'bfloat16' (faster on CPU).")
     device: str | None = Field(default=None, description="torch device; None is CPU.")
+    stuffed_prompts: Literal["question", "keep"] = Field(
+        default="question",
+        description="A prompt template that pasted retrieved context around a 'Question:' "
+        "line, when Nest has passages for it: 'question' answers the question line (Nest "
+        "puts the passages' best sentences in the prompt itself, instead of a second, "
+        "unfocused copy of them); 'keep' decodes the prompt as given.")
     datastore_dir: str | None = Field(
         default=None,
         description="Directory of a persistent span datastore (encoded passage keys survive "
@@ -250,6 +257,19 @@ class NestParams(BaseModel):
             warnings.warn(STUFFED_WARNING.format(cls=type(self).__name__), UserWarning,
                           stacklevel=4)
         return question
+
+    def _answer_prompt(self, prompt: _P, question: str | None, passages: list[Passage]) -> _P:
+        """The prompt to decode: a stuffed prompt's last user message reduced to its
+        question when Nest has the passages (see ``stuffed_prompts``), else ``prompt``."""
+        if question is None or not passages or self.stuffed_prompts == "keep":
+            return prompt
+        if isinstance(prompt, str):
+            return question  # type: ignore[return-value]
+        messages = [dict(m) for m in prompt]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if users:
+            messages[users[-1]]["content"] = question
+        return messages  # type: ignore[return-value]
 
     def _retrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
                   ) -> tuple[list[Passage], list[Document]]:

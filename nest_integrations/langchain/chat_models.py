@@ -104,11 +104,10 @@ class ChatNest(NestParams, BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        prompt = messages_to_prompt(messages)
-        given = message_documents(messages)
-        asked = retrieval_query(messages)
+        given, asked = message_documents(messages), retrieval_query(messages)
         question = self._query(asked, opts, given)
         passages, sources = self._retrieve(question or asked, opts, given)
+        prompt = self._answer_prompt(messages_to_prompt(messages), question, passages)
         citing = CitationStream()
         for piece in self._decoder_stream(prompt, passages, opts, question):
             yield from citing.chunks(piece, sources, opts)
@@ -117,11 +116,10 @@ class ChatNest(NestParams, BaseChatModel):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        prompt = messages_to_prompt(messages)
-        given = message_documents(messages)
-        asked = retrieval_query(messages)
+        given, asked = message_documents(messages), retrieval_query(messages)
         question = self._query(asked, opts, given)
         passages, sources = await self._aretrieve(question or asked, opts, given)
+        prompt = self._answer_prompt(messages_to_prompt(messages), question, passages)
         citing = CitationStream()
         pieces = aiter_in_thread(
             lambda: self._decoder_stream(prompt, passages, opts, question))

@@ -68,7 +68,8 @@ class NestLLM(NestParams, BaseLLM):
         opts = self._call_options(stop, kwargs)
         question = self._query(prompt, opts, [])
         passages, sources = self._retrieve(question or prompt, opts)
-        for piece in self._decoder_stream(prompt, passages, opts, question):
+        answer_prompt = self._answer_prompt(prompt, question, passages)
+        for piece in self._decoder_stream(answer_prompt, passages, opts, question):
             for chunk in _piece_chunks(piece, sources, opts):
                 # BaseLLM.stream does not report tokens itself: callbacks rely on this call.
                 if run_manager:
@@ -81,8 +82,9 @@ class NestLLM(NestParams, BaseLLM):
         opts = self._call_options(stop, kwargs)
         question = self._query(prompt, opts, [])
         passages, sources = await self._aretrieve(question or prompt, opts)
+        answer_prompt = self._answer_prompt(prompt, question, passages)
         pieces = aiter_in_thread(
-            lambda: self._decoder_stream(prompt, passages, opts, question))
+            lambda: self._decoder_stream(answer_prompt, passages, opts, question))
         async for piece in pieces:
             for chunk in _piece_chunks(piece, sources, opts):
                 if run_manager:

@@ -134,6 +134,16 @@ def test_a_retriever_in_a_stuffed_chain_searches_the_question(tiny_lm: Any) -> N
     assert retriever.queries == [QUESTION, QUESTION]
 
 
+def test_a_stuffed_prompt_with_passages_is_answered_as_its_question(tiny_lm: Any) -> None:
+    stuffed = RAG_PROMPT.format_messages(question=QUESTION, context=" ".join(TINY_CORPUS))
+    used = {}
+    for mode in ("question", "keep"):
+        chat = ChatNest.from_lm(tiny_lm, max_tokens=8, stuffed_prompts=mode)
+        used[mode] = chat.invoke(stuffed, documents=DOCS).usage_metadata["input_tokens"]
+    plain = ChatNest.from_lm(tiny_lm, max_tokens=8).invoke(QUESTION, documents=DOCS)
+    assert used["question"] == plain.usage_metadata["input_tokens"] < used["keep"]
+
+
 def test_a_stuffed_prompt_without_passages_warns_what_to_change(chat: ChatNest) -> None:
     stuffed = RAG_PROMPT.format_messages(question=QUESTION, context=" ".join(TINY_CORPUS))
     with pytest.warns(UserWarning, match="content blocks"):
