@@ -233,7 +233,9 @@ def load_embedding(name_or_dir: str | os.PathLike[str] | None = None
             raise FileNotFoundError(msg)
         return SentenceTransformerEmbeddings(path)
     if path.exists() or text.startswith((".", "/", "~")):
-        msg = f"--embedding {text}: not a folder; pass a model folder or a Hugging Face name"
+        what = "is a file, not a model folder" if path.exists() else "no such folder"
+        msg = (f"--embedding {text}: {what}; pass the folder of a saved sentence-transformers "
+               f"model (model.save(DIR)) or a model name in the local Hugging Face cache")
         raise FileNotFoundError(msg)
     snapshot = _cached_snapshot(text)
     return SentenceTransformerEmbeddings(snapshot, name=text)

@@ -106,7 +106,7 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize(("args", "needles"), [
-    (("ask", QUESTION, "--store", "{tmp}"), ("holds no nest vector store", "nest index")),
+    (("ask", QUESTION, "--store", "{tmp}"), ("holds no vector store nest can read", "nest index")),
     (("index", "{tmp}/empty", "--out", "{tmp}/s"), ("the folder is empty",)),
     (("index", "{tmp}/report.docx", "--out", "{tmp}/s"), ("unsupported file type '.docx'",
                                                            "txt/md")),
@@ -114,7 +114,7 @@ def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
     (("index", "{tmp}/nope.md", "--out", "{tmp}/s"), ("no such file or folder",)),
     (("index", "{tmp}/blank", "--out", "{tmp}/s"), ("every file is empty",)),
     (("ask", "  ", "--store", "{tmp}"), ("the question is empty",)),
-    (("cache", "clear", "--store", "{tmp}"), ("holds no nest vector store",)),
+    (("cache", "clear", "--store", "{tmp}"), ("holds no vector store nest can read",)),
 ], ids=["not-a-store", "empty-folder", "unsupported-file", "unsupported-folder",
         "missing-path", "blank-files", "blank-question", "clear-not-a-store"])
 def test_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str],

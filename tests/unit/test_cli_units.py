@@ -42,15 +42,52 @@ def test_split_title_uses_a_leading_heading_only() -> None:
 def test_detect_store_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(CliError, match="nest index"):
         detect_store(tmp_path / "missing")
+    with pytest.raises(CliError, match=r"holds no vector store nest can read.*LangChain FAISS"):
+        detect_store(tmp_path)
     (tmp_path / "chroma.sqlite3").write_bytes(b"")
     assert detect_store(tmp_path) == "chroma"
+    assert detect_store(tmp_path, "langchain") == "chroma"
+
+
+@pytest.mark.parametrize(("files", "kind"), [
+    (("nest_faiss.json", "index.faiss", "passages.jsonl"), "faiss"),
+    (("default__vector_store.json", "docstore.json", "index_store.json"), "llama-faiss"),
+    (("index.faiss", "index.pkl"), "langchain-faiss"),
+])
+def test_detect_store_knows_what_the_frameworks_write(tmp_path: Path, files: tuple[str, ...],
+                                                     kind: str) -> None:
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    assert detect_store(tmp_path) == kind
+    with pytest.raises(CliError, match=f"--collection docs applies to Chroma stores; "
+                       f"{tmp_path} is a {kind} store"):
+        detect_store(tmp_path, "docs")
 
 
 def test_parser_defaults() -> None:
     args = build_parser().parse_args(["ask", "q", "--store", "s"])
     assert (args.k, args.max_new_tokens, args.compare, args.json, args.html) == (
         8, 64, False, False, None)
+    assert (args.collection, args.embedding, args.allow_dangerous_deserialization) == (
+        None, None, False)  # the pickle opt-in is never on by default
     assert build_parser().parse_args(["demo"]).store == "faiss"
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    ((), "name the files to index and the store to write"),
+    (("notes",), "name the files to index and the store to write"),
+    (("notes", "--from-store", "s"), "give no PATH or --out with it"),
+    (("--from-store", "s", "--no-precompute"), "drop --no-precompute"),
+    (("notes", "--out", "s", "--collection", "docs"), "applies to --store chroma"),
+])
+def test_index_argument_combinations_name_the_fix(args: tuple[str, ...], says: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from nest_core.cli import main
+
+    assert main(["index", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("nest: error: ")
+    assert says in err
 
 
 def test_demo_corpus_is_in_the_checkout() -> None:

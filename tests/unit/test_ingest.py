@@ -172,3 +172,34 @@ def test_another_embedding_of_the_same_dimension_is_refused(tmp_path, kind):
     with pytest.raises(ValueError, match="built with the embedding"):
         ingest(DOCS[:1], store(), embed=other, progress=False)
     assert ingest(DOCS[:1], store(), embed=EMBED, progress=False).written > 0
+
+
+def test_precompute_source_covers_a_store_nest_did_not_write(tiny_lm, tmp_path):
+    """A Chroma collection written with chromadb directly (LangChain's layout: ids, vectors,
+    ``documents``, metadata with ``source``), no nest metadata: after precompute_source the
+    decoder encodes none of its passages."""
+    from nest_core.decoder import NestDecoder
+    from nest_core.ingest import precompute_source
+    from nest_core.sources import open_store
+    from nest_core.sources.chroma import persistent_client
+
+    texts = [d.text for d in DOCS]
+    persistent_client(tmp_path).create_collection("langchain", embedding_function=None).add(
+        ids=["a", "b", "c"], embeddings=EMBED(texts), documents=texts,
+        metadatas=[{"source": f"{i}.txt", "start_index": 0} for i in range(3)])
+    config = NestConfig(max_passage_tokens=64)
+    source = open_store(tmp_path, embed=EMBED)
+    datastore = SpanDatastore(tmp_path / "nest_spans")
+    passages, rows = precompute_source(source, tiny_lm, datastore=datastore, config=config,
+                                       progress=False)
+    assert passages == len(datastore) == 3
+    calls = []
+    handle = tiny_lm.model.base_model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        decoder = NestDecoder(tiny_lm, config, key_cache=SpanDatastore(tmp_path / "nest_spans"))
+        assert decoder.prepare(source.retrieve("Zephyr Widget Company", 3)) == rows
+    finally:
+        handle.remove()
+    assert calls == []  # every passage came from disk: the LM ran on none of them
+    with pytest.raises(TypeError, match="cannot list its passages"):
+        precompute_source(object(), tiny_lm, datastore=datastore)

@@ -304,3 +304,204 @@ def test_a_frozen_chroma_server_times_out_with_a_clear_error():
         for conn in held:
             conn.close()
         listener.close()
+
+
+# --- stores LangChain and LlamaIndex wrote, built with their own classes -----------------------
+def langchain_hashing():
+    """A LangChain ``Embeddings`` giving :data:`EMBED`'s vectors."""
+    from langchain_core.embeddings import Embeddings
+
+    class Hashing(Embeddings):
+        def embed_documents(self, texts: list[str]) -> list[list[float]]:
+            return EMBED(texts)
+
+        def embed_query(self, text: str) -> list[float]:
+            return EMBED([text])[0]
+
+    return Hashing()
+
+
+def llama_index_faiss_dir(path, passages=PASSAGES):
+    """``VectorStoreIndex`` over ``FaissVectorStore`` (inner product), persisted to ``path``;
+    node ids are the passage ids."""
+    pytest.importorskip("llama_index.vector_stores.faiss")
+    import faiss
+    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.core.embeddings import BaseEmbedding
+    from llama_index.core.schema import TextNode
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    class Hashing(BaseEmbedding):
+        def _get_query_embedding(self, query: str) -> list[float]:
+            return EMBED([query])[0]
+
+        def _get_text_embedding(self, text: str) -> list[float]:
+            return EMBED([text])[0]
+
+        async def _aget_query_embedding(self, query: str) -> list[float]:
+            return EMBED([query])[0]
+
+    nodes = [TextNode(id_=p.id, text=p.text, metadata={**p.metadata, "title": p.title or ""},
+                      excluded_embed_metadata_keys=["source", "title"]) for p in passages]
+    context = StorageContext.from_defaults(
+        vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatIP(64)))
+    VectorStoreIndex(nodes, storage_context=context, embed_model=Hashing())
+    context.persist(persist_dir=str(path))
+    return path
+
+
+def test_a_llamaindex_faiss_persist_dir_opens_without_pickle(tmp_path):
+    from nest_core.sources import LlamaIndexFaissSource, detect_store_kind, open_store
+
+    path = llama_index_faiss_dir(tmp_path / "llama")
+    assert detect_store_kind(path) == "llama-faiss"
+    source = open_store(path, embed=EMBED)
+    assert isinstance(source, LlamaIndexFaissSource)
+    hits = source.retrieve("Zephyr Widget Company founded Ostrava", 2)
+    assert hits[0].id == "zephyr"
+    assert hits[0].text == PASSAGES[0].text
+    assert hits[0].title == "Zephyr"
+    assert hits[0].metadata["source"] == "zephyr.txt"
+    assert hits[0].score == pytest.approx(max(h.score for h in hits))  # inner product
+    assert [p.id for p in source.passages()] == [p.id for p in PASSAGES]
+    assert source.retrieve("quick brown fox lazy dog", 10)[0].id == "fox"
+    assert len(source.retrieve("fox", 10)) == len(PASSAGES)
+    with pytest.raises(EmbeddingDimensionError, match=f"the LlamaIndex FAISS store at {path} "
+                       f"holds 64-d vectors .*'hashing-32' gives 32-d"):
+        open_store(path, embed=HashingEmbeddings(32)).retrieve("fox", 1)
+
+
+def test_a_llamaindex_dir_with_json_vectors_or_missing_files_is_named(tmp_path):
+    from nest_core.sources import LlamaIndexFaissSource
+
+    path = llama_index_faiss_dir(tmp_path / "llama")
+    (path / "default__vector_store.json").write_text('{"embedding_dict": {}}')
+    with pytest.raises(ValueError, match="is not a FAISS index"):
+        LlamaIndexFaissSource.from_persist_dir(path, embed=EMBED)
+    (path / "docstore.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"missing docstore\.json.*persist\(persist_dir"):
+        LlamaIndexFaissSource.from_persist_dir(path, embed=EMBED)
+
+
+class _TouchOnLoad:
+    """Unpickling this creates ``marker``: the proof that a pickle was (or was not) run."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_a_langchain_save_local_pickle_is_never_loaded_without_the_opt_in(tmp_path):
+    import pickle
+
+    import faiss
+
+    from nest_core.sources import LangChainFaissSource, UnsafeStoreError, open_store
+
+    path, marker = tmp_path / "lc", tmp_path / "ran"
+    path.mkdir()
+    faiss.write_index(faiss.IndexFlatL2(64), str(path / "index.faiss"))
+    (path / "index.pkl").write_bytes(pickle.dumps(_TouchOnLoad(marker)))
+    for opener in (lambda: open_store(path, embed=EMBED),
+                   lambda: LangChainFaissSource.from_path(path, embed=EMBED,
+                                                          allow_dangerous_deserialization=1)):
+        with pytest.raises(UnsafeStoreError, match=r"index\.pkl is a Python pickle .*"
+                           r"--allow-dangerous-deserialization on the command line, "
+                           r"allow_dangerous_deserialization=True in Python"):
+            opener()
+    assert not marker.exists()
+    # the opt-in means what it says: the file's code runs (here it only touches a file)
+    with pytest.raises(ValueError, match="does not hold LangChain's"):
+        open_store(path, embed=EMBED, allow_dangerous_deserialization=True)
+    assert marker.exists()
+
+
+def test_a_langchain_save_local_dir_opens_with_the_opt_in(tmp_path):
+    pytest.importorskip("langchain_community")
+    from langchain_community.vectorstores import FAISS
+
+    from nest_core.sources import LangChainFaissSource, detect_store_kind, open_store
+
+    FAISS.from_texts([p.text for p in PASSAGES], langchain_hashing(),
+                     metadatas=[dict(p.metadata) for p in PASSAGES],
+                     ids=[p.id for p in PASSAGES]).save_local(str(tmp_path))
+    assert detect_store_kind(tmp_path) == "langchain-faiss"
+    source = open_store(tmp_path, embed=EMBED, allow_dangerous_deserialization=True)
+    assert isinstance(source, LangChainFaissSource)
+    hits = source.retrieve("Zephyr Widget Company founded Ostrava", 4)
+    assert hits[0].id == "zephyr"
+    assert hits[0].metadata == {"source": "zephyr.txt"}
+    assert hits[0].score == pytest.approx(min(h.score for h in hits))  # squared L2
+    assert {p.id for p in source.passages()} == {p.id for p in PASSAGES}
+
+
+def test_chroma_collection_is_chosen_by_name_or_as_the_only_one(tmp_path):
+    from nest_core.sources.chroma import choose_collection, persistent_client
+
+    client = persistent_client(tmp_path)
+    with pytest.raises(EmptyStoreError, match="holds no Chroma collections"):
+        choose_collection(client, None, "DIR")
+    _chroma_collection(client, "langchain")
+    assert choose_collection(client, None, "DIR") == (
+        "langchain", "using the only Chroma collection in DIR: 'langchain'")
+    source = ChromaSource.from_path(tmp_path, embed=EMBED)
+    assert source.collection.name == "langchain"
+    assert source.note == f"using the only Chroma collection in {tmp_path}: 'langchain'"
+    assert {p.id for p in source.passages(page=3)} == {p.id for p in PASSAGES}  # two pages
+    _chroma_collection(client, "docs")
+    with pytest.raises(EmptyStoreError, match=r"DIR holds 2 Chroma collections \['docs', "
+                       r"'langchain'\]; name one with --collection NAME"):
+        choose_collection(client, None, "DIR")
+    with pytest.raises(EmptyStoreError, match=r"'manual' does not exist \(collections: \['docs',"
+                       r" 'langchain'\]\); name one of those"):
+        ChromaSource.from_path(tmp_path, "manual", embed=EMBED)
+    _chroma_collection(client, "nest")
+    assert choose_collection(client, None, "DIR") == ("nest", None)
+
+
+def test_span_datastore_lives_inside_a_writable_store_else_in_the_user_cache(tmp_path):
+    import os
+
+    from nest_core.datastore import default_datastore_dir
+    from nest_core.sources import span_datastore_dir
+
+    assert span_datastore_dir(tmp_path) == tmp_path / "nest_spans"
+    shared = tmp_path / "shared"
+    (shared / "nest_spans").mkdir(parents=True)
+    shared.chmod(0o555)
+    try:
+        assert span_datastore_dir(shared) == shared / "nest_spans"  # one was shipped with it
+        (shared / "nest_spans").chmod(0o555)
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        bare.chmod(0o555)
+        if os.access(bare, os.W_OK):
+            pytest.skip("root may write anywhere: the read-only case needs a normal user")
+        assert span_datastore_dir(bare) == default_datastore_dir()
+    finally:
+        shared.chmod(0o755)
+
+
+def test_load_embedding_finds_models_locally_or_names_the_fix(tmp_path):
+    from nest_core.embeddings import default_embedding_function, load_embedding
+
+    assert load_embedding(None) is default_embedding_function()
+    assert load_embedding("all-MiniLM-L6-v2") is default_embedding_function()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no sentence-transformers model"):
+        load_embedding(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="missing: no such folder; pass the folder"):
+        load_embedding(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a model folder"):
+        load_embedding(tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="no model of that name is in the local "
+                       "Hugging Face cache"):
+        load_embedding("nest-unit-tests/no-such-model")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "modules.json").write_text("[]")
+    assert load_embedding(tmp_path / "model").name == "model"  # loads on its first call
