@@ -2,10 +2,10 @@
 
     python examples/langchain_chroma.py ["your question"] [--db DIR] [--max-tokens N]
 
-The first run splits the handbook in examples/data into paragraphs, embeds them with the
-bundled all-MiniLM-L6-v2 and persists a Chroma collection; later runs reopen it from disk
-(and reuse the encoded passage keys kept in ``DIR/nest_spans``). The answer streams as Nest
-accepts it, then prints again with numbered citations of the copied spans.
+The first run splits the handbook in examples/data with LangChain's text splitter, embeds
+the chunks with the bundled all-MiniLM-L6-v2 and persists a Chroma collection; later runs
+reopen it from disk (and reuse the encoded passage keys kept in ``DIR/nest_spans``). The
+answer streams as Nest accepts it, then prints again with numbered citations.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ QUESTION = "Where is the headquarters of Halvorsen Orchard Robotics?"
 
 
 def load_handbook(folder: Path = DATA) -> list[Document]:
-    """One Document per paragraph; ``source`` + ``start_index`` give each a stable id."""
+    """The handbook split the LangChain way: one Document per file, then
+    ``RecursiveCharacterTextSplitter(add_start_index=True)``, whose ``start_index`` with the
+    file name gives every chunk a stable id (``source#start_index``) and exact offsets."""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
     docs = []
     for path in sorted(folder.glob("*.md")):
         text = path.read_text(encoding="utf-8")
         title = text.splitlines()[0].lstrip("# ").strip()
-        start = 0
-        for para in text.split("\n\n"):
-            offset = text.index(para, start)
-            start = offset + len(para)
-            if para.strip() and not para.startswith("#"):
-                docs.append(Document(page_content=para.strip(), metadata={
-                    "source": path.name, "start_index": offset, "title": title}))
-    return docs
+        docs.append(Document(page_content=text, metadata={"source": path.name, "title": title}))
+    splitter = RecursiveCharacterTextSplitter(chunk_size=400, chunk_overlap=0,
+                                              add_start_index=True)
+    return splitter.split_documents(docs)
 
 
 def open_store(db: Path, embeddings: NestMiniLMEmbeddings):
@@ -53,7 +53,7 @@ def open_store(db: Path, embeddings: NestMiniLMEmbeddings):
                       persist_directory=str(db))
     docs = load_handbook()
     ids = [f"{d.metadata['source']}#{d.metadata['start_index']}" for d in docs]
-    print(f"indexing {len(docs)} paragraphs into {db}", file=sys.stderr)
+    print(f"indexing {len(docs)} chunks into {db}", file=sys.stderr)
     return Chroma.from_documents(docs, embeddings, ids=ids, collection_name="handbook",
                                  persist_directory=str(db))
 

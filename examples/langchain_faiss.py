@@ -3,7 +3,7 @@
     python examples/langchain_faiss.py ["your question"] [--max-tokens N]
 
 Builds a ``langchain_community`` FAISS index of the handbook in examples/data (embedding 61
-paragraphs takes a second or two) and runs the retrieval chain: the retrieved context streams
+chunks takes a second or two) and runs the retrieval chain: the retrieved context streams
 first, then the answer, then the answer again with numbered citations.
 
 Reloading a saved index with ``FAISS.load_local`` needs ``allow_dangerous_deserialization=
@@ -37,19 +37,19 @@ QUESTION = "How many staff does the Ghent office have?"
 
 
 def load_handbook(folder: Path = DATA) -> list[Document]:
-    """One Document per paragraph; ``source`` + ``start_index`` give each a stable id."""
+    """The handbook split the LangChain way: one Document per file, then
+    ``RecursiveCharacterTextSplitter(add_start_index=True)``, whose ``start_index`` with the
+    file name gives every chunk a stable id (``source#start_index``) and exact offsets."""
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
     docs = []
     for path in sorted(folder.glob("*.md")):
         text = path.read_text(encoding="utf-8")
         title = text.splitlines()[0].lstrip("# ").strip()
-        start = 0
-        for para in text.split("\n\n"):
-            offset = text.index(para, start)
-            start = offset + len(para)
-            if para.strip() and not para.startswith("#"):
-                docs.append(Document(page_content=para.strip(), metadata={
-                    "source": path.name, "start_index": offset, "title": title}))
-    return docs
+        docs.append(Document(page_content=text, metadata={"source": path.name, "title": title}))
+    splitter = RecursiveCharacterTextSplitter(chunk_size=400, chunk_overlap=0,
+                                              add_start_index=True)
+    return splitter.split_documents(docs)
 
 
 def main() -> None:

@@ -119,23 +119,30 @@ def result_citations(result: NestResult) -> list[Citation]:
 
 def format_citations(answer: str, citations: Sequence[Citation]) -> str:
     """The answer with ``[n]`` after each copied span and ``[~n]`` after each matched one
-    (as :mod:`nest_core.render` marks them), then one line per source document:
+    (as :mod:`nest_core.render` marks them; adjacent spans of one document get one mark,
+    ``[~n]`` only when all of them were matched), then one line per source document:
     ``[n] title (url): "cited text" ...`` (numbered in order of first citation)."""
     numbers: dict[str, int] = {}
     quotes: dict[str, list[str]] = {}
     labels: dict[str, str] = {}
-    marks: list[tuple[int, str]] = []
-    for c in citations:
+    marks: list[tuple[int, int, str, bool]] = []  # (start, end, document, matched)
+    for c in sorted(citations, key=lambda c: int(c.get("start_index", 0))):
         key = str(c.get("extras", {}).get("doc_id") or c.get("url") or c.get("title"))
-        n = numbers.setdefault(key, len(numbers) + 1)
+        numbers.setdefault(key, len(numbers) + 1)
         matched = c.get("extras", {}).get("kind") == "matched"
-        marks.append((int(c.get("end_index", 0)), f"[~{n}]" if matched else f"[{n}]"))
+        start, end = int(c.get("start_index", 0)), int(c.get("end_index", 0))
+        if marks and marks[-1][2] == key and not answer[marks[-1][1]:start].strip():
+            # adjacent stretches of one document ("G" + "hent office"): one mark, after both
+            marks[-1] = (marks[-1][0], end, key, marks[-1][3] and matched)
+        else:
+            marks.append((start, end, key, matched))
         quotes.setdefault(key, []).append(f'"{c.get("cited_text", "")}"')
         title, url = c.get("title"), c.get("url")
         labels[key] = f"{title} ({url})" if title and url else str(title or url or key)
     out = answer
-    for end, mark in sorted(marks, key=lambda m: m[0], reverse=True):
-        out = out[:end] + mark + out[end:]
+    for _, end, key, matched in sorted(marks, key=lambda m: m[1], reverse=True):
+        n = numbers[key]
+        out = out[:end] + (f"[~{n}]" if matched else f"[{n}]") + out[end:]
     lines = [f"[{n}] {labels[key]}: {' '.join(quotes[key])}" for key, n in numbers.items()]
     return "\n".join([out, "", *lines]).rstrip()
 

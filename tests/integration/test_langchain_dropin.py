@@ -1,5 +1,5 @@
 """Drop-in scenarios on the real SmolLM2 over a Chroma store on disk, written the way LangChain
-users write them: the handbook in examples/data loaded with ``TextLoader``, split with
+users write them: the handbook in examples/data split with
 ``RecursiveCharacterTextSplitter(add_start_index=True)``, persisted by ``langchain_chroma`` and
 reopened from disk. Each answer must be right and cite the passage that holds it."""
 
@@ -29,11 +29,10 @@ GOLD = "02-offices.md"
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Any:
     from langchain_chroma import Chroma
-    from langchain_community.document_loaders import TextLoader
     from langchain_text_splitters import RecursiveCharacterTextSplitter
 
-    docs = [d for path in sorted(DATA.glob("*.md"))
-            for d in TextLoader(str(path), encoding="utf-8").load()]
+    docs = [Document(page_content=p.read_text(encoding="utf-8"), metadata={"source": p.name})
+            for p in sorted(DATA.glob("*.md"))]
     splitter = RecursiveCharacterTextSplitter(chunk_size=400, chunk_overlap=0,
                                               add_start_index=True)
     chunks = splitter.split_documents(docs)
@@ -94,10 +93,10 @@ def test_tutorial_chain_with_a_stuffed_prompt_and_a_retriever(store: Any) -> Non
 
 
 def test_langgraph_agent_final_state_holds_the_spans(store: Any) -> None:
-    from langgraph.prebuilt import create_react_agent
+    from langchain.agents import create_agent
 
     chat = ChatNest(vectorstore=store, k=4, max_tokens=48)
-    agent = create_react_agent(ScriptedToolCaller(), [chat.as_tool(name="handbook")])
+    agent = create_agent(ScriptedToolCaller(), [chat.as_tool(name="handbook")])
     state = agent.invoke({"messages": [HumanMessage(QUESTION)]})
     tool_message = next(m for m in state["messages"] if isinstance(m, ToolMessage))
     artifact = tool_message.artifact

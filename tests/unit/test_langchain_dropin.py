@@ -231,12 +231,12 @@ def test_tool_returns_cited_content_and_artifact(chat: ChatNest) -> None:
 
 
 def test_langgraph_agent_calls_the_tool_and_keeps_the_spans(tiny_lm: Any) -> None:
-    from langgraph.prebuilt import create_react_agent
+    from langchain.agents import create_agent
 
     chat = ChatNest.from_lm(tiny_lm, retriever=RecordingRetriever(docs=DOCS, queries=[]),
                             max_tokens=16)
     tool = chat.as_tool(name="handbook")
-    agent = create_react_agent(ScriptedToolCaller(), [tool])
+    agent = create_agent(ScriptedToolCaller(), [tool])
     state = agent.invoke({"messages": [HumanMessage(QUESTION)]})
     _human, call, tool_message, final = state["messages"]
     assert call.tool_calls[0]["name"] == "handbook"
