@@ -128,8 +128,10 @@ class NestQueryEngine(CustomQueryEngine):
         is; everything else is a pydantic field. Nothing is loaded here.
 
         An explicit ``callback_manager`` is also given to the node postprocessors (as
-        ``RetrieverQueryEngine`` does) and to a retriever that has no handlers of its own,
-        so one ``LlamaDebugHandler`` sees the whole query.
+        ``RetrieverQueryEngine`` does). The engine's callback manager (explicit, or the
+        handlers of ``Settings.callback_manager`` when the engine is built) is given to a
+        retriever that has no handlers of its own (e.g. from an index built before the
+        handler was set), so one ``LlamaDebugHandler`` sees the whole query.
         """
         explicit_cm = data.get("callback_manager")
         super().__init__(**data)
@@ -139,9 +141,9 @@ class NestQueryEngine(CustomQueryEngine):
         if explicit_cm is not None:
             for post in self.node_postprocessors:
                 post.callback_manager = explicit_cm
-            if not getattr(self.retriever, "callback_manager", None) or \
-                    not self.retriever.callback_manager.handlers:
-                self.retriever.callback_manager = explicit_cm
+        own = getattr(self.retriever, "callback_manager", None)
+        if self.callback_manager.handlers and (own is None or not own.handlers):
+            self.retriever.callback_manager = self.callback_manager
 
     @model_validator(mode="before")
     @classmethod

@@ -201,18 +201,30 @@ def test_a_store_that_fails_mid_session_raises_with_its_cause(chroma_dir, embed_
 
 
 def test_nest_llm_behind_a_stock_query_engine(chroma_dir, embed_model):
-    """``NestLLM`` as the LLM of LlamaIndex's own engine: text comes back, spans do not."""
+    """``NestLLM`` as the LLM of LlamaIndex's own engine: it decodes over the context the
+    engine put in the prompt (its own retriever is never asked) and the spans reach
+    ``Response.metadata``; called directly, it retrieves and returns them itself."""
+    from llama_index.core.schema import QueryBundle
+
     from nest_integrations.llama_index import NestLLM
 
     index = VectorStoreIndex.from_vector_store(reopen_chroma(chroma_dir),
                                                embed_model=embed_model)
-    llm = NestLLM(retriever=index.as_retriever(similarity_top_k=2), max_new_tokens=16)
+    own = index.as_retriever(similarity_top_k=2)
+    asked = []
+    original = own._retrieve
+    own._retrieve = lambda bundle: asked.append(bundle) or original(bundle)  # count calls
+    llm = NestLLM(retriever=own, max_new_tokens=16)
     stock = index.as_query_engine(llm=llm, similarity_top_k=2)
     res = stock.query(QUESTION)
+    assert asked == []
     assert res.response.strip()
     assert res.source_nodes[0].node.ref_doc_id == "zephyr"
-    assert "nest_spans" not in (res.metadata or {})  # stock engines drop LLM metadata
+    assert res.metadata["nest_spans"]
+    assert_spans_consistent(res)
     direct = llm.complete(QUESTION)
+    assert [b.query_str for b in asked] == [QUESTION]
+    assert isinstance(asked[0], QueryBundle)
     assert direct.additional_kwargs["nest_spans"]
     for s in direct.additional_kwargs["nest_spans"]:
         assert direct.text[s["out_start"]:s["out_end"]] == s["cited_text"]

@@ -207,3 +207,19 @@ async def test_instrumentation_handlers_see_the_stock_event_sequence(tiny_lm, re
               "SynthesizeStartEvent", "LLMCompletionStartEvent", "LLMCompletionEndEvent",
               "SynthesizeEndEvent", "QueryEndEvent"]
     assert [n for n in recorder.names if n in wanted] == wanted
+
+
+def test_settings_callback_manager_reaches_a_retriever_built_before_it(tiny_lm):
+    from llama_index.core import Settings
+
+    retriever = ListRetriever(corpus_nodes())  # built while Settings had no handler
+    debug = LlamaDebugHandler(print_trace_on_end=False)
+    before = Settings._callback_manager
+    Settings.callback_manager = CallbackManager([debug])
+    try:
+        eng = NestQueryEngine(retriever=retriever, lm=tiny_lm, max_new_tokens=4)
+    finally:
+        Settings._callback_manager = before
+    eng.query(QUESTION)
+    assert len(debug.get_event_pairs(CBEventType.RETRIEVE)) == 1
+    assert len(debug.get_event_pairs(CBEventType.QUERY)) == 1
