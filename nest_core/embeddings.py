@@ -177,10 +177,10 @@ class EmbeddingDimensionError(ValueError):
         built = (f", built with the embedding model {recorded!r}" if recorded
                  else " (it does not record which embedding model built it)")
         model = f"the embedding {embedding!r}" if embedding else "the embedding function"
-        fix = f"--embedding {recorded}" if recorded else "--embedding NAME_OR_DIR"
+        target = f"{recorded!r} (its name or folder)" if recorded else "the model that built it"
         msg = (f"{where} holds {store_dim}-d vectors{built}, but {model} gives "
-               f"{embed_dim}-d vectors. Use the model it was built with: `{fix}` on "
-               f"the command line, embed=SentenceTransformerEmbeddings(...) in Python")
+               f"{embed_dim}-d vectors. Use {target}: `--embedding NAME_OR_DIR` on the command "
+               f"line, embed=SentenceTransformerEmbeddings(NAME_OR_DIR) in Python")
         super().__init__(msg)
 
 

@@ -271,10 +271,21 @@ def test_a_nest_store_names_the_model_it_was_built_with(capsys, tmp_path, small_
                         "--embedding", str(small_dir))
     assert_clean_error(code, err, "holds 384-d vectors, built with the embedding model "
                        "'all-MiniLM-L6-v2', but the embedding 'zephyr-128' gives 128-d",
-                       "`--embedding all-MiniLM-L6-v2`")
+                       "Use 'all-MiniLM-L6-v2' (its name or folder): `--embedding "
+                       "NAME_OR_DIR`")
     code, _, err = nest(capsys, "ask", FOUNDED, "--store", str(tmp_path / "store"),
                         "--embedding", str(tmp_path / "no-model"))
     assert_clean_error(code, err, "no-model: no such folder", "local Hugging Face cache")
+    # nest index --embedding records the model; --collection names the Chroma collection
+    code, _, err = nest(capsys, "index", str(corpus), "--store", "chroma", "--out",
+                        str(tmp_path / "chroma"), "--collection", "handbook", "--embedding",
+                        str(small_dir), "--no-precompute", "-q")
+    assert code == 0, err
+    code, _, err = nest(capsys, "ask", FOUNDED, "--store", str(tmp_path / "chroma"))
+    assert "using the only Chroma collection" in err
+    assert_clean_error(code, err, "Chroma collection 'handbook' holds 128-d vectors, built with "
+                       "the embedding model 'zephyr-128', but the embedding 'all-MiniLM-L6-v2' "
+                       "gives 384-d vectors")
 
 
 # --- the span datastore of a store nest did not write ----------------------------------------

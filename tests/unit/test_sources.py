@@ -56,7 +56,8 @@ def test_embed_texts_checks_shape_and_dimension():
                              r"64-d vectors.*`--embedding NAME_OR_DIR`"):
         embed_texts(EMBED, ["x"], 32)
     with pytest.raises(EmbeddingDimensionError, match=r"the FAISS store at /s holds 32-d "
-                       r"vectors, built with the embedding model 'minilm'.*--embedding minilm"):
+                       r"vectors, built with the embedding model 'minilm'.*Use 'minilm' "
+                       r"\(its name or folder\): `--embedding NAME_OR_DIR`"):
         embed_texts(EMBED, ["x"], 32, store="the FAISS store at /s", recorded="minilm")
     with pytest.raises(ValueError, match="one vector per text"):
         embed_texts(lambda texts: [[1.0, 0.0]], ["a", "b"])
