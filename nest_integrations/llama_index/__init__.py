@@ -1,6 +1,8 @@
 """LlamaIndex integration: ``NestQueryEngine`` (span-cited ``Response`` objects over any
 retriever, index or vector store), ``NestChatEngine`` (condense-question chat with span
-citations) and ``NestLLM`` (Nest behind ``Settings.llm`` in stock engines).
+citations), ``NestLLM`` (Nest behind ``Settings.llm`` in stock engines, spans in the
+``Response``) and ``NestQueryEngineTool`` (a ``QueryEngineTool`` whose output lists its
+sources, for agents).
 
 Install: ``pip install "nest-decoding[llamaindex]"``.
 """
@@ -20,11 +22,13 @@ from nest_integrations.llama_index.query_engine import (  # noqa: E402
     NestQueryEngine,
     NestRetrievalError,
 )
+from nest_integrations.llama_index.tools import NestQueryEngineTool  # noqa: E402
 
 __all__ = [
     "NestChatEngine",
     "NestLLM",
     "NestQueryEngine",
+    "NestQueryEngineTool",
     "NestRetrievalError",
     "bundled_embedding",
     "bundled_minilm_path",

@@ -22,7 +22,8 @@ P2 = Passage(id="n2", text="It makes brass widgets for clocks.")
 
 
 def test_all_is_the_public_api():
-    assert nli.__all__ == ["NestChatEngine", "NestLLM", "NestQueryEngine", "NestRetrievalError",
+    assert nli.__all__ == ["NestChatEngine", "NestLLM", "NestQueryEngine",
+                           "NestQueryEngineTool", "NestRetrievalError",
                            "bundled_embedding", "bundled_minilm_path", "nodes_to_passages"]
     for name in nli.__all__:
         assert getattr(nli, name) is not None
