@@ -318,3 +318,35 @@ def test_index_from_store_precomputes_every_passage(capsys, llama_faiss, small_d
     assert calls == []
     result, _ = ask_json(capsys, FOUNDED, store, "--embedding", str(small_dir))
     assert_cites(result, "history.md", "1987")
+
+
+def test_embedding_by_name_from_the_local_hugging_face_cache(llama_faiss, small_dir, tmp_path):
+    """``--embedding ORG/NAME`` resolves in the local Hub cache (HF_HUB_OFFLINE=1, nothing
+    downloaded); a subprocess, because huggingface_hub reads HF_HUB_CACHE at import."""
+    import os
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--local--zephyr-128"
+    (repo / "refs").mkdir(parents=True)
+    revision = "0" * 40
+    (repo / "refs" / "main").write_text(revision)
+    shutil.copytree(small_dir, repo / "snapshots" / revision)
+    script = (
+        "import sys\n"
+        "from nest_core.embeddings import load_embedding\n"
+        "from nest_core.sources import open_store\n"
+        "embed = load_embedding('local/zephyr-128')\n"
+        "hit = open_store(sys.argv[1], embed=embed).retrieve(sys.argv[2], 1)[0]\n"
+        "print(embed.name, hit.metadata['source'])\n"
+        "try:\n"
+        "    load_embedding('local/not-cached')\n"
+        "except FileNotFoundError as err:\n"
+        "    print(err)\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-c", script, str(llama_faiss), FOUNDED],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "local/zephyr-128 history.md"
+    assert lines[1].startswith("--embedding local/not-cached: no such folder, and no model")
