@@ -76,8 +76,8 @@ def detect_store(path: str | os.PathLike[str], collection: str | None = None) ->
     if kind is None:
         what = "does not exist" if not p.exists() else "holds no vector store nest can read"
         msg = (f"{path} {what}; build one with `nest index FILES... --out {path}` (or run "
-               f"`nest demo`), or point --store at a Chroma directory, a LlamaIndex FAISS "
-               f"persist directory or a LangChain FAISS.save_local directory")
+               f"`nest demo`), or point --store at a Chroma directory, a LlamaIndex persist "
+               f"directory or a LangChain FAISS.save_local directory")
         raise CliError(msg)
     if collection is not None and kind != "chroma":
         msg = f"--collection {collection} applies to Chroma stores; {path} is a {kind} store"

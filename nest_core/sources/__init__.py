@@ -14,7 +14,7 @@ from nest_core.sources.base import (
 )
 from nest_core.sources.chroma import ChromaSource
 from nest_core.sources.faiss_store import FaissSource, FaissStore
-from nest_core.sources.framework_faiss import LangChainFaissSource, LlamaIndexFaissSource
+from nest_core.sources.framework_faiss import LangChainFaissSource, LlamaIndexSource
 from nest_core.sources.memory import InMemorySource
 from nest_core.sources.open import detect_store_kind, open_store, span_datastore_dir
 
@@ -26,7 +26,7 @@ __all__ = [
     "FaissStore",
     "InMemorySource",
     "LangChainFaissSource",
-    "LlamaIndexFaissSource",
+    "LlamaIndexSource",
     "PassageSource",
     "SyncPassageSource",
     "UnsafeStoreError",

@@ -1,4 +1,4 @@
-"""FAISS directories that LlamaIndex and LangChain wrote, read without either framework.
+"""Vector stores that LlamaIndex and LangChain persisted, read without either framework.
 
 LlamaIndex (``FaissVectorStore`` + ``storage_context.persist(persist_dir)``)::
 
@@ -8,7 +8,10 @@ LlamaIndex (``FaissVectorStore`` + ``storage_context.persist(persist_dir)``)::
     index_store.json             {"index_store/data": {index_id: {"__data__": "<JSON string
                                  with nodes_dict: {faiss row: node_id}>"}}}
 
-Only faiss and json read it, so opening one is safe.
+LlamaIndex's default ``SimpleVectorStore`` persists the same files, but its
+``default__vector_store.json`` is JSON (``{"embedding_dict": {node_id: vector}}``, searched by
+cosine): those vectors go into an in-memory FAISS index. Only faiss and json read either
+layout, so opening one is safe.
 
 LangChain (``FAISS.save_local(folder)``)::
 
@@ -72,6 +75,7 @@ class RowFaissSource(SyncPassageSource):
         self.where = where
         self.dim = int(index.d)
         self.note: str | None = None
+        self.normalize_queries = False  # True where the store searches by cosine
 
     def __len__(self) -> int:
         return sum(p is not None for p in self.rows)
@@ -86,6 +90,8 @@ class RowFaissSource(SyncPassageSource):
             msg = f"{self.where} is empty; add documents to it with the framework that wrote it"
             raise EmptyStoreError(msg)
         vector = embed_texts(self.embed, [query], self.dim, store=self.where)  # [1, d]
+        if self.normalize_queries:
+            vector = _unit(vector)
         fetch = min(k + len(self.rows) - len(self), len(self.rows))  # rows without text skip
         scores, ids = self.index.search(np.ascontiguousarray(vector), fetch)  # [1, fetch] each
         out = []
@@ -99,26 +105,26 @@ class RowFaissSource(SyncPassageSource):
         return out
 
 
-class LlamaIndexFaissSource(RowFaissSource):
-    """A LlamaIndex persist directory of a ``FaissVectorStore``: safe, no pickle involved."""
+class LlamaIndexSource(RowFaissSource):
+    """A LlamaIndex persist directory (``FaissVectorStore`` or the default
+    ``SimpleVectorStore``): safe, no pickle involved."""
 
     @classmethod
     def from_persist_dir(cls, path: str | os.PathLike[str], *,
-                         embed: EmbeddingFunction | None = None) -> LlamaIndexFaissSource:
+                         embed: EmbeddingFunction | None = None) -> LlamaIndexSource:
         path = Path(path)
         for name in (LLAMA_VECTOR_FILE, LLAMA_DOCSTORE, LLAMA_INDEX_STORE):
             if not (path / name).is_file():
                 msg = (f"{path} is not a LlamaIndex FAISS persist directory (missing {name}); "
                        f"write it with storage_context.persist(persist_dir=...)")
                 raise FileNotFoundError(msg)
-        if not is_binary_faiss(path / LLAMA_VECTOR_FILE):
-            msg = (f"{path / LLAMA_VECTOR_FILE} is not a FAISS index (a LlamaIndex "
-                   f"SimpleVectorStore, JSON vectors?); nest reads LlamaIndex stores built on "
-                   f"FaissVectorStore or ChromaVectorStore")
-            raise ValueError(msg)
-        index = _faiss().read_index(str(path / LLAMA_VECTOR_FILE))
         nodes = _read_json(path / LLAMA_DOCSTORE).get("docstore/data") or {}
-        row_ids = llama_row_ids(_read_json(path / LLAMA_INDEX_STORE), path)
+        cosine = not is_binary_faiss(path / LLAMA_VECTOR_FILE)
+        if cosine:
+            index, row_ids = simple_vector_index(path / LLAMA_VECTOR_FILE)
+        else:
+            index = _faiss().read_index(str(path / LLAMA_VECTOR_FILE))
+            row_ids = llama_row_ids(_read_json(path / LLAMA_INDEX_STORE), path)
         rows: list[Passage | None] = [None] * int(index.ntotal)
         for row, node_id in row_ids.items():
             if row >= len(rows):
@@ -131,7 +137,10 @@ class LlamaIndexFaissSource(RowFaissSource):
                                path, node_id, row)
                 continue
             rows[row] = llama_passage(node_id, node.get("__data__") or {})
-        return cls(index, rows, embed=embed, where=f"the LlamaIndex FAISS store at {path}")
+        kind = "SimpleVectorStore" if cosine else "FAISS"
+        source = cls(index, rows, embed=embed, where=f"the LlamaIndex {kind} store at {path}")
+        source.normalize_queries = cosine
+        return source
 
 
 class LangChainFaissSource(RowFaissSource):
@@ -163,6 +172,24 @@ class LangChainFaissSource(RowFaissSource):
                 continue
             rows[int(row)] = langchain_passage(str(doc_id), doc)
         return cls(index, rows, embed=embed, where=f"the LangChain FAISS store at {path}")
+
+
+def simple_vector_index(path: Path) -> tuple[Any, dict[int, str]]:
+    """A SimpleVectorStore's JSON vectors as a FAISS inner-product index of unit vectors
+    (cosine, as LlamaIndex searches it) and ``{row: node id}``."""
+    vectors = _read_json(path).get("embedding_dict")
+    if not isinstance(vectors, dict):
+        msg = (f"{path} is neither a FAISS index nor a LlamaIndex SimpleVectorStore (no "
+               f"embedding_dict); persist the index again")
+        raise ValueError(msg)
+    if not vectors:
+        msg = f"{path} holds no vectors; add documents to the LlamaIndex index first"
+        raise EmptyStoreError(msg)
+    ids = list(vectors)
+    matrix = _unit(np.asarray([vectors[i] for i in ids], dtype=np.float32))  # [N, d]
+    index = _faiss().IndexFlatIP(matrix.shape[1])
+    index.add(matrix)
+    return index, dict(enumerate(ids))
 
 
 def llama_row_ids(index_store: dict[str, Any], path: Path) -> dict[int, str]:
@@ -234,6 +261,11 @@ def _unpickle_docstore(path: Path) -> tuple[Any, dict[Any, str]]:
                f"FAISS.save_local?")
         raise ValueError(msg)
     return loaded[0], loaded[1]
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.where(norms == 0, 1.0, norms), dtype=np.float32)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -5,8 +5,9 @@ The kind is read from the files in the directory (first match wins)::
     "faiss"            nest's own FAISS store (nest_faiss.json + index.faiss + passages.jsonl)
     "chroma"           an embedded Chroma database (chroma.sqlite3), written by nest,
                        langchain_chroma.Chroma or LlamaIndex's ChromaVectorStore
-    "llama-faiss"      a LlamaIndex persist directory of a FaissVectorStore
-                       (default__vector_store.json + docstore.json + index_store.json)
+    "llama-index"      a LlamaIndex persist directory of a FaissVectorStore or of the
+                       default SimpleVectorStore (default__vector_store.json + docstore.json
+                       + index_store.json)
     "langchain-faiss"  a LangChain FAISS.save_local directory (index.faiss + index.pkl)
 
 Where the span datastore of a store lives (:func:`span_datastore_dir`): inside the store
@@ -29,7 +30,7 @@ from nest_core.sources.framework_faiss import (
     LLAMA_VECTOR_FILE,
 )
 
-STORE_KINDS = ("faiss", "chroma", "llama-faiss", "langchain-faiss")
+STORE_KINDS = ("faiss", "chroma", "llama-index", "langchain-faiss")
 CHROMA_FILE = "chroma.sqlite3"
 
 
@@ -43,7 +44,7 @@ def detect_store_kind(path: str | os.PathLike[str]) -> str | None:
     if (p / CHROMA_FILE).is_file():
         return "chroma"
     if (p / LLAMA_VECTOR_FILE).is_file() and (p / LLAMA_DOCSTORE).is_file():
-        return "llama-faiss"
+        return "llama-index"
     if (p / LANGCHAIN_INDEX).is_file() and (p / LANGCHAIN_PICKLE).is_file():
         return "langchain-faiss"
     return None
@@ -63,13 +64,13 @@ def open_store(path: str | os.PathLike[str], *, collection: str | None = None,
     """
     from nest_core.sources.chroma import ChromaSource
     from nest_core.sources.faiss_store import FaissSource
-    from nest_core.sources.framework_faiss import LangChainFaissSource, LlamaIndexFaissSource
+    from nest_core.sources.framework_faiss import LangChainFaissSource, LlamaIndexSource
 
     p = Path(path).expanduser()
     kind = detect_store_kind(p)
     if kind is None:
         what = "does not exist" if not p.exists() else "holds no vector store nest can read"
-        msg = (f"{path} {what} (nest reads its own stores, Chroma directories, LlamaIndex FAISS "
+        msg = (f"{path} {what} (nest reads its own stores, Chroma directories, LlamaIndex "
                f"persist directories and LangChain FAISS.save_local directories)")
         raise FileNotFoundError(msg)
     if collection is not None and kind != "chroma":
@@ -79,8 +80,8 @@ def open_store(path: str | os.PathLike[str], *, collection: str | None = None,
         return FaissSource.from_path(p, embed=embed)
     if kind == "chroma":
         return ChromaSource.from_path(p, collection, embed=embed)
-    if kind == "llama-faiss":
-        return LlamaIndexFaissSource.from_persist_dir(p, embed=embed)
+    if kind == "llama-index":
+        return LlamaIndexSource.from_persist_dir(p, embed=embed)
     return LangChainFaissSource.from_path(
         p, embed=embed, allow_dangerous_deserialization=allow_dangerous_deserialization)
 

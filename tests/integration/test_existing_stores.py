@@ -127,7 +127,7 @@ def llama_faiss(small_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     import faiss
     from llama_index.vector_stores.faiss import FaissVectorStore
 
-    out = tmp_path_factory.mktemp("llama-faiss")
+    out = tmp_path_factory.mktemp("llama-index")
     llama_index_over(FaissVectorStore(faiss_index=faiss.IndexFlatL2(128)), small_dir, out)
     return out
 

@@ -51,7 +51,7 @@ def test_detect_store_names_the_fix(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("files", "kind"), [
     (("nest_faiss.json", "index.faiss", "passages.jsonl"), "faiss"),
-    (("default__vector_store.json", "docstore.json", "index_store.json"), "llama-faiss"),
+    (("default__vector_store.json", "docstore.json", "index_store.json"), "llama-index"),
     (("index.faiss", "index.pkl"), "langchain-faiss"),
 ])
 def test_detect_store_knows_what_the_frameworks_write(tmp_path: Path, files: tuple[str, ...],

@@ -265,7 +265,7 @@ def test_public_names():
 
     assert sorted(sources.__all__) == [
         "ChromaSource", "EmbeddingDimensionError", "EmptyStoreError", "FaissSource",
-        "FaissStore", "InMemorySource", "LangChainFaissSource", "LlamaIndexFaissSource",
+        "FaissStore", "InMemorySource", "LangChainFaissSource", "LlamaIndexSource",
         "PassageSource", "SyncPassageSource", "UnsafeStoreError", "detect_store_kind",
         "open_store", "span_datastore_dir"]
     assert all(hasattr(sources, name) for name in sources.__all__)
@@ -322,15 +322,10 @@ def langchain_hashing():
     return Hashing()
 
 
-def llama_index_faiss_dir(path, passages=PASSAGES):
-    """``VectorStoreIndex`` over ``FaissVectorStore`` (inner product), persisted to ``path``;
-    node ids are the passage ids."""
-    pytest.importorskip("llama_index.vector_stores.faiss")
-    import faiss
-    from llama_index.core import StorageContext, VectorStoreIndex
+def llama_hashing():
+    """A LlamaIndex embedding model giving :data:`EMBED`'s vectors."""
+    pytest.importorskip("llama_index.core")
     from llama_index.core.embeddings import BaseEmbedding
-    from llama_index.core.schema import TextNode
-    from llama_index.vector_stores.faiss import FaissVectorStore
 
     class Hashing(BaseEmbedding):
         def _get_query_embedding(self, query: str) -> list[float]:
@@ -342,22 +337,39 @@ def llama_index_faiss_dir(path, passages=PASSAGES):
         async def _aget_query_embedding(self, query: str) -> list[float]:
             return EMBED([query])[0]
 
-    nodes = [TextNode(id_=p.id, text=p.text, metadata={**p.metadata, "title": p.title or ""},
-                      excluded_embed_metadata_keys=["source", "title"]) for p in passages]
+    return Hashing()
+
+
+def llama_nodes(passages=PASSAGES):
+    """LlamaIndex nodes of ``passages`` (same ids; only the text is embedded)."""
+    from llama_index.core.schema import TextNode
+
+    return [TextNode(id_=p.id, text=p.text, metadata={**p.metadata, "title": p.title or ""},
+                     excluded_embed_metadata_keys=["source", "title"]) for p in passages]
+
+
+def llama_index_faiss_dir(path):
+    """``VectorStoreIndex`` over ``FaissVectorStore`` (inner product), persisted to ``path``;
+    node ids are the passage ids."""
+    pytest.importorskip("llama_index.vector_stores.faiss")
+    import faiss
+    from llama_index.core import StorageContext, VectorStoreIndex
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
     context = StorageContext.from_defaults(
         vector_store=FaissVectorStore(faiss_index=faiss.IndexFlatIP(64)))
-    VectorStoreIndex(nodes, storage_context=context, embed_model=Hashing())
+    VectorStoreIndex(llama_nodes(), storage_context=context, embed_model=llama_hashing())
     context.persist(persist_dir=str(path))
     return path
 
 
 def test_a_llamaindex_faiss_persist_dir_opens_without_pickle(tmp_path):
-    from nest_core.sources import LlamaIndexFaissSource, detect_store_kind, open_store
+    from nest_core.sources import LlamaIndexSource, detect_store_kind, open_store
 
     path = llama_index_faiss_dir(tmp_path / "llama")
-    assert detect_store_kind(path) == "llama-faiss"
+    assert detect_store_kind(path) == "llama-index"
     source = open_store(path, embed=EMBED)
-    assert isinstance(source, LlamaIndexFaissSource)
+    assert isinstance(source, LlamaIndexSource)
     hits = source.retrieve("Zephyr Widget Company founded Ostrava", 2)
     assert hits[0].id == "zephyr"
     assert hits[0].text == PASSAGES[0].text
@@ -372,16 +384,37 @@ def test_a_llamaindex_faiss_persist_dir_opens_without_pickle(tmp_path):
         open_store(path, embed=HashingEmbeddings(32)).retrieve("fox", 1)
 
 
-def test_a_llamaindex_dir_with_json_vectors_or_missing_files_is_named(tmp_path):
-    from nest_core.sources import LlamaIndexFaissSource
+def test_a_llamaindex_default_simple_vector_store_opens_too(tmp_path):
+    """``VectorStoreIndex(nodes)`` with no vector store given: JSON vectors, cosine."""
+    from llama_index.core import VectorStoreIndex
+
+    from nest_core.sources import open_store
+
+    index = VectorStoreIndex(llama_nodes(), embed_model=llama_hashing())
+    index.storage_context.persist(persist_dir=str(tmp_path))
+    source = open_store(tmp_path, embed=lambda texts: [[2 * v for v in vec]
+                                                       for vec in EMBED(texts)])
+    hits = source.retrieve("Zephyr Widget Company founded Ostrava", 4)
+    assert [h.id for h in hits][:1] == ["zephyr"]
+    assert hits[0].score == pytest.approx(np.dot(  # cosine: the doubled query is normalised
+        EMBED(["Zephyr Widget Company founded Ostrava"])[0], EMBED([PASSAGES[0].text])[0]))
+    assert source.where == f"the LlamaIndex SimpleVectorStore store at {tmp_path}"
+    assert {p.id for p in source.passages()} == {p.id for p in PASSAGES}
+
+
+def test_a_llamaindex_dir_with_bad_vectors_or_missing_files_is_named(tmp_path):
+    from nest_core.sources import LlamaIndexSource
 
     path = llama_index_faiss_dir(tmp_path / "llama")
     (path / "default__vector_store.json").write_text('{"embedding_dict": {}}')
-    with pytest.raises(ValueError, match="is not a FAISS index"):
-        LlamaIndexFaissSource.from_persist_dir(path, embed=EMBED)
+    with pytest.raises(EmptyStoreError, match="holds no vectors"):
+        LlamaIndexSource.from_persist_dir(path, embed=EMBED)
+    (path / "default__vector_store.json").write_text('{"vectors": []}')
+    with pytest.raises(ValueError, match="neither a FAISS index nor a LlamaIndex SimpleVector"):
+        LlamaIndexSource.from_persist_dir(path, embed=EMBED)
     (path / "docstore.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing docstore\.json.*persist\(persist_dir"):
-        LlamaIndexFaissSource.from_persist_dir(path, embed=EMBED)
+        LlamaIndexSource.from_persist_dir(path, embed=EMBED)
 
 
 class _TouchOnLoad:
