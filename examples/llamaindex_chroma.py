@@ -6,6 +6,9 @@ and the span datastore beside it (passage keys are not recomputed).
 
     python examples/llamaindex_chroma.py "Who founded Halvorsen Orchard Robotics?"
     python examples/llamaindex_chroma.py --stream --persist-dir /tmp/handbook-chroma
+    python examples/llamaindex_chroma.py --similarity-cutoff 0.5 "When did the Ghent office open?"
+
+Pages are read with ``SimpleDirectoryReader`` and split with ``SentenceSplitter``.
 """
 
 from __future__ import annotations
@@ -23,18 +26,11 @@ COLLECTION = "handbook"
 
 
 def load_documents():
-    """One Document per handbook page; the first heading becomes the title."""
-    from llama_index.core import Document
+    """The handbook pages, read by LlamaIndex's own ``SimpleDirectoryReader`` (one Document
+    per file, with ``file_name`` and ``file_path`` metadata)."""
+    from llama_index.core import SimpleDirectoryReader
 
-    docs = []
-    for path in sorted(DATA.glob("*.md")):
-        text = path.read_text(encoding="utf-8")
-        title = text.splitlines()[0].lstrip("# ").strip()
-        docs.append(Document(doc_id=path.stem, text=text,
-                             metadata={"title": title, "source": path.name},
-                             # embed the text only, as a LangChain-built store would
-                             excluded_embed_metadata_keys=["title", "source"]))
-    return docs
+    return SimpleDirectoryReader(str(DATA), required_exts=[".md"]).load_data()
 
 
 def open_store(persist_dir: Path, embed_model):
@@ -60,18 +56,19 @@ def open_store(persist_dir: Path, embed_model):
 
 
 def print_response(response) -> None:
-    """The answer, its source nodes, and each span with the node text it cites."""
+    """The answer, its source nodes, and where each span came from (file, characters)."""
     print(f"\nAnswer: {response.response}\n")
     print("Source nodes:")
     for i, scored in enumerate(response.source_nodes, start=1):
         meta = response.metadata[scored.node.node_id]
-        print(f"  [{i}] {meta.get('source')} ({meta.get('title')}) score={scored.score:.3f} "
+        print(f"  [{i}] {meta.get('file_name')} score={scored.score:.3f} "
               f"node={scored.node.node_id[:8]}")
     print("Spans (copied from the sources):")
     for s in response.metadata["nest_spans"]:
-        where = f"doc[{s['doc_start']}:{s['doc_end']}]" if "doc_start" in s else ""
+        node = response.source_nodes[s["source_index"] - 1].node
+        where = f"chars {s['doc_start']}-{s['doc_end']}" if "doc_start" in s else ""
         print(f"  answer[{s['out_start']}:{s['out_end']}] <- [{s['source_index']}] "
-              f"node[{s['src_start']}:{s['src_end']}] {where} {s['cited_text']!r}")
+              f"{node.metadata.get('file_name')} {where}: {s['cited_text']!r}")
     stats = response.metadata.get("nest_stats", {})
     print(f"attribution ratio {response.metadata.get('nest_attribution_ratio', 0):.2f}, "
           f"{stats.get('tokens_per_forward', 0):.2f} tokens per LM forward, "
@@ -82,20 +79,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="Who founded Halvorsen Orchard Robotics?")
     parser.add_argument("--persist-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "nest-example-chroma")
+                        default=Path(tempfile.gettempdir()) / "nest-example-llamaindex-chroma")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--stream", action="store_true", help="print the answer as it decodes")
+    parser.add_argument("--similarity-cutoff", type=float, default=None,
+                        help="drop retrieved nodes scoring below this (SimilarityPostprocessor)")
     args = parser.parse_args()
+
+    from llama_index.core.postprocessor import SimilarityPostprocessor
 
     from nest_core.datastore import datastore_dir_for
     from nest_integrations.llama_index import NestQueryEngine, bundled_embedding
 
     embed_model = bundled_embedding()  # explicit: LlamaIndex would default to OpenAI
     store = open_store(args.persist_dir, embed_model)
+    postprocessors = ([] if args.similarity_cutoff is None else
+                      [SimilarityPostprocessor(similarity_cutoff=args.similarity_cutoff)])
     engine = NestQueryEngine.from_vector_store(
         store, embed_model=embed_model, similarity_top_k=args.top_k,
         max_new_tokens=args.max_new_tokens, citation_markers=True, streaming=args.stream,
+        node_postprocessors=postprocessors,
         datastore_dir=str(datastore_dir_for(args.persist_dir)))
     print(f"Question: {args.question}")
     response = engine.query(args.question)

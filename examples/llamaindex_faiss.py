@@ -2,10 +2,11 @@
 
 A LlamaIndex FAISS store holds vectors only; node text lives in the persisted docstore, so
 the index is reloaded with ``load_index_from_storage`` and handed to
-``NestQueryEngine.from_index``. Runs offline (bundled MiniLM and SmolLM2).
+``NestQueryEngine.from_index``. Pages are read with ``SimpleDirectoryReader`` and split with
+``SentenceSplitter``. Runs offline (bundled MiniLM and SmolLM2).
 
     python examples/llamaindex_faiss.py "Where is the Ghent office?"
-    python examples/llamaindex_faiss.py --ra   # passages also in the prompt (RA-Nest)
+    python examples/llamaindex_faiss.py --persist-dir /tmp/handbook-faiss
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("question", nargs="?", default="When did the Ghent office open?")
     parser.add_argument("--persist-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "nest-example-faiss")
+                        default=Path(tempfile.gettempdir()) / "nest-example-llamaindex-faiss")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
