@@ -68,7 +68,7 @@ def nest_config(mode: str, model_name: str | None = None) -> Any:
 # --- stores ----------------------------------------------------------------------------------
 def detect_store(path: str | os.PathLike[str], collection: str | None = None) -> str:
     """The kind of store in ``path`` (:func:`nest_core.sources.detect_store_kind`: nest's,
-    Chroma, LlamaIndex FAISS, LangChain FAISS); a clear error otherwise."""
+    Chroma, a LlamaIndex persist directory, LangChain FAISS); a clear error otherwise."""
     from nest_core.sources.open import detect_store_kind
 
     p = Path(path).expanduser()
@@ -137,20 +137,20 @@ def precompute_existing(path: str | os.PathLike[str], *, collection: str | None 
     (:func:`nest_core.sources.span_datastore_dir`: inside the store when writable, else the
     user cache); returns ``(passages, rows, datastore dir)``."""
     from nest_core.datastore import SpanDatastore
-    from nest_core.ingest import precompute_source
+    from nest_core.ingest import precompute
     from nest_core.sources.open import span_datastore_dir
 
     source = open_source(path, collection=collection,
                          allow_dangerous_deserialization=allow_dangerous_deserialization)
-    lm = load_quietly()
-    where = span_datastore_dir(path)
-    passages, rows = precompute_source(source, lm, datastore=SpanDatastore(where),
-                                       config=nest_config(DEFAULT_MODE, lm.name),
-                                       progress=progress)
-    if not passages:
+    passages = [p for p in source.passages() if p.text.strip()]
+    if not passages:  # said before the model loads
         msg = f"{path} holds no passages with text; add documents to it first"
         raise CliError(msg)
-    return passages, rows, where
+    lm = load_quietly()
+    where = span_datastore_dir(path)
+    rows = precompute(passages, lm, datastore=SpanDatastore(where),
+                      config=nest_config(DEFAULT_MODE, lm.name), progress=progress)
+    return len(passages), rows, where
 
 
 def quiet_transformers() -> None:

@@ -191,3 +191,15 @@ def test_symlinks_to_files_outside_the_folder_are_skipped_with_a_note(tmp_path, 
     ids = [doc_id for _, doc_id in collect_files([str(notes)])]
     assert ids == ["notes/a.md", "notes/inside.md"]
     assert "skipped 1 symlink(s) to files outside the folder" in capsys.readouterr().err
+
+
+def test_index_from_an_empty_store_says_so_before_loading_a_model(tmp_path, capsys):
+    from nest_core.cli import main
+    from nest_core.sources.chroma import persistent_client
+
+    persistent_client(tmp_path).create_collection("langchain", embedding_function=None)
+    assert main(["index", "--from-store", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "using the only Chroma collection" in err
+    assert f"nest: error: {tmp_path} holds no passages with text" in err
+    assert "loading the language model" not in err
