@@ -106,6 +106,16 @@ async def test_async_stock_engine(index, tiny_lm):
     assert_cites_real_nodes(res)
 
 
+async def test_async_streaming_stock_engine_fills_span_metadata(index, tiny_lm):
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    plain = index.as_query_engine(llm=llm, similarity_top_k=4).query(QUESTION)
+    res = await index.as_query_engine(llm=llm, similarity_top_k=4,
+                                      streaming=True).aquery(QUESTION)
+    text = "".join([piece async for piece in res.async_response_gen()])
+    assert text == plain.response
+    assert res.metadata["nest_spans"] == plain.metadata["nest_spans"]
+
+
 def test_a_response_gets_spans_only_from_its_own_synthesis(index, tiny_lm):
     llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW,
                   retriever=ListRetriever(corpus_nodes()))
