@@ -115,7 +115,7 @@ class LlamaIndexSource(RowFaissSource):
         path = Path(path)
         for name in (LLAMA_VECTOR_FILE, LLAMA_DOCSTORE, LLAMA_INDEX_STORE):
             if not (path / name).is_file():
-                msg = (f"{path} is not a LlamaIndex FAISS persist directory (missing {name}); "
+                msg = (f"{path} is not a LlamaIndex persist directory (missing {name}); "
                        f"write it with storage_context.persist(persist_dir=...)")
                 raise FileNotFoundError(msg)
         nodes = _read_json(path / LLAMA_DOCSTORE).get("docstore/data") or {}
