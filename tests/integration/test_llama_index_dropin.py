@@ -190,3 +190,38 @@ def _bundle(text: str):
     from llama_index.core.schema import QueryBundle
 
     return QueryBundle(text)
+
+
+# --- agent: QueryEngineTool output shows its sources -----------------------------------------
+async def test_function_agent_tool_output_lists_the_cited_handbook_page(faiss_index):
+    from llama_index.core.agent.workflow import FunctionAgent, ToolCallResult
+    from llama_index.core.base.llms.types import ChatMessage, MessageRole, ToolCallBlock
+    from llama_index.core.llms import MockFunctionCallingLLM
+
+    from nest_integrations.llama_index import NestQueryEngineTool
+
+    def scripted(messages, **kwargs):
+        """Stands in for a tool-calling LLM (SmolLM2-135M cannot call tools reliably)."""
+        results = [m for m in messages if m.role == MessageRole.TOOL]
+        if results:
+            return ChatMessage(role=MessageRole.ASSISTANT, content=results[-1].content)
+        return ChatMessage(role=MessageRole.ASSISTANT, blocks=[ToolCallBlock(
+            tool_call_id="c1", tool_name="handbook", tool_kwargs={"input": GHENT})])
+
+    tool = NestQueryEngineTool.from_defaults(
+        NestQueryEngine.from_index(faiss_index, similarity_top_k=3, max_new_tokens=MAX_NEW),
+        name="handbook", description="Answers questions about the staff handbook.")
+    agent = FunctionAgent(tools=[tool], llm=MockFunctionCallingLLM(
+        response_generator=scripted))
+    handler = agent.run(user_msg=GHENT)
+    [result] = [ev async for ev in handler.stream_events() if isinstance(ev, ToolCallResult)]
+    await handler
+    response = result.tool_output.raw_output
+    content = result.tool_output.content
+    assert "2019" in response.response
+    assert content.startswith(response.response + "\n\nSources:\n")
+    assert "02-offices.md: " in content
+    assert assert_spans_exact(response.response, response.metadata,
+                              response.source_nodes) == {"02-offices.md"}
+    for s in response.metadata["nest_spans"]:
+        assert s["cited_text"].strip() in content
