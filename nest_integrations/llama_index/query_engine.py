@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from nest_core.config import NestConfig
 from nest_core.types import Passage
 from nest_integrations.llama_index._events import llm_events
 from nest_integrations.llama_index._options import refuse_unsupported
+from nest_integrations.llama_index._responses import PendingText, empty_answer, in_thread
 from nest_integrations.llama_index._runtime import LazyDecoder, decode_pieces
 from nest_integrations.llama_index.nodes import nodes_to_passages, response_metadata
 
@@ -235,9 +236,10 @@ class NestQueryEngine(CustomQueryEngine):
     async def asynthesize(self, query_bundle: QueryBundle, nodes: list[NodeWithScore],
                           additional_source_nodes: Sequence[NodeWithScore] | None = None,
                           ) -> RESPONSE_TYPE:
+        await self._aload(nodes)
         response = self._synthesize(query_bundle, nodes, additional_source_nodes,
                                     streaming=self.streaming, use_async=True)
-        if isinstance(response, _PendingText):
+        if isinstance(response, PendingText):
             return await response.run()
         return response
 
@@ -256,9 +258,11 @@ class NestQueryEngine(CustomQueryEngine):
         dispatcher.event(QueryStartEvent(query=bundle))
         with self.callback_manager.as_trace("query"), self.callback_manager.event(
                 CBEventType.QUERY, payload={EventPayload.QUERY_STR: bundle.query_str}) as ev:
-            response = self._synthesize(bundle, await self.aretrieve(bundle), None,
-                                        streaming=streaming, use_async=True)
-            if isinstance(response, _PendingText):
+            nodes = await self.aretrieve(bundle)
+            await self._aload(nodes)
+            response = self._synthesize(bundle, nodes, None, streaming=streaming,
+                                        use_async=True)
+            if isinstance(response, PendingText):
                 response = await response.run()
             ev.on_end(payload={EventPayload.RESPONSE: response})
         dispatcher.event(QueryEndEvent(query=bundle, response=response))
@@ -280,11 +284,16 @@ class NestQueryEngine(CustomQueryEngine):
         return await self.asynthesize(query_bundle, await self.aretrieve(query_bundle))
 
     # --- internals -------------------------------------------------------------------------
+    async def _aload(self, nodes: Sequence[NodeWithScore]) -> None:
+        """Load the model in a worker thread (not on the event loop) if it will be used."""
+        if nodes or self.empty_response is None:
+            await asyncio.to_thread(self._decoder.get)
+
     def _synthesize(self, bundle: QueryBundle, nodes: Sequence[NodeWithScore],
                     extra: Sequence[NodeWithScore] | None, *, streaming: bool,
                     use_async: bool) -> Any:
         """SYNTHESIZE events around building the response; async non-streaming returns a
-        :class:`_PendingText` that decodes in a thread inside the same events."""
+        :class:`PendingText` that decodes in a thread inside the same events."""
         dispatcher.event(SynthesizeStartEvent(query=bundle))
         event_id = self.callback_manager.on_event_start(
             CBEventType.SYNTHESIZE, payload={EventPayload.QUERY_STR: bundle.query_str})
@@ -302,18 +311,18 @@ class NestQueryEngine(CustomQueryEngine):
         else:
             passages, kept = [], []
             if self.empty_response is not None:
-                return done(_empty(self.empty_response, streaming, use_async, extra))
+                return done(empty_answer(self.empty_response, streaming, use_async, extra))
             logger.info("node_postprocessors left no node for %r: answering without "
                         "passages (no citations)", query_str[:80])
         metadata = response_metadata(kept)
         sources = list(kept) + list(extra or [])
         if use_async and not streaming:
-            return _PendingText(self, query_str, passages, kept, metadata, sources, done)
+            return PendingText(self, query_str, passages, kept, metadata, sources, done)
         pieces = self._pieces(self._decoder.get(), query_str, passages, kept, metadata)
         if not streaming:
             return done(Response("".join(pieces), source_nodes=sources, metadata=metadata))
         if use_async:
-            return done(AsyncStreamingResponse(response_gen=_in_thread(pieces),
+            return done(AsyncStreamingResponse(response_gen=in_thread(pieces),
                                                source_nodes=sources, metadata=metadata))
         return done(StreamingResponse(response_gen=pieces, source_nodes=sources,
                                       metadata=metadata))
@@ -357,53 +366,8 @@ class NestQueryEngine(CustomQueryEngine):
                           metadata=lambda: metadata)
 
 
-class _PendingText:
-    """An async non-streaming answer: decoded in a worker thread, then closed by ``done``."""
-
-    def __init__(self, engine: NestQueryEngine, query_str: str, passages: list[Passage],
-                 kept: list[NodeWithScore], metadata: dict[str, Any],
-                 sources: list[NodeWithScore], done: Any) -> None:
-        self.engine, self.query_str, self.passages, self.kept = engine, query_str, passages, kept
-        self.metadata, self.sources, self.done = metadata, sources, done
-
-    async def run(self) -> RESPONSE_TYPE:
-        decoder = await asyncio.to_thread(self.engine._decoder.get)
-        pieces = self.engine._pieces(decoder, self.query_str, self.passages, self.kept,
-                                     self.metadata)
-        text = await asyncio.to_thread("".join, pieces)
-        return self.done(Response(text, source_nodes=self.sources, metadata=self.metadata))
-
-
 def _bundle(query: QueryType) -> QueryBundle:
     return query if isinstance(query, QueryBundle) else QueryBundle(str(query))
-
-
-def _empty(text: str, streaming: bool, use_async: bool,
-           extra: Sequence[NodeWithScore] | None) -> RESPONSE_TYPE:
-    """The stock synthesizers' answer when no node is left: text only, no spans."""
-    metadata: dict[str, Any] = {"nest_spans": [], "nest_matches": []}
-    sources = list(extra or [])
-    if not streaming:
-        return Response(text, source_nodes=sources, metadata=metadata)
-    if use_async:
-        return AsyncStreamingResponse(response_gen=_agen_of(text), source_nodes=sources,
-                                      metadata=metadata)
-    return StreamingResponse(response_gen=iter([text]), source_nodes=sources,
-                             metadata=metadata)
-
-
-async def _agen_of(text: str) -> AsyncIterator[str]:
-    yield text
-
-
-async def _in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
-    """Drive a blocking generator from a worker thread, one piece at a time."""
-    done = object()
-    while True:
-        piece = await asyncio.to_thread(next, pieces, done)
-        if piece is done:
-            return
-        yield piece  # type: ignore[misc]
 
 
 __all__ = ["DEFAULT_EMPTY_RESPONSE", "NestQueryEngine", "NestRetrievalError"]
