@@ -223,3 +223,16 @@ def test_settings_callback_manager_reaches_a_retriever_built_before_it(tiny_lm):
     eng.query(QUESTION)
     assert len(debug.get_event_pairs(CBEventType.RETRIEVE)) == 1
     assert len(debug.get_event_pairs(CBEventType.QUERY)) == 1
+
+
+def test_from_args_mirrors_retriever_query_engine_from_args(tiny_lm):
+    retriever = ListRetriever(corpus_nodes())
+    eng = NestQueryEngine.from_args(
+        retriever, lm=tiny_lm, max_new_tokens=24, streaming=False, use_async=False,
+        node_postprocessors=[SimilarityPostprocessor(similarity_cutoff=0.95)])
+    res = eng.query(QUESTION)
+    assert [n.node.node_id for n in res.source_nodes] == ["node-0"]
+    with pytest.raises(ValueError, match="does not support use_async=True"):
+        NestQueryEngine.from_args(retriever, use_async=True)
+    with pytest.raises(ValueError, match="does not support refine_template="):
+        NestQueryEngine.from_args(retriever, refine_template="{context_msg}")
