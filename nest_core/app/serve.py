@@ -1,0 +1,312 @@
+"""``nest serve``: one loaded model over one store, behind an OpenAI-compatible HTTP API.
+
+``POST /v1/chat/completions`` (plain and SSE streaming), ``GET /v1/models``, ``GET /health``.
+Answers carry their citations (see :mod:`nest_core.app.openai_api` for the wire format).
+
+Capacity is explicit: ``max_concurrent`` answers decode at once (threads share the weights;
+on a small CPU more buys little), ``max_queue`` more wait for a slot; a request past that is
+refused at once with 429, and one that waited ``queue_seconds`` without a slot gets 503, both
+with ``Retry-After``. Nothing is dropped silently: every request gets an answer or an error.
+The server has no authentication unless ``api_key`` is set (then ``Authorization: Bearer``
+is required): keep it on loopback or behind your gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    msg = 'nest serve needs FastAPI and uvicorn; run `pip install "nest-decoding[serve]"`'
+    raise ImportError(msg) from err
+
+from nest_core.app.openai_api import (
+    ApiError,
+    ChatRequest,
+    chunk,
+    completion,
+    completion_id,
+    extension,
+    finish_reason,
+    parse_request,
+    usage,
+)
+from nest_core.prompts import stuffed_question
+from nest_core.types import NestChunk, NestResult, Passage
+
+if TYPE_CHECKING:
+    from nest_core.lm import LanguageModel
+    from nest_core.sources.base import PassageSource
+
+logger = logging.getLogger(__name__)
+
+SERVED_ALIAS = "nest"  # model name every client may send, whatever the model is
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one server process accepts (see the module docstring)."""
+
+    max_concurrent: int = 2
+    max_queue: int = 8
+    queue_seconds: float = 60.0
+    max_tokens: int = 512  # most tokens per answer a request may ask for
+    default_max_tokens: int = 128
+    max_body_bytes: int = 256 * 1024
+    max_messages: int = 64
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1 or self.max_queue < 0 or self.queue_seconds <= 0:
+            msg = (f"max_concurrent >= 1, max_queue >= 0 and queue_seconds > 0 are needed, "
+                   f"got {self.max_concurrent}, {self.max_queue}, {self.queue_seconds}")
+            raise ValueError(msg)
+
+
+class AnswerService:
+    """What every request shares: the store, the model, the decoder settings, the span
+    datastore. Thread-safe: each request gets its own decoder state; retrieval is
+    serialised (the embedding model and some stores are not safe to share)."""
+
+    def __init__(self, source: PassageSource, lm: LanguageModel, *, k: int = 8,
+                 config: Any = None, key_cache: Any = None, name: str | None = None) -> None:
+        from nest_core.decoder import NestDecoder
+
+        self.source, self.lm, self.k = source, lm, k
+        self.decoder = NestDecoder(lm, config, key_cache=key_cache)
+        self.name = name or lm.name
+        self._retrieval = threading.Lock()
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.name, SERVED_ALIAS)
+
+    def stream(self, request: ChatRequest) -> tuple[list[Passage], Iterator[NestChunk]]:
+        """Retrieve for the request's question, then a (lazy) stream of the answer. A
+        question in a stuffed RAG prompt is found and answered as such (as ChatNest does);
+        no passages means a plain LM answer with no citations."""
+        asked = next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
+        question = stuffed_question(asked)
+        with self._retrieval:
+            passages = self.source.retrieve(question or asked, self.k)
+        messages = request.messages
+        if question is not None and passages:
+            messages = [dict(m) for m in messages]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[last]["content"] = question
+        pieces = self.decoder.stream(messages, passages or None,
+                                     max_new_tokens=request.max_tokens,
+                                     stop=request.stop or None, question=question)
+        return passages, pieces
+
+    def answer(self, request: ChatRequest) -> tuple[list[Passage], NestResult]:
+        passages, pieces = self.stream(request)
+        for piece in pieces:
+            if piece.result is not None:
+                return passages, piece.result
+        raise AssertionError("stream ended without a result")  # pragma: no cover
+
+
+class Gate:
+    """Admission (``max_concurrent`` decoding + ``max_queue`` waiting) on the event loop."""
+
+    def __init__(self, limits: ServeLimits) -> None:
+        self.limits = limits
+        self.inside = 0  # admitted requests: decoding or waiting for a slot
+        self.decoding = 0
+        self._slots: asyncio.Semaphore | None = None
+
+    def enter(self) -> None:
+        capacity = self.limits.max_concurrent + self.limits.max_queue
+        if self.inside >= capacity:
+            raise ApiError(429, f"the server is at capacity ({self.limits.max_concurrent} "
+                                f"answering, {self.limits.max_queue} queued); retry shortly",
+                           type="rate_limit_error", code="queue_full")
+        self.inside += 1
+
+    async def slot(self) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_concurrent)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self.limits.queue_seconds)
+        except TimeoutError:
+            raise ApiError(503, f"no answer slot came free within "
+                                f"{self.limits.queue_seconds:g} s; retry later",
+                           type="server_error", code="queue_timeout") from None
+        self.decoding += 1
+
+    def leave(self, had_slot: bool) -> None:
+        self.inside -= 1
+        if had_slot and self._slots is not None:
+            self.decoding -= 1
+            self._slots.release()
+
+
+def create_app(service: AnswerService, limits: ServeLimits | None = None,
+               api_key: str | None = None) -> FastAPI:
+    """The FastAPI application (``uvicorn`` runs it; tests may call it in-process)."""
+    from nest_core import __version__
+
+    limits = limits or ServeLimits()
+    gate = Gate(limits)
+    app = FastAPI(title="nest", version=__version__,
+                  summary="Answers grounded in your documents, with their citations")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, err: ApiError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
+        return JSONResponse(ApiError(err.status_code, str(err.detail)).body(),
+                            status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(ApiError(400, str(err)).body(), status_code=400)
+
+    @app.middleware("http")
+    async def _authorise(request: Request, call_next: Any) -> Any:
+        if api_key and request.url.path.startswith("/v1/") \
+                and request.headers.get("authorization") != f"Bearer {api_key}":
+            err = ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                           type="authentication_error", code="invalid_api_key")
+            return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": service.name, "decoding": gate.decoding,
+                "queued": gate.inside - gate.decoding,
+                "capacity": limits.max_concurrent + limits.max_queue}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": m, "object": "model", "created": 0, "owned_by": "nest"}
+            for m in service.model_ids]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        req = parse_request(await _json_body(request, limits.max_body_bytes),
+                            model_ids=service.model_ids, max_tokens_limit=limits.max_tokens,
+                            default_max_tokens=limits.default_max_tokens,
+                            max_messages=limits.max_messages)
+        gate.enter()
+        had_slot = handed_off = False
+        try:
+            await gate.slot()
+            had_slot = True
+            retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
+            if not req.stream:
+                result = await asyncio.to_thread(_call, _finish, pieces)
+                return completion(result, retrieved, service.name)
+            events = _sse(pieces, retrieved, req, service.name, lambda: gate.leave(True))
+            handed_off = True  # the stream leaves the gate when it ends
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        finally:
+            if not handed_off:
+                gate.leave(had_slot)
+
+    return app
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    """Run ``fn``; a failure becomes an OpenAI-shaped error that says what went wrong."""
+    try:
+        return fn(*args)
+    except ApiError:
+        raise
+    except TimeoutError as err:
+        raise ApiError(503, str(err), type="server_error", code="store_timeout") from err
+    except (ValueError, TypeError, OSError) as err:
+        logger.exception("request failed")
+        raise ApiError(500, f"{type(err).__name__}: {err}", type="server_error") from err
+
+
+def _finish(pieces: Iterator[NestChunk]) -> NestResult:
+    for piece in pieces:
+        if piece.result is not None:
+            return piece.result
+    raise AssertionError("stream ended without a result")  # pragma: no cover
+
+
+async def _json_body(request: Any, max_bytes: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"request body of {declared} bytes is over this server's "
+                            f"{max_bytes}-byte limit", code="request_too_large")
+    raw = b""
+    async for part in request.stream():
+        raw += part
+        if len(raw) > max_bytes:
+            raise ApiError(413, f"request body is over this server's {max_bytes}-byte limit",
+                           code="request_too_large")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from err
+
+
+async def _sse(pieces: Iterator[NestChunk], retrieved: list[Passage], req: ChatRequest,
+               model: str, release: Any) -> AsyncIterator[str]:
+    """Server-sent events: a role delta, text deltas as Nest accepts them, a last chunk with
+    ``finish_reason`` and the ``nest`` citations, the usage chunk if asked, ``[DONE]``. A
+    failure mid-answer is sent as an ``error`` event (the status line is already out)."""
+    cid, created = completion_id(), int(time.time())
+    try:
+        yield _event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        while True:
+            piece = await asyncio.to_thread(next, pieces, _DONE)
+            if piece is _DONE:
+                break
+            assert isinstance(piece, NestChunk)
+            if piece.text:
+                yield _event(chunk(cid, model, created, {"content": piece.text}))
+            if piece.result is not None:
+                result = piece.result
+                yield _event(chunk(cid, model, created, {}, finish_reason(result),
+                                   nest=extension(result, retrieved)))
+                if req.include_usage:
+                    yield _event({**chunk(cid, model, created, {}), "choices": [],
+                                  "usage": usage(result)})
+        yield "data: [DONE]\n\n"
+    except Exception as err:  # the client must learn that the answer broke off
+        logger.exception("stream failed")
+        yield _event(ApiError(500, f"{type(err).__name__}: {err}", type="server_error").body())
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            try:
+                await asyncio.to_thread(close)
+            except ValueError:  # a step still running in its thread; GC ends it
+                logger.debug("abandoned a stream mid-step")
+        release()
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def run(service: AnswerService, *, host: str = "127.0.0.1", port: int = 8000,
+        limits: ServeLimits | None = None, api_key: str | None = None) -> None:
+    """Serve until interrupted (Ctrl-C stops uvicorn cleanly)."""
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        logger.warning("serving on %s without --api-key: anyone who can reach this port can "
+                       "query your documents", host)
+    uvicorn.run(create_app(service, limits, api_key), host=host, port=port, log_level="info")
