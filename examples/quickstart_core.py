@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from nest_core import NestDecoder, load_model
+from nest_core.app.render import render_terminal, stats_line, use_color
 from nest_core.datastore import SpanDatastore
 from nest_core.ingest import Document, chunk_document
-from nest_core.render import render_terminal, stats_line, use_color
 from nest_core.sources import InMemorySource
 
 DATA = Path(__file__).parent / "data"

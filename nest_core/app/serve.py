@@ -98,8 +98,7 @@ class AnswerService:
         no passages means a plain LM answer with no citations."""
         asked = next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
         question = stuffed_question(asked)
-        with self._retrieval:
-            passages = self.source.retrieve(question or asked, self.k)
+        passages = self.retrieve(question or asked, self.k)
         messages = request.messages
         if question is not None and passages:
             messages = [dict(m) for m in messages]
@@ -109,6 +108,10 @@ class AnswerService:
                                      max_new_tokens=request.max_tokens,
                                      stop=request.stop or None, question=question)
         return passages, pieces
+
+    def retrieve(self, query: str, k: int) -> list[Passage]:
+        with self._retrieval:
+            return self.source.retrieve(query, k)
 
     def answer(self, request: ChatRequest) -> tuple[list[Passage], NestResult]:
         passages, pieces = self.stream(request)

@@ -119,7 +119,7 @@ def result_citations(result: NestResult) -> list[Citation]:
 
 def format_citations(answer: str, citations: Sequence[Citation]) -> str:
     """The answer with ``[n]`` after each copied span and ``[~n]`` after each matched one
-    (as :mod:`nest_core.render` marks them; adjacent spans of one document get one mark,
+    (as :mod:`nest_core.app.render` marks them; adjacent spans of one document get one mark,
     ``[~n]`` only when all of them were matched), then one line per source document:
     ``[n] title (url): "cited text" ...`` (numbered in order of first citation)."""
     numbers: dict[str, int] = {}

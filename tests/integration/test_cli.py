@@ -21,7 +21,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 _SCRIPT = Path(sys.executable).with_name("nest")  # the installed console script
-NEST = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "nest_core.cli"]
+NEST = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "nest_core.app.cli"]
 QUESTION = "When was the Zephyr Widget Company founded?"
 FACT = "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather in Ostrava."
 HANDBOOK = f"""# Zephyr history
@@ -94,7 +94,7 @@ def test_ask_without_a_store_names_the_fix(tmp_path: Path) -> None:
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
-    from nest_core.cli import main
+    from nest_core.app.cli import main
 
     try:
         code = main(list(args))

@@ -161,7 +161,7 @@ def shared_chroma(minilm_dir: Path, small_dir: Path,
 # --- running nest ----------------------------------------------------------------------------
 def nest(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """``nest ARGS`` in-process: (exit code, stdout, stderr); never a traceback."""
-    from nest_core.cli import main
+    from nest_core.app.cli import main
 
     code = main(list(args))
     out, err = capsys.readouterr()
@@ -291,7 +291,7 @@ def test_a_nest_store_names_the_model_it_was_built_with(capsys, tmp_path, small_
 # --- the span datastore of a store nest did not write ----------------------------------------
 def test_index_from_store_precomputes_every_passage(capsys, llama_faiss, small_dir, tmp_path):
     from nest_core import NestDecoder
-    from nest_core.cli import nest_config
+    from nest_core.app.common import nest_config
     from nest_core.datastore import SpanDatastore
     from nest_core.embeddings import load_embedding
     from nest_core.models import load_model

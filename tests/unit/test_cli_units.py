@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nest_core.cli import CliError, build_parser, collect_files, detect_store, split_title
-from nest_core.cli_demo import QUESTIONS, corpus_dir, summary
+from nest_core.app.cli import CliError, build_parser, collect_files, split_title
+from nest_core.app.common import detect_store
+from nest_core.app.demo import QUESTIONS, corpus_dir, summary
 from nest_core.types import DecodeStats, NestResult
 
 
@@ -82,7 +83,7 @@ def test_parser_defaults() -> None:
 ])
 def test_index_argument_combinations_name_the_fix(args: tuple[str, ...], says: str,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    from nest_core.cli import main
+    from nest_core.app.cli import main
 
     assert main(["index", *args]) == 1
     err = capsys.readouterr().err
@@ -135,7 +136,7 @@ def test_absurd_sizes_are_refused_by_the_parser(args, says, capsys):
 
 def test_an_unwritable_html_path_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
     # caught: the --html path checked only after generation (the answer lost)
-    import nest_core.cli as cli
+    import nest_core.app.cli as cli
 
     store = tmp_path / "store"
     store.mkdir()
@@ -152,7 +153,7 @@ def test_an_unwritable_html_path_fails_before_any_model_loads(tmp_path, monkeypa
 
 def test_a_bad_file_is_skipped_with_a_note_not_the_whole_folder(tmp_path, capsys):
     # caught: a non-UTF-8 file aborting the folder (issue 14, case 12)
-    from nest_core.cli_files import read_documents
+    from nest_core.app.files import read_documents
 
     good = tmp_path / "good.md"
     good.write_text("# Good\n\nReadable text.", encoding="utf-8")
@@ -194,7 +195,7 @@ def test_symlinks_to_files_outside_the_folder_are_skipped_with_a_note(tmp_path, 
 
 
 def test_index_from_an_empty_store_says_so_before_loading_a_model(tmp_path, capsys):
-    from nest_core.cli import main
+    from nest_core.app.cli import main
     from nest_core.sources.chroma import persistent_client
 
     persistent_client(tmp_path).create_collection("langchain", embedding_function=None)

@@ -9,8 +9,8 @@ import torch
 from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
+from nest_core.app.render import stats_line
 from nest_core.lm import LanguageModel
-from nest_core.render import stats_line
 
 # α = 1 makes λ < δ whenever ρ < 1 and a tiny γ accepts nearly every draft token: the
 # random model then copies a lot, which exercises spans, streaming and masking.

@@ -14,7 +14,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from nest_core.render import (
+from nest_core.app.render import (
     LEGEND,
     excerpt,
     number_sources,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from nest_core.render import render_comparison
+from nest_core.app.render import render_comparison
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ STORE_VERSION = 2  # bump when indexing changes, so old demo stores are not reus
 
 def corpus_dir() -> Path:
     """``examples/data`` of a source checkout (where ``make demo`` runs)."""
-    return Path(__file__).resolve().parent.parent / "examples" / "data"
+    return Path(__file__).resolve().parents[2] / "examples" / "data"
 
 
 def demo_dir() -> Path:
@@ -45,14 +45,8 @@ def run_demo(*, store_kind: str = "faiss", max_new_tokens: int = 64, mode: str =
     """Build (or reuse) the demo store, answer :data:`QUESTIONS` with both systems, print
     them side by side with stats, then a summary. Returns the exit code."""
     from nest_core import NestConfig, NestDecoder
-    from nest_core.cli import (
-        CliError,
-        build_store,
-        collect_files,
-        load_quietly,
-        nest_config,
-        open_source,
-    )
+    from nest_core.app.common import build_store, load_quietly, nest_config, open_source
+    from nest_core.app.files import CliError, collect_files
     from nest_core.datastore import SpanDatastore
 
     data = corpus_dir()

@@ -1,7 +1,7 @@
 """What the ``nest`` command reads: files -> documents for ``nest index`` (discovery,
 supported types, titles, PDF text), and the checks of its arguments.
 
-Kept apart from the command plumbing in :mod:`nest_core.cli`; every failure is a
+Kept apart from the command plumbing in :mod:`nest_core.app.cli`; every failure is a
 :class:`CliError` (or an argparse usage error) whose message names the value and the fix.
 """
 
