@@ -31,6 +31,7 @@ from nest_core.app.common import (
     build_store,
     detect_store,
     note,
+    open_service,
     precompute_existing,
 )
 from nest_core.app.files import (
@@ -42,6 +43,7 @@ from nest_core.app.files import (
     dtype_option,
     new_tokens,
     passage_count,
+    positive,
     read_documents,
     split_title,
     store_options,
@@ -128,6 +130,33 @@ def cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nest_core.app.serve import ServeLimits, run
+
+    limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                         max_tokens=args.max_tokens_limit)
+    service = _service(args)
+    note(f"serving {args.store} at http://{args.host}:{args.port}/v1 (model "
+         f"{' or '.join(repr(m) for m in service.model_ids)}; {limits.max_concurrent} "
+         f"answering, {limits.max_queue} queued); Ctrl-C stops")
+    run(service, host=args.host, port=args.port, limits=limits,
+        api_key=args.api_key or os.environ.get("NEST_API_KEY") or None)
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    from nest_core.app.mcp_server import run
+
+    run(_service(args))
+    return 0
+
+
+def _service(args: argparse.Namespace) -> Any:
+    return open_service(args.store, k=args.k, mode=args.mode, collection=args.collection,
+                        embedding=args.embedding,
+                        allow_dangerous_deserialization=args.allow_dangerous_deserialization)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from nest_core.app.demo import run_demo
 
@@ -192,6 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     dtype_option(p)
     p.set_defaults(func=cmd_ask)
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a store")
+    _service_options(p)
+    p.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
+    p.add_argument("--port", type=positive, default=8000)
+    p.add_argument("--max-concurrent", type=positive, default=2,
+                   help="answers decoded at once (threads share the model)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests waiting beyond those; more get 429")
+    p.add_argument("--max-tokens-limit", type=new_tokens, default=512,
+                   help="most tokens a request may ask for")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NEST_API_KEY)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("mcp", help="an MCP server (stdio) with the tools ask and search")
+    _service_options(p)
+    p.set_defaults(func=cmd_mcp)
+
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss")
     p.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
@@ -207,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--store", metavar="DIR", help="clear the datastore inside this store only")
     c.set_defaults(func=cmd_cache_clear)
     return parser
+
+
+def _service_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="a store from `nest index`, LangChain or LlamaIndex")
+    store_options(p)
+    p.add_argument("--k", type=passage_count, default=DEFAULT_K,
+                   help=f"passages to retrieve per question (1-{MAX_K})")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
+    dtype_option(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -177,6 +177,23 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
     return result, base
 
 
+def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str = DEFAULT_MODE,
+                 collection: str | None = None, embedding: str | None = None,
+                 allow_dangerous_deserialization: bool = False) -> Any:
+    """The :class:`~nest_core.app.service.AnswerService` of ``nest serve`` / ``nest mcp``:
+    the store opened, the model loaded and the span datastore found once, for every request."""
+    from nest_core.app.service import AnswerService
+    from nest_core.datastore import SpanDatastore
+    from nest_core.sources.open import span_datastore_dir
+
+    detect_store(store, collection)
+    source = open_source(store, collection=collection, embedding=embedding,
+                         allow_dangerous_deserialization=allow_dangerous_deserialization)
+    lm = load_quietly()
+    return AnswerService(source, lm, k=k, config=nest_config(mode, lm.name),
+                         key_cache=SpanDatastore(span_datastore_dir(store)))
+
+
 def note(message: str) -> None:
     """Progress for the user: stderr, so stdout stays the answer (and JSON) alone."""
     print(message, file=sys.stderr, flush=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from nest_core.app.openai_api import ChatRequest, extension
-from nest_core.app.serve import AnswerService
+from nest_core.app.service import AnswerService
 
 MAX_TOKENS = 512
 MAX_K = 50

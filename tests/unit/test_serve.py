@@ -16,7 +16,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
 from nest_core.app.openai_api import ApiError
-from nest_core.app.serve import AnswerService, Gate, ServeLimits, create_app
+from nest_core.app.serve import Gate, ServeLimits, create_app
+from nest_core.app.service import AnswerService
 from nest_core.embeddings import HashingEmbeddings
 from nest_core.sources.memory import InMemorySource
 from nest_core.types import Passage

@@ -1,0 +1,65 @@
+"""One loaded model over one store, shared by every request of ``nest serve`` and
+``nest mcp``: retrieval for the question, then Nest's decoding over the passages."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from nest_core.app.openai_api import ChatRequest
+from nest_core.prompts import stuffed_question
+from nest_core.types import NestChunk, NestResult, Passage
+
+if TYPE_CHECKING:
+    from nest_core.lm import LanguageModel
+    from nest_core.sources.base import PassageSource
+
+SERVED_ALIAS = "nest"  # model name every client may send, whatever the model is
+
+
+class AnswerService:
+    """What every request shares: the store, the model, the decoder settings, the span
+    datastore. Thread-safe: each request gets its own decoder state; retrieval is
+    serialised (the embedding model and some stores are not safe to share)."""
+
+    def __init__(self, source: PassageSource, lm: LanguageModel, *, k: int = 8,
+                 config: Any = None, key_cache: Any = None, name: str | None = None) -> None:
+        from nest_core.decoder import NestDecoder
+
+        self.source, self.lm, self.k = source, lm, k
+        self.decoder = NestDecoder(lm, config, key_cache=key_cache)
+        self.name = name or lm.name
+        self._retrieval = threading.Lock()
+
+    @property
+    def model_ids(self) -> tuple[str, ...]:
+        return (self.name, SERVED_ALIAS)
+
+    def stream(self, request: ChatRequest) -> tuple[list[Passage], Iterator[NestChunk]]:
+        """Retrieve for the request's question, then a (lazy) stream of the answer. A
+        question in a stuffed RAG prompt is found and answered as such (as ChatNest does);
+        no passages means a plain LM answer with no citations."""
+        asked = next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
+        question = stuffed_question(asked)
+        passages = self.retrieve(question or asked, self.k)
+        messages = request.messages
+        if question is not None and passages:
+            messages = [dict(m) for m in messages]
+            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
+            messages[last]["content"] = question
+        pieces = self.decoder.stream(messages, passages or None,
+                                     max_new_tokens=request.max_tokens,
+                                     stop=request.stop or None, question=question)
+        return passages, pieces
+
+    def retrieve(self, query: str, k: int) -> list[Passage]:
+        with self._retrieval:
+            return self.source.retrieve(query, k)
+
+    def answer(self, request: ChatRequest) -> tuple[list[Passage], NestResult]:
+        passages, pieces = self.stream(request)
+        for piece in pieces:
+            if piece.result is not None:
+                return passages, piece.result
+        raise AssertionError("stream ended without a result")  # pragma: no cover

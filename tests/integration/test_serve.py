@@ -1,0 +1,218 @@
+"""``nest serve`` and ``nest mcp`` as users run them: real server processes over a real store
+on disk, called with the official ``openai`` client, LangChain's ``ChatOpenAI`` and the MCP
+client library over stdio. The corpus is two made-up files (the answer is unknowable to the
+model), indexed with ``nest index`` first."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from tests.integration.test_cli import HANDBOOK, NEST, POLICY, QUESTION  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+ANSWER = "1987"
+STARTUP_SECONDS = 300
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nest_core.app.cli import main
+
+    corpus = tmp_path_factory.mktemp("corpus")
+    (corpus / "history.md").write_text(HANDBOOK, encoding="utf-8")
+    (corpus / "policy.txt").write_text(POLICY, encoding="utf-8")
+    out = tmp_path_factory.mktemp("stores") / "faiss"
+    assert main(["index", str(corpus), "--out", str(out), "-q"]) == 0
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(store: Path) -> Iterator[str]:
+    """``nest serve`` on a loopback port with room for 1 answer + 1 queued request."""
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([*NEST, "serve", "--store", str(store), "--port", str(port),
+                             "--max-concurrent", "1", "--max-queue", "1",
+                             "--max-tokens-limit", "64"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"nest serve exited: {proc.stderr.read() if proc.stderr else ''}")
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("nest serve did not come up")
+            time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def ask_body(**extra: Any) -> dict[str, Any]:
+    return {"model": "nest", "messages": [{"role": "user", "content": QUESTION}],
+            "max_tokens": 24, **extra}
+
+
+def test_openai_client_gets_the_answer_and_its_citations(server: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    assert "nest" in [m.id for m in client.models.list()]
+    completion = client.chat.completions.create(
+        model="nest", messages=[{"role": "user", "content": QUESTION}], max_tokens=24)
+    message = completion.choices[0].message
+    assert ANSWER in message.content
+    nest = completion.model_extra["nest"]
+    sources = {s["id"]: s for s in nest["sources"]}
+    gold = [c for c in nest["citations"] if ANSWER in c["text"]]
+    assert gold, nest["citations"]
+    for c in nest["citations"]:
+        assert message.content[c["start_index"]:c["end_index"]] == c["text"] == \
+            sources[c["passage_id"]]["text"][c["src_start"]:c["src_end"]]
+    assert sources[gold[0]["passage_id"]]["metadata"]["source"].endswith("history.md")
+    urls = [a.url_citation for a in message.annotations]
+    assert [(u.start_index, u.end_index) for u in urls] == \
+        [(c["start_index"], c["end_index"]) for c in nest["citations"]]
+
+    stream = client.chat.completions.create(
+        model="nest", messages=[{"role": "user", "content": QUESTION}], max_tokens=24,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == message.content
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert last.model_extra["nest"]["citations"] == nest["citations"]
+    assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+
+def test_chat_openai_works_against_it(server: str) -> None:
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model="nest", max_tokens=24,
+                      max_retries=0)
+    message = chat.invoke(QUESTION)
+    assert ANSWER in message.text
+    streamed = "".join(chunk.text for chunk in chat.stream(QUESTION))
+    assert streamed == message.text
+
+
+def test_errors_are_openai_shaped(server: str) -> None:
+    from openai import BadRequestError, NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=[
+            {"role": "user", "content": QUESTION}])
+    with pytest.raises(BadRequestError, match="from 1 to 64"):
+        client.chat.completions.create(model="nest", max_tokens=500, messages=[
+            {"role": "user", "content": QUESTION}])
+    r = httpx.post(f"{server}/v1/chat/completions", content=b"{oops",
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_past_capacity_requests_are_refused_never_lost(server: str) -> None:
+    """1 answering + 1 queued: of 5 simultaneous requests, the rest get 429 at once; every
+    request gets a response, and every answer is the right one."""
+    statuses: list[int] = []
+    answers: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(5)
+
+    def call() -> None:
+        start.wait()
+        r = httpx.post(f"{server}/v1/chat/completions", json=ask_body(), timeout=300)
+        with lock:
+            statuses.append(r.status_code)
+            if r.status_code == 200:
+                answers.append(r.json()["choices"][0]["message"]["content"])
+            else:
+                assert r.json()["error"]["code"] == "queue_full"
+                assert r.headers["retry-after"] == "1"
+
+    threads = [threading.Thread(target=call) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(statuses) == 5
+    assert set(statuses) <= {200, 429}
+    assert statuses.count(200) >= 1
+    assert statuses.count(429) >= 1
+    assert all(ANSWER in a for a in answers)
+    assert httpx.get(f"{server}/health", timeout=5).json()["queued"] == 0
+
+
+def test_mcp_tools_over_stdio(store: Path) -> None:
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    params = StdioServerParameters(
+        command=NEST[0], args=[*NEST[1:], "mcp", "--store", str(store)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    async def session_calls() -> tuple[Any, Any, Any]:
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            tools = await session.list_tools()
+            asked = await session.call_tool("ask", {"question": QUESTION, "max_tokens": 24})
+            found = await session.call_tool("search", {"query": QUESTION, "k": 2})
+            return tools, asked, found
+
+    tools, asked, found = asyncio.run(session_calls())
+    assert {t.name for t in tools.tools} == {"ask", "search"}
+    result = _structured(asked)
+    assert ANSWER in result["answer"]
+    assert any(ANSWER in c["text"] and c["source"].endswith("history.md")
+               for c in result["citations"])
+    assert "[1]" in result["cited_answer"] or "[~1]" in result["cited_answer"]
+    passages = _structured(found)["passages"]
+    assert [p["rank"] for p in passages] == [1, 2]
+    assert passages[0]["source"].endswith("history.md")
+
+
+def _structured(result: Any) -> dict[str, Any]:
+    assert not getattr(result, "is_error", getattr(result, "isError", False)), result
+    data = getattr(result, "structured_content", None) or getattr(
+        result, "structuredContent", None)
+    if data is None:
+        data = json.loads(result.content[0].text)
+    return data.get("result", data) if set(data) == {"result"} else data
+
+
+if sys.platform == "win32":  # pragma: no cover
+    pytest.skip("loopback server tests run on POSIX", allow_module_level=True)
