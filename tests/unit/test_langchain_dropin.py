@@ -1,7 +1,7 @@
 """ChatNest where LangChain users already are (tiny random Llama, offline, exact): documents
 as content blocks, stuffed RAG prompts, partner-package conventions, the agent tool inside a
 real LangGraph loop. The same scenarios on the real SmolLM2 and a Chroma store on disk are in
-tests/integration/test_langchain_dropin.py."""
+tests/integration/test_langchain_dropin_stores.py."""
 
 from __future__ import annotations
 

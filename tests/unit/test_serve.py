@@ -2,7 +2,7 @@
 tiny random Llama, a real in-memory store with hashing embeddings): response shapes, exact
 citations, SSE streaming, every refusal as an OpenAI error body, admission control. The real
 server process on a loopback port, with the ``openai`` client and ``ChatOpenAI``, is in
-tests/integration/test_serve.py."""
+tests/integration/test_serve_process.py."""
 
 from __future__ import annotations
 
