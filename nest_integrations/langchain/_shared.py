@@ -13,6 +13,7 @@ import logging
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -282,9 +283,11 @@ class NestParams(BaseModel):
         # LLM runs are leaves in LangChain's run tree (no get_child): the retriever run
         # inherits the caller's context instead, so traces show it beside the model run.
         if self.retriever is not None:
-            return documents_to_passages(self.retriever.invoke(query))
+            with store_errors():
+                return documents_to_passages(self.retriever.invoke(query))
         if self.vectorstore is not None:
-            return documents_to_passages(_search(self.vectorstore, query, self.k))
+            with store_errors():
+                return documents_to_passages(_search(self.vectorstore, query, self.k))
         return [], []
 
     async def _aretrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
@@ -294,10 +297,12 @@ class NestParams(BaseModel):
         if given:
             return documents_to_passages(given)
         if self.retriever is not None:
-            docs = await self.retriever.ainvoke(query)
+            with store_errors():
+                docs = await self.retriever.ainvoke(query)
             return documents_to_passages(docs)
         if self.vectorstore is not None:
-            return documents_to_passages(await _asearch(self.vectorstore, query, self.k))
+            with store_errors():
+                return documents_to_passages(await _asearch(self.vectorstore, query, self.k))
         return [], []
 
 
@@ -315,6 +320,34 @@ def _check_temperature(value: Any) -> None:
                f"speculative verification and citations assume it). Use temperature=0 or "
                f"leave it unset")
         raise ValueError(msg)
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """A store that rejects the query vector's dimension says so in its own words (Chroma:
+    ``InvalidArgumentError ... dimension of 1536, got 384``; FAISS: a bare
+    ``AssertionError``): turn that into an error that names the cause and the fix."""
+    try:
+        yield
+    except Exception as err:
+        text = str(err)
+        faiss_assert = isinstance(err, AssertionError) and "faiss" in _origin(err)
+        if not faiss_assert and "dimension" not in text.lower():
+            raise
+        msg = (f"the vector store rejected the query vector ({type(err).__name__}: "
+               f"{text or 'dimension check failed'}): it was built with another embedding "
+               f"model than the one it is queried with. Open the store with the embedding "
+               f"model that built it (e.g. Chroma(embedding_function=...), "
+               f"FAISS.load_local(..., embeddings=...))")
+        raise ValueError(msg) from err
+
+
+def _origin(err: BaseException) -> str:
+    """The module the exception was raised in (its innermost frame)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
 
 
 def _search(store: VectorStore, query: str, k: int) -> Sequence[Document | tuple[Document, float]]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
+from langchain_core.embeddings import Embeddings
 from langchain_core.language_models.chat_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.messages.content import create_plaintext_block
@@ -243,3 +244,39 @@ def test_langgraph_agent_calls_the_tool_and_keeps_the_spans(tiny_lm: Any) -> Non
     assert isinstance(tool_message, ToolMessage)
     assert tool_message.artifact["nest"]["spans"]
     assert final.text == tool_message.text
+
+
+# --- a store built with another embedding model ----------------------------------------------
+class Hashing(Embeddings):
+    """A real (hashing) embedding model of a given dimension."""
+
+    def __init__(self, dim: int) -> None:
+        from nest_core.embeddings import HashingEmbeddings
+
+        self.embed = HashingEmbeddings(dim)
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self.embed(texts)
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed([text])[0]
+
+
+@pytest.mark.parametrize("kind", ["chroma", "faiss"])
+def test_an_embedding_mismatch_names_the_cause(tiny_lm: Any, tmp_path: Any, kind: str) -> None:
+    if kind == "chroma":
+        from langchain_chroma import Chroma
+
+        Chroma.from_documents(DOCS, Hashing(64), persist_directory=str(tmp_path))
+        store: Any = Chroma(embedding_function=Hashing(32), persist_directory=str(tmp_path))
+    else:
+        from langchain_community.vectorstores import FAISS
+
+        store = FAISS.from_documents(DOCS, Hashing(64))
+        store.embedding_function = Hashing(32)
+    chat = ChatNest.from_lm(tiny_lm, vectorstore=store, max_tokens=4)
+    with pytest.raises(ValueError, match="built with another embedding model"):
+        chat.invoke(QUESTION)
+    retrieving = ChatNest.from_lm(tiny_lm, retriever=store.as_retriever(), max_tokens=4)
+    with pytest.raises(ValueError, match="Open the store with the embedding model"):
+        retrieving.invoke(QUESTION)
