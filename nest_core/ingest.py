@@ -17,7 +17,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nest_core.embeddings import EmbeddingFunction, embed_texts, embedding_name, resolve_embedding
 from nest_core.sources.base import drop_empty, embedding_text
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+PRECOMPUTE_BATCH = 20  # passages per PassageEncoder.encode call in :func:`precompute`
 _WORD = re.compile(r"\S+")
 _SENTENCE_END = (".", "!", "?", ".\"", ".)", ";")
 
@@ -61,6 +62,16 @@ class Document:
             return self.id
         basis = f"title:{self.title}" if self.title else f"text:{self.text}"
         return hashlib.sha256(basis.encode("utf-8")).hexdigest()[:16]
+
+
+class Precompute(Protocol):
+    """What encodes the span datastore for :func:`ingest`: :func:`precompute` (this process)
+    or :class:`nest_core.ray_index.RayPrecompute` (Ray workers), interchangeable because
+    both write the same files. Returns the key rows the passages have in the datastore."""
+
+    def __call__(self, passages: Sequence[Passage], lm: LanguageModel, *,
+                 datastore: KeyCache | None, config: NestConfig | None = None,
+                 progress: bool = True) -> int: ...
 
 
 @dataclass
@@ -112,13 +123,15 @@ def ingest(documents: Iterable[Document], store: Any, *,
            embed: EmbeddingFunction | None = None, words_per_passage: int = 100,
            batch_size: int = 64, progress: bool = True, lm: LanguageModel | None = None,
            datastore: KeyCache | None = None, config: NestConfig | None = None,
-           complete_prefixes: Sequence[str] = ()) -> IngestReport:
+           complete_prefixes: Sequence[str] = (),
+           precompute_with: Precompute | None = None) -> IngestReport:
     """Chunk, embed and write ``documents`` into ``store``: a :class:`FaissStore` (saved at
     the end), a :class:`ChromaSource` or a chromadb collection. Idempotent by passage id.
 
     With ``lm``, also precompute the span datastore (``datastore``, default: the one inside a
     FAISS store's directory) with the key layer and window of ``config``, so queries over
-    these passages run no LM on them.
+    these passages run no LM on them. ``precompute_with`` encodes it elsewhere (default
+    :func:`precompute`; :class:`nest_core.ray_index.RayPrecompute` for Ray workers).
 
     ``complete_prefixes``: document-id prefixes (``"notes/"``) this call covers completely,
     as ``nest index`` does for a folder: a stored document under one of them that is not in
@@ -166,8 +179,9 @@ def ingest(documents: Iterable[Document], store: Any, *,
     writer.finish()
     if lm is not None:
         target = datastore if datastore is not None else writer.datastore()
-        report.encoded_rows = precompute(passages, lm, datastore=target, config=config,
-                                         progress=progress)
+        encode = precompute_with if precompute_with is not None else precompute
+        report.encoded_rows = encode(passages, lm, datastore=target, config=config,
+                                     progress=progress)
     logger.info("ingest: %s", report)
     return report
 
@@ -198,7 +212,7 @@ def open_chroma_collection(path: str | os.PathLike[str] | None = None, *,
 
 def precompute(passages: Sequence[Passage], lm: LanguageModel, *, datastore: KeyCache | None,
                config: NestConfig | None = None, progress: bool = True,
-               batch_size: int = 20) -> int:
+               batch_size: int = PRECOMPUTE_BATCH) -> int:
     """Encode ``passages`` into ``datastore`` (default: :func:`default_datastore_dir`) with the
     decoder's key layer and window; cached ones cost a file read. Returns rows stored."""
     from nest_core.config import NestConfig

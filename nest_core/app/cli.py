@@ -73,10 +73,12 @@ def cmd_index(args: argparse.Namespace) -> int:
         from nest_core.embeddings import load_embedding
 
         embed = load_embedding(args.embedding)
+    ray = ray_options(args)
     note(f"indexing {len(files)} file(s) into a {args.store} store at {args.out}")
     report = build_store(files, args.out, args.store, precompute=not args.no_precompute,
                          progress=not args.quiet, embed=embed, collection=args.collection,
-                         folders=[p for p in args.paths if Path(p).expanduser().is_dir()])
+                         folders=[p for p in args.paths if Path(p).expanduser().is_dir()],
+                         ray=ray)
     note(f"done: {report.passages} passages from {report.documents} file(s) "
           f"({report.written} new, {report.unchanged} unchanged, {report.removed} removed); "
           f"ask with: nest ask \"your question\" --store {args.out}")
@@ -93,10 +95,28 @@ def index_existing(args: argparse.Namespace) -> int:
         raise CliError(msg)
     passages, rows, where = precompute_existing(
         args.from_store, collection=args.collection, progress=not args.quiet,
-        allow_dangerous_deserialization=args.allow_dangerous_deserialization)
+        allow_dangerous_deserialization=args.allow_dangerous_deserialization,
+        ray=ray_options(args))
     note(f"done: {passages} passages encoded ({rows} key rows) into the span datastore at "
           f"{where}; ask with: nest ask \"your question\" --store {args.from_store}")
     return 0
+
+
+def ray_options(args: argparse.Namespace) -> Any:
+    """``--ray [--ray-workers N] [--ray-address ADDR]`` as RayOptions (``None`` without
+    ``--ray``); Ray is imported here, so a missing install fails before any model loads."""
+    if not args.ray:
+        if args.ray_workers is not None or args.ray_address is not None:
+            msg = "--ray-workers and --ray-address apply with --ray; add --ray"
+            raise CliError(msg)
+        return None
+    if args.no_precompute:
+        msg = "--ray encodes the span datastore, which --no-precompute skips; drop one"
+        raise CliError(msg)
+    from nest_core.ray_index import RayOptions, import_ray
+
+    import_ray()
+    return RayOptions(workers=args.ray_workers or 2, address=args.ray_address)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -200,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-precompute", action="store_true",
                    help="skip the span datastore (the first questions will be slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--ray", action="store_true",
+                   help="encode the span datastore on Ray workers (same files; needs "
+                   "`pip install \"ray[data]\"`): a local cluster unless --ray-address")
+    p.add_argument("--ray-workers", type=positive, metavar="N",
+                   help="Ray workers, each holding the model on one CPU (default 2)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="an existing Ray cluster: auto (this machine ran `ray start`) or "
+                   "ray://HEAD:10001")
     store_options(p)
     dtype_option(p)
     p.set_defaults(func=cmd_index)

@@ -61,11 +61,12 @@ def detect_store(path: str | os.PathLike[str], collection: str | None = None) ->
 def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], kind: str, *,
                 precompute: bool = True, progress: bool = True,
                 folders: Sequence[str] = (), embed: Any = None,
-                collection: str | None = None) -> Any:
+                collection: str | None = None, ray: Any = None) -> Any:
     """Chunk, embed and write ``files`` into a ``kind`` store at ``out``, and precompute the
     span datastore inside it, so ``nest ask`` runs no LM over passages. ``folders``: the
     folders indexed whole; what the store holds from them that ``files`` lacks (deleted
-    files) is removed."""
+    files) is removed. ``ray``: :class:`~nest_core.ray_index.RayOptions` to encode the
+    datastore on Ray workers (same files)."""
     from nest_core.datastore import SpanDatastore
     from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
     from nest_core.sources.chroma import DEFAULT_COLLECTION
@@ -79,10 +80,13 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     lm = load_quietly() if precompute else None
     # the key layer and window must be the ones `nest ask` decodes with, or every key misses
     config = nest_config(DEFAULT_MODE, lm.name) if lm is not None else None
-    return ingest(docs, store, embed=embed, progress=progress, lm=lm, config=config,
-                  datastore=SpanDatastore.for_store(out) if precompute else None,
-                  complete_prefixes=[f"{Path(f).expanduser().resolve().name}/"
-                                     for f in folders])
+    encode = ray_precompute(ray)
+    report = ingest(docs, store, embed=embed, progress=progress, lm=lm, config=config,
+                    datastore=SpanDatastore.for_store(out) if precompute else None,
+                    complete_prefixes=[f"{Path(f).expanduser().resolve().name}/"
+                                       for f in folders], precompute_with=encode)
+    _note_ray(encode)
+    return report
 
 
 def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
@@ -105,10 +109,11 @@ def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
 
 def precompute_existing(path: str | os.PathLike[str], *, collection: str | None = None,
                         allow_dangerous_deserialization: bool = False,
-                        progress: bool = True) -> tuple[int, int, Path]:
+                        progress: bool = True, ray: Any = None) -> tuple[int, int, Path]:
     """Encode every passage of the store at ``path`` into its span datastore
     (:func:`nest_core.sources.span_datastore_dir`: inside the store when writable, else the
-    user cache); returns ``(passages, rows, datastore dir)``."""
+    user cache), on Ray workers with ``ray`` (:class:`~nest_core.ray_index.RayOptions`);
+    returns ``(passages, rows, datastore dir)``."""
     from nest_core.datastore import SpanDatastore
     from nest_core.ingest import precompute
     from nest_core.sources.open import span_datastore_dir
@@ -121,9 +126,28 @@ def precompute_existing(path: str | os.PathLike[str], *, collection: str | None 
         raise CliError(msg)
     lm = load_quietly()
     where = span_datastore_dir(path)
-    rows = precompute(passages, lm, datastore=SpanDatastore(where),
-                      config=nest_config(DEFAULT_MODE, lm.name), progress=progress)
+    encode = ray_precompute(ray)
+    rows = (encode or precompute)(passages, lm, datastore=SpanDatastore(where),
+                                  config=nest_config(DEFAULT_MODE, lm.name), progress=progress)
+    _note_ray(encode)
     return len(passages), rows, where
+
+
+def ray_precompute(options: Any) -> Any:
+    """A :class:`~nest_core.ray_index.RayPrecompute` for ``options`` (``None``: none, the
+    datastore is encoded in this process)."""
+    if options is None:
+        return None
+    from nest_core.ray_index import RayPrecompute
+
+    return RayPrecompute(options)
+
+
+def _note_ray(encode: Any) -> None:
+    report = getattr(encode, "last_report", None)
+    if report is not None:
+        note(f"Ray: {report.encoded} passage(s) encoded on {len(report.workers)} worker(s), "
+             f"{report.cached} already in the datastore ({report.seconds:.1f} s)")
 
 
 def quiet_transformers() -> None:
