@@ -6,6 +6,7 @@ kNN query for the position after it, so the next step starts without another for
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 
@@ -127,8 +128,8 @@ class Generation:
             self.stats.knn_seconds += time.perf_counter() - t0
             return mixture.accepted_prefix(torch.tensor([t == b.top_token for b, t in pairs]))
         if self.cfg.verify_against == "lm":
-            p_tok = torch.tensor([b.lm_probability(t) for b, t in pairs])  # [n]
-            p_max = torch.tensor([b.lm_top_prob for b in beliefs])  # [n]
+            p_tok = torch.tensor([b.lm_ratio(t) for b, t in pairs])  # [n]: p_LM(w) / max p_LM
+            p_max = torch.ones_like(p_tok)
         else:
             p_tok = torch.stack([b.probability(t) for b, t in pairs])  # [n]
             p_max = torch.tensor([b.top_prob for b in beliefs])  # [n]
@@ -172,7 +173,8 @@ class Generation:
                  if self.index is not None else None)
         weights = values = None
         lam = torch.ones(logits.shape[0])  # base mode, no passages, or all keys masked
-        lm_top = logits.argmax(dim=-1).tolist()  # [T]
+        lm_best = scaled.max(dim=-1)  # values, indices: [T], [T]
+        lm_top = lm_best.indices.tolist()  # [T]
         ends = [self.cfg.end_with_lm and t in self.eos for t in lm_top]
         if found is not None:
             assert self.index is not None
@@ -183,23 +185,29 @@ class Generation:
                    mixture.retrieval_confidence(found.dist2, self.cfg.confidence_offset,
                                                 self.cfg.confidence_scale,
                                                 self.confidence_reference(hidden, found)))
-        candidates, p_m, lse = mixture.sparse_mixture(scaled, lam, weights, values)
-        best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
-        tops = candidates[best.indices].tolist()
+        n = logits.shape[0]
         if self.cfg.verify_against == "lm":
             # The LM is the target: a single token is the LM's own choice; the kNN side only
-            # proposes drafts (starting with that token), which the LM verifies.
-            tops = lm_top
+            # proposes drafts (starting with that token), which the LM verifies by p_LM
+            # ratios. p_M is never consulted, so it is not computed (no (T, V) logsumexp).
+            tops, top_probs, lses = lm_top, [math.nan] * n, [None] * n
+        else:
+            candidates, p_m, lse = mixture.sparse_mixture(scaled, lam, weights, values)
+            best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
+            tops, top_probs = candidates[best.indices].tolist(), best.values.tolist()
+            lses = list(lse)
         # end_with_lm: where the LM alone would end the answer, the answer ends
         tops = [lm_top[i] if ends[i] else t for i, t in enumerate(tops)]
-        out = [Belief(top_token=tops[i], top_prob=float(best.values[i]), lam=float(lam[i]),
+        lm_max = lm_best.values.tolist()
+        out = [Belief(top_token=tops[i], top_prob=top_probs[i], lam=float(lam[i]),
                       neighbors=None if found is None else
                       Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
-                      scaled_logits=scaled[i], lse=lse[i],
+                      scaled_logits=scaled[i], lse=lses[i],
                       weights=None if weights is None else weights[i],
                       values=None if values is None else values[i],
-                      logits=logits[i], hidden=hidden[i], lm_ends=ends[i])
-               for i in range(logits.shape[0])]
+                      logits=logits[i], hidden=hidden[i], lm_ends=ends[i],
+                      lm_max=lm_max[i])
+               for i in range(n)]
         self.stats.knn_seconds += time.perf_counter() - t0
         return out
 

@@ -23,7 +23,10 @@ class Belief:
     ``neighbors``: this position's search result (a batch of one) or ``None``;
     ``scaled_logits`` ``(V,)`` and ``lse`` give p_LM; ``weights``/``values`` ``(k,)`` give
     p_kNN; ``logits``/``hidden`` are kept to rescore after keys are masked; ``lm_ends``:
-    the LM's own argmax here is an end-of-answer token (used with ``end_with_lm``).
+    the LM's own argmax here is an end-of-answer token (used with ``end_with_lm``);
+    ``lm_max``: the largest scaled logit. With ``verify_against="lm"`` p_M is never
+    consulted: ``top_prob`` is NaN and ``lse`` is ``None`` (drafts are judged by
+    :meth:`lm_ratio`, in which the normaliser cancels).
     """
 
     top_token: int
@@ -31,29 +34,28 @@ class Belief:
     lam: float
     neighbors: Neighbors | None
     scaled_logits: torch.Tensor
-    lse: torch.Tensor
+    lse: torch.Tensor | None
     weights: torch.Tensor | None
     values: torch.Tensor | None
     logits: torch.Tensor
     hidden: torch.Tensor
     lm_ends: bool = False
+    lm_max: float | None = None
 
     def probability(self, token: int) -> torch.Tensor:
         """p_M(token) at this position, a 0-d tensor (sparse: no vocabulary-sized work)."""
         one = torch.tensor([token])
+        lse = self.lse if self.lse is not None else torch.logsumexp(self.scaled_logits, -1)
         return mixture.token_probability(
-            self.scaled_logits[None], self.lse[None], torch.tensor([self.lam]),
+            self.scaled_logits[None], lse[None], torch.tensor([self.lam]),
             None if self.weights is None else self.weights[None],
             None if self.values is None else self.values[None], one)[0]
 
-
-    def lm_probability(self, token: int) -> float:
-        """p_LM(token) at this position (tempered as in the mixture)."""
-        return float(torch.exp(self.scaled_logits[token] - self.lse))
-
-    @property
-    def lm_top_prob(self) -> float:
-        return float(torch.exp(self.scaled_logits.max() - self.lse))
+    def lm_ratio(self, token: int) -> float:
+        """p_LM(token) / max p_LM at this position: Eq. 7's ratio when p_LM is the judge
+        (exp of a logit difference: no logsumexp over the vocabulary)."""
+        top = self.lm_max if self.lm_max is not None else float(self.scaled_logits.max())
+        return float(torch.exp(self.scaled_logits[token] - top))
 
 
 class SpanProposer(Protocol):
