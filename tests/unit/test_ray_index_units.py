@@ -185,3 +185,23 @@ def test_a_worker_with_another_model_fails_with_the_fix(cluster, tiny_lm, tmp_pa
     assert "\n" not in str(err.value)
     assert files(store) == {}
 
+
+
+# --- the benchmark's own code (run by hand: python -m benchmarks.bench_ray_index) ------------
+def test_bench_measures_and_compares_datastores(tiny_lm, tmp_path):
+    from benchmarks.bench_ray_index import corpus as bench_corpus
+    from benchmarks.bench_ray_index import encode_single, markdown, measure
+
+    source, passages = bench_corpus(30)
+    assert source in ("foldoc", "handbook")
+    assert len(passages) == 30 == len({p.id for p in passages})
+    assert len(set(keys_of(tiny_lm, passages))) == 30  # every passage is new work
+    systems = [("one", 1, 2, encode_single(2)), ("one, 1 thread", 1, 1, encode_single(1))]
+    rows = measure(passages[:12], tiny_lm, systems, small=4, workdir=tmp_path)
+    assert [(r.system, r.passages, r.small_passages, r.identical) for r in rows] == [
+        ("one", 12, 4, None), ("one, 1 thread", 12, 4, True)]
+    table = markdown(rows).splitlines()
+    assert len(table) == 4
+    assert table[2].startswith("| one | 1 x 2 | 12 |")
+    assert table[2].endswith("| reference |")
+    assert table[3].endswith("| yes |")
