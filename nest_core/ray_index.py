@@ -367,47 +367,46 @@ def _run(items: list[dict[str, Any]], spec: _WorkerSpec, opts: RayOptions
     started = not ray.is_initialized()
     if started:
         _init(ray, opts)
+    log = logging.getLogger("ray.data")
+    ctx = ray.data.DataContext.get_current()
+    saved = (log.level, {name: getattr(ctx, name) for name in _CONTEXT})
     try:
         # Ray Data's INFO lines, its "progress bars disabled" warning and its log of a
-        # failed task (re-raised to the caller) are noise here
-        logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # ours counts passages; Ray's would interleave
-        ctx.print_on_execution_start = False
-        ctx.enable_auto_log_stats = False
-        # Start every worker (model loaded) before the first group is handed out, so the
-        # first one up does not take them all; a cluster too small to hold them fails.
-        ctx.wait_for_min_actors_s = WAIT_FOR_WORKERS_S
+        # failed task (re-raised to the caller) are noise here; ours counts passages.
+        log.setLevel(logging.CRITICAL)
+        for name, value in _CONTEXT.items():
+            setattr(ctx, name, value)
         pool = ray.data.ActorPoolStrategy(size=min(opts.workers, len(items)),
                                           max_tasks_in_flight_per_actor=1)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        ds = ds.map_batches(_bound_actor(spec), batch_size=1, compute=pool,
-                            num_cpus=opts.cpus_per_worker, batch_format="numpy")
+        ds = ds.map_batches(EncoderActor, fn_constructor_args=(spec,), batch_size=1,
+                            compute=pool, num_cpus=opts.cpus_per_worker,
+                            batch_format="numpy")
         yield from ds.iter_rows()
     finally:
+        log.setLevel(saved[0])
+        for name, value in saved[1].items():  # a caller's own Ray Data settings
+            setattr(ctx, name, value)
         if started:
             ray.shutdown()
 
 
-def _bound_actor(spec: _WorkerSpec) -> type[EncoderActor]:
-    """:class:`EncoderActor` with ``spec`` built in: it travels with the class, not as a
-    constructor argument in the object store (Ray warns that those may not survive an actor
-    restart)."""
-
-    class BoundEncoderActor(EncoderActor):
-        def __init__(self) -> None:
-            super().__init__(spec)
-
-    return BoundEncoderActor
+# Ray Data settings for one run. wait_for_min_actors_s: every worker has loaded the model
+# before the first group is handed out, so the first one up does not take them all (and a
+# cluster too small to hold them fails after that long instead of waiting forever).
+_CONTEXT: dict[str, Any] = {"enable_progress_bars": False, "print_on_execution_start": False,
+                            "enable_auto_log_stats": False,
+                            "wait_for_min_actors_s": WAIT_FOR_WORKERS_S}
 
 
 def _init(ray: Any, opts: RayOptions) -> None:
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if opts.address is None:
-        # A local cluster bounded to the CPUs asked for (Ray would take every core), no
-        # dashboard; workers inherit this process's environment (HF_HUB_OFFLINE, caches).
-        ray.init(num_cpus=opts.workers * opts.cpus_per_worker, include_dashboard=False,
-                 **quiet)
+        # A new local cluster ("local": never one `ray start` left running here), bounded to
+        # the CPUs asked for (Ray would take every core), no dashboard; its workers inherit
+        # this process's environment (HF_HUB_OFFLINE, NEST_CACHE_DIR).
+        ray.init(address="local", num_cpus=opts.workers * opts.cpus_per_worker,
+                 include_dashboard=False, **quiet)
         return
     try:
         ray.init(address=opts.address, **quiet)
