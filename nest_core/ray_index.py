@@ -408,12 +408,33 @@ def _init(ray: Any, opts: RayOptions) -> None:
         ray.init(address="local", num_cpus=opts.workers * opts.cpus_per_worker,
                  include_dashboard=False, **quiet)
         return
+    # A cluster's workers do not inherit this process's environment: pass the offline
+    # switches on (paths such as NEST_CACHE_DIR are per machine and stay there).
+    env = {k: os.environ[k] for k in _PASSED_ENV if k in os.environ}
     try:
-        ray.init(address=opts.address, **quiet)
+        _probe(opts.address)
+        ray.init(address=opts.address, runtime_env={"env_vars": env} if env else None,
+                 **quiet)
     except ConnectionError as err:
         msg = (f"cannot reach the Ray cluster at --ray-address {opts.address} ({err}); start "
                f"one with `ray start --head` (then use 'auto'), use ray://HEAD:10001, or drop "
                f"--ray-address for a local cluster")
+        raise ConnectionError(msg) from err
+
+
+_PASSED_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a ``HOST:PORT`` nobody listens on (Ray would retry it for minutes);
+    ``auto`` and ``ray://`` addresses fail quickly by themselves."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as err:
+        msg = f"nothing answers at {address}: {err}"
         raise ConnectionError(msg) from err
 
 

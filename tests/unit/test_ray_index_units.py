@@ -140,6 +140,17 @@ def test_cli_ray_flags_need_ray_and_a_datastore(tmp_path, capsys):
     assert not (tmp_path / "s").exists()  # refused before anything was written
 
 
+def test_an_address_nobody_answers_fails_fast_with_the_fix(tiny_lm, tmp_path):
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()  # runs before the module's cluster starts
+    with pytest.raises(ConnectionError) as err:
+        precompute_on_ray(corpus()[:2], tiny_lm, datastore=SpanDatastore(tmp_path),
+                          config=CFG, progress=False, options=RayOptions(address="127.0.0.1:1"))
+    assert "--ray-address 127.0.0.1:1" in str(err.value)
+    assert "ray start --head" in str(err.value)
+    assert not ray.is_initialized()
+
+
 # --- on a real local Ray cluster ---------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
