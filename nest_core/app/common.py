@@ -77,7 +77,7 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     out.mkdir(parents=True, exist_ok=True)
     store = (open_faiss_store(out, embed=embed) if kind == "faiss" else
              open_chroma_collection(out, embed=embed, name=collection or DEFAULT_COLLECTION))
-    lm = load_quietly() if precompute else None
+    lm = load_quietly(progress) if precompute else None
     # the key layer and window must be the ones `nest ask` decodes with, or every key misses
     config = nest_config(DEFAULT_MODE, lm.name) if lm is not None else None
     encode = ray_precompute(ray)
@@ -124,7 +124,7 @@ def precompute_existing(path: str | os.PathLike[str], *, collection: str | None 
     if not passages:  # said before the model loads
         msg = f"{path} holds no passages with text; add documents to it first"
         raise CliError(msg)
-    lm = load_quietly()
+    lm = load_quietly(progress)
     where = span_datastore_dir(path)
     encode = ray_precompute(ray)
     rows = (encode or precompute)(passages, lm, datastore=SpanDatastore(where),
@@ -161,12 +161,14 @@ def quiet_transformers() -> None:
 DTYPE: dict[str, str | None] = {"dtype": None}
 
 
-def load_quietly() -> Any:
+def load_quietly(progress: bool = True) -> Any:
+    """The model, with transformers' per-load noise off (``progress=False``: its one-time
+    conversion bar too)."""
     from nest_core.models import load_model
 
     quiet_transformers()
     note("loading the language model ...")
-    return load_model(dtype=DTYPE["dtype"])
+    return load_model(dtype=DTYPE["dtype"], progress=progress)
 
 
 def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_tokens: int,

@@ -289,3 +289,14 @@ def visible_text(dom: str) -> str:
     parser = _Text()
     parser.feed(dom)
     return "".join(parser.parts)
+
+
+def test_quiet_index_hides_the_one_time_model_conversion_bar(corpus: Path, tmp_path: Path
+                                                              ) -> None:
+    # caught: `-q` hid nest's bars but not transformers' GGUF de-quantisation bar
+    proc = nest("index", str(corpus), "--out", str(tmp_path / "store"), "-q",
+                env={"NEST_CACHE_DIR": str(tmp_path / "fresh-cache")})
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "fresh-cache" / "models").iterdir()), "no conversion happened"
+    assert "Converting" not in proc.stderr
+    assert "%|" not in proc.stderr
