@@ -224,6 +224,23 @@ class SpanDatastore:
                         self.path, removed)
         return removed
 
+    def retain(self, keys: set[str]) -> int:
+        """Delete every file but those of ``keys`` (the keys a store's passages need under
+        the current model): span files of an older model or of deleted passages would
+        otherwise stay until the size bound evicts them. For a store's own datastore only,
+        never the shared user cache. Returns the number of files removed."""
+        keep = {self._file(k) for k in keys}
+        removed = 0
+        with self._lock:
+            for f in self._entries():
+                if f not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+                        removed += 1
+            self._memory = MemoryKeyCache(max_bytes=self.memory_bytes)
+            self._disk_bytes = sum(_size_or_zero(f) for f in self._entries())
+        return removed
+
     def clear(self) -> int:
         """Delete every entry (disk and memory); returns the number of files removed."""
         removed = 0

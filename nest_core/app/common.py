@@ -86,7 +86,29 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
                     complete_prefixes=[f"{Path(f).expanduser().resolve().name}/"
                                        for f in folders], precompute_with=encode)
     _note_ray(encode)
+    if lm is not None:
+        stale = prune_span_files(out, lm, config,
+                                 collection=(collection or DEFAULT_COLLECTION)
+                                 if kind == "chroma" else None)
+        if stale:
+            note(f"removed {stale} span file(s) no passage needs under this model")
     return report
+
+
+def prune_span_files(store: str | os.PathLike[str], lm: Any, config: Any, *,
+                     collection: str | None = None) -> int:
+    """Keep in the store's own span datastore only the files its passages need under ``lm``
+    (files of an older model, another dtype or of deleted passages go: they would stay until
+    the size bound evicts them); returns how many were removed."""
+    from nest_core.datastore import SpanDatastore
+    from nest_core.encoding import PassageEncoder
+    from nest_core.sources.open import open_store
+
+    encoder = PassageEncoder(lm, key_layer=config.key_layer,
+                             max_passage_tokens=config.max_passage_tokens)
+    passages = open_store(store, collection=collection).passages()
+    keys = {encoder.cache_key(p) for p in passages if p.text.strip()}
+    return SpanDatastore.for_store(store).retain(keys)
 
 
 def open_source(path: str | os.PathLike[str], *, collection: str | None = None,

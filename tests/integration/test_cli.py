@@ -17,6 +17,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.integration
 
@@ -300,3 +301,30 @@ def test_quiet_index_hides_the_one_time_model_conversion_bar(corpus: Path, tmp_p
     assert list((tmp_path / "fresh-cache" / "models").iterdir()), "no conversion happened"
     assert "Converting" not in proc.stderr
     assert "%|" not in proc.stderr
+
+
+def test_reindexing_removes_span_files_no_passage_needs(corpus: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    # caught: span files of an older model (or of deleted files) stayed until the size bound
+    from nest_core.datastore import SpanDatastore
+    from nest_core.encoding import EncodedPassage
+
+    folder = tmp_path / "docs"
+    shutil.copytree(corpus, folder)
+    store = tmp_path / "store"
+    code, _ = run_main(capsys, "index", str(folder), "--out", str(store), "-q")
+    assert code == 0
+    spans = SpanDatastore.for_store(store)
+    current = set(spans._entries())
+    assert len(current) == 2  # one per passage
+    old = EncodedPassage(keys=torch.zeros(3, 4), values=torch.tensor([1, 2, 3]),
+                         char_spans=torch.zeros(3, 2, dtype=torch.int32))
+    spans.put("v1-an-older-model-L-2-W512-0123", old)
+    (folder / "policy.txt").unlink()
+    code, err = run_main(capsys, "index", str(folder), "--out", str(store), "-q")
+    assert code == 0
+    remaining = set(SpanDatastore.for_store(store)._entries())
+    assert len(remaining) == 1
+    assert remaining < current  # the deleted file's span file and the old model's are gone
+    assert "removed 2 span file(s)" in err
