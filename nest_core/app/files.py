@@ -8,6 +8,7 @@ Kept apart from the command plumbing in :mod:`nest_core.app.cli`; every failure 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +35,8 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
     found: list[tuple[Path, str]] = []
     skipped: list[Path] = []
     outside: list[Path] = []
+    linked: list[Path] = []
+    unreadable: list[str] = []
     for raw in paths:
         if not raw.strip():
             msg = "an empty path was given; name a file or folder (use . for this folder)"
@@ -50,8 +53,9 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
             found.append((path, path.name))
             continue
         root = path.resolve()  # "." and the folder's path give the same ids
-        files = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files, folders_linked, folders_unread = _folder_files(path)
+        linked += folders_linked
+        unreadable += folders_unread
         # a symlink to a file outside the folder would index (and cite) that file's path
         outside += [p for p in files if not p.resolve().is_relative_to(root)]
         files = [p for p in files if p.resolve().is_relative_to(root)]
@@ -66,13 +70,32 @@ def collect_files(paths: Sequence[str]) -> list[tuple[Path, str]]:
                    f"{_supported_list()} files")
             raise CliError(msg)
         found += [(p, f"{root.name}/{p.relative_to(path).as_posix()}") for p in ok]
-    if outside:
-        names = ", ".join(str(p) for p in outside[:3]) + (" ..." if len(outside) > 3 else "")
-        _note(f"skipped {len(outside)} symlink(s) to files outside the folder: {names}")
-    if skipped:
-        names = ", ".join(str(p) for p in skipped[:3]) + (" ..." if len(skipped) > 3 else "")
-        _note(f"skipped {len(skipped)} unsupported file(s): {names}")
+    for items, what in ((outside, "symlink(s) to files outside the folder"),
+                        (linked, ("symlinked folder(s), not followed (index their targets "
+                                  "by name if you want them)")),
+                        (unreadable, "folder(s) that could not be read (no permission?)"),
+                        (skipped, "unsupported file(s)")):
+        if items:
+            names = ", ".join(str(p) for p in items[:3]) + (" ..." if len(items) > 3 else "")
+            _note(f"skipped {len(items)} {what}: {names}")
     return found
+
+
+def _folder_files(path: Path) -> tuple[list[Path], list[Path], list[str]]:
+    """The files under ``path`` (hidden names skipped), the symlinked folders inside it (not
+    followed: they may leave the folder or loop back into it) and the subfolders that could
+    not be listed; the walk never stops at a bad subfolder."""
+    files: list[Path] = []
+    linked: list[Path] = []
+    unreadable: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(path, onerror=lambda e: unreadable.append(
+            str(e.filename))):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        linked += [here / d for d in dirnames if (here / d).is_symlink()]
+        files += [here / f for f in filenames
+                  if not f.startswith(".") and (here / f).is_file()]
+    return sorted(files), linked, unreadable
 
 
 def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:

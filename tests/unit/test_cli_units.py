@@ -3,6 +3,7 @@ summary. (The commands themselves run as subprocesses in tests/integration/test_
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,36 @@ def test_symlinks_to_files_outside_the_folder_are_skipped_with_a_note(tmp_path, 
     ids = [doc_id for _, doc_id in collect_files([str(notes)])]
     assert ids == ["notes/a.md", "notes/inside.md"]
     assert "skipped 1 symlink(s) to files outside the folder" in capsys.readouterr().err
+
+
+def test_symlinked_folders_loops_and_unreadable_folders_are_noted(tmp_path, capsys,
+                                                                 monkeypatch):
+    # caught: symlinked folders, loops and unreadable subfolders skipped with no word (case 5)
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "a.md").write_text("alpha", encoding="utf-8")
+    (notes / "sub" / "b.md").write_text("beta", encoding="utf-8")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "c.md").write_text("gamma", encoding="utf-8")
+    (notes / "elsewhere").symlink_to(other)
+    (notes / "sub" / "loop").symlink_to(notes)
+    (notes / "locked").mkdir()
+    (notes / "locked" / "d.md").write_text("delta", encoding="utf-8")
+    real_scandir = os.scandir
+
+    def scandir(path):  # the walk's listing of "locked" fails, as without permission
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    ids = [doc_id for _, doc_id in collect_files([str(notes)])]
+    assert ids == ["notes/a.md", "notes/sub/b.md"]
+    err = capsys.readouterr().err
+    assert "skipped 2 symlinked folder(s), not followed" in err
+    assert "skipped 1 folder(s) that could not be read" in err
+    assert "locked" in err
 
 
 def test_index_from_an_empty_store_says_so_before_loading_a_model(tmp_path, capsys):
