@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-RAY_INSTALL = 'pip install "ray[data]>=2.9"'
+RAY_INSTALL = 'pip install "ray[data]>=2.40"'  # tested with 2.60.0
 WAIT_FOR_WORKERS_S = 600  # a worker imports torch and loads the model (a first GGUF load: ~20 s)
 ModelLoader = Callable[[], "LanguageModel"]
 

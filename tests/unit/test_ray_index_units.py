@@ -124,7 +124,7 @@ def test_options_and_a_missing_ray_name_the_fix(monkeypatch):
     with pytest.raises(ImportError) as err:
         import_ray()
     assert RAY_INSTALL in str(err.value)
-    assert RAY_INSTALL == 'pip install "ray[data]>=2.9"'
+    assert RAY_INSTALL == 'pip install "ray[data]>=2.40"'
 
 
 def test_cli_ray_flags_need_ray_and_a_datastore(tmp_path, capsys):
