@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import re
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MARKER_FILE = "nest_incomplete.json"  # in a FAISS store's folder while an ingest runs
+INCOMPLETE_KEY = "nest:incomplete"  # the same, in a Chroma collection's metadata
+CHECKPOINT_SECONDS = 30.0  # a FAISS store is saved at least this often while ingesting
+LARGE_INGEST = 1000  # passages from which the user is told how to stop and resume
 PRECOMPUTE_BATCH = 20  # passages per PassageEncoder.encode call in :func:`precompute`
 _WORD = re.compile(r"\S+")
 _SENTENCE_END = (".", "!", "?", ".\"", ".)", ";")
@@ -157,7 +163,14 @@ def ingest(documents: Iterable[Document], store: Any, *,
                f"passages would mix vectors of two models, and search would return noise. "
                f"Ingest with {built_with!r}, or into a new store")
         raise ValueError(msg)
+    writer.begin(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "passages": len(passages)}))
+    if progress and len(passages) >= LARGE_INGEST:
+        _say(f"{len(passages)} passages to embed{' and encode' if lm is not None else ''}: "
+             f"the bars show the time left. Ctrl-C keeps what is done (the store is marked "
+             f"incomplete); the same command resumes where it stopped")
     bar = _progress(len(passages), "embedding passages", progress)
+    saved = time.monotonic()
     try:
         for start in range(0, len(passages), batch_size):
             batch = writer.changed(passages[start:start + batch_size])
@@ -169,6 +182,14 @@ def ingest(documents: Iterable[Document], store: Any, *,
                 writer.write(batch, vectors, embed)
                 report.written += len(batch)
             bar.update(min(batch_size, len(passages) - start))
+            if time.monotonic() - saved > CHECKPOINT_SECONDS:
+                writer.checkpoint()
+                saved = time.monotonic()
+    except BaseException:
+        # Ctrl-C or a failure: keep what is written (the store stays marked incomplete and
+        # the same call resumes, skipping the passages already stored)
+        writer.checkpoint(quiet=True)
+        raise
     finally:
         bar.close()
     keep = {p.id for p in passages}
@@ -184,6 +205,25 @@ def ingest(documents: Iterable[Document], store: Any, *,
                                      progress=progress)
     logger.info("ingest: %s", report)
     return report
+
+
+def unfinished(source: Any) -> dict[str, Any] | None:
+    """The marker of an ingest into ``source``'s store that did not finish (Ctrl-C, a crash),
+    or ``None``: ``{"started", "passages"}``. Running the same ingest again resumes it."""
+    store = getattr(source, "store", None)
+    raw: Any = None
+    if isinstance(store, FaissStore):
+        marker = store.path / MARKER_FILE
+        raw = marker.read_text(encoding="utf-8") if marker.is_file() else None
+    elif getattr(source, "collection", None) is not None:
+        raw = (getattr(source.collection, "metadata", None) or {}).get(INCOMPLETE_KEY) or None
+    if raw is None:
+        return None
+    try:
+        info = json.loads(raw)
+    except (TypeError, ValueError):
+        info = None
+    return info if isinstance(info, dict) else {"started": "?", "passages": "?"}
 
 
 def open_faiss_store(path: str | os.PathLike[str], *, embed: EmbeddingFunction | None = None,
@@ -277,8 +317,21 @@ class _FaissWriter:
         return self.store.delete([i for i in self.store.ids() if i.startswith(prefixes)
                                   and i.rsplit("#", 1)[0] not in present])
 
+    def begin(self, note: str) -> None:
+        self.store.path.mkdir(parents=True, exist_ok=True)
+        (self.store.path / MARKER_FILE).write_text(note, encoding="utf-8")
+
+    def checkpoint(self, quiet: bool = False) -> None:
+        try:
+            self.store.save()
+        except Exception:
+            if not quiet:
+                raise
+            logger.exception("could not save the FAISS store while stopping")
+
     def finish(self) -> None:
         self.store.save()
+        (self.store.path / MARKER_FILE).unlink(missing_ok=True)
 
     def datastore(self) -> KeyCache:
         from nest_core.datastore import SpanDatastore
@@ -301,6 +354,20 @@ class _ChromaWriter:
         meta = getattr(self.collection, "metadata", None) or {}
         name = meta.get(EMBEDDING_KEY)
         return str(name) if name and self.collection.count() else None
+
+    def begin(self, note: str) -> None:
+        self._mark(note)
+
+    def checkpoint(self, quiet: bool = False) -> None:
+        """Nothing to save: every upsert is already durable."""
+
+    def _mark(self, note: str | None) -> None:
+        """Set or clear the incomplete marker in the collection's metadata (``modify``
+        replaces the metadata; the distance space lives in its configuration)."""
+        meta = {k: v for k, v in (getattr(self.collection, "metadata", None) or {}).items()
+                if not k.startswith("hnsw:")}
+        meta[INCOMPLETE_KEY] = note or ""  # "": complete (Chroma refuses empty metadata)
+        self.collection.modify(metadata=meta)
 
     def changed(self, batch: list[Passage]) -> list[Passage]:
         got = self.collection.get(ids=[p.id for p in batch], include=["documents", "metadatas"])
@@ -345,7 +412,7 @@ class _ChromaWriter:
         return len(stale)
 
     def finish(self) -> None:
-        return None
+        self._mark(None)
 
     def datastore(self) -> KeyCache:
         from nest_core.datastore import SpanDatastore
@@ -371,6 +438,12 @@ def _scalar_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         out[str(key)] = value if isinstance(value, (str, int, float, bool)) \
             else json.dumps(value, ensure_ascii=False, default=str)
     return out
+
+
+def _say(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -126,6 +126,13 @@ def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
                         allow_dangerous_deserialization=allow_dangerous_deserialization)
     if getattr(source, "note", None):
         note(source.note)
+    from nest_core.ingest import unfinished
+
+    info = unfinished(source)
+    if info is not None:
+        note(f"the last `nest index` into {path} did not finish (it was writing "
+             f"{info.get('passages')} passages, started {info.get('started')}): answers may "
+             f"miss documents; run the same `nest index` command again to resume")
     return source
 
 

@@ -203,3 +203,64 @@ def test_precompute_source_covers_a_store_nest_did_not_write(tiny_lm, tmp_path):
     assert calls == []  # every passage came from disk: the LM ran on none of them
     with pytest.raises(TypeError, match="cannot list its passages"):
         precompute_source(object(), tiny_lm, datastore=datastore)
+
+
+class InterruptAfter(HashingEmbeddings):
+    """The real hashing embedding, interrupted (as by Ctrl-C) on its call number ``calls``;
+    ``on_interrupt`` looks at the store on disk at that moment."""
+
+    def __init__(self, dim: int, calls: int, on_interrupt=lambda: None) -> None:
+        super().__init__(dim)
+        self.calls, self.on_interrupt = calls, on_interrupt
+
+    def __call__(self, texts):
+        self.calls -= 1
+        if self.calls == 0:
+            self.on_interrupt()
+            raise KeyboardInterrupt
+        return super().__call__(texts)
+
+
+@pytest.mark.parametrize("kind", ["faiss", "chroma"])
+def test_an_interrupted_ingest_is_marked_and_the_same_call_resumes(tmp_path, kind,
+                                                                   monkeypatch):
+    # caught: Ctrl-C left a half-updated store with no marker; FAISS saved only at the end,
+    # so a killed run lost everything (issue 14, cases 7 and 11)
+    import nest_core.ingest as ingest_module
+    from nest_core.ingest import unfinished
+
+    monkeypatch.setattr(ingest_module, "CHECKPOINT_SECONDS", 0.0)  # save after every batch
+    docs = [Document(text=SENTENCE.format(i=i), id=f"notes/{i}.md") for i in range(10)]
+    ids = sorted(f"notes/{i}.md#0" for i in range(10))
+
+    def store():
+        return (open_faiss_store(tmp_path / "s", embed=EMBED) if kind == "faiss"
+                else open_chroma_collection(tmp_path / "s", embed=EMBED))
+
+    def source():
+        return (FaissSource(FaissStore.open(tmp_path / "s"), embed=EMBED) if kind == "faiss"
+                else ChromaSource(store(), embed=EMBED))
+
+    on_disk = []
+    interrupting = InterruptAfter(64, calls=3,
+                                  on_interrupt=lambda: on_disk.append(len(source().passages())))
+    with pytest.raises(KeyboardInterrupt):
+        ingest(docs, store(), embed=interrupting, batch_size=4, progress=False)
+    assert on_disk == [8]  # two batches were durable before the interrupt, not only after
+    assert unfinished(source()) == {"started": unfinished(source())["started"], "passages": 10}
+    assert len(source().passages()) == 8
+    report = ingest(docs, store(), embed=EMBED, batch_size=4, progress=False)
+    assert (report.unchanged, report.written) == (8, 2)
+    assert unfinished(source()) is None
+    assert sorted(p.id for p in source().passages()) == ids
+
+
+def test_a_large_ingest_says_how_to_stop_and_resume(tmp_path, monkeypatch, capsys):
+    import nest_core.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "LARGE_INGEST", 3)
+    docs = [Document(text=SENTENCE.format(i=i), id=f"n/{i}.md") for i in range(4)]
+    ingest(docs, open_faiss_store(tmp_path / "s", embed=EMBED), embed=EMBED, progress=True)
+    err = capsys.readouterr().err
+    assert "4 passages to embed: the bars show the time left" in err
+    assert "the same command resumes" in err
