@@ -328,3 +328,21 @@ def test_reindexing_removes_span_files_no_passage_needs(corpus: Path, tmp_path: 
     assert len(remaining) == 1
     assert remaining < current  # the deleted file's span file and the old model's are gone
     assert "removed 2 span file(s)" in err
+
+
+def test_a_store_whose_indexing_did_not_finish_is_said(faiss_store: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    # caught: Ctrl-C mid-index left a partial store that answered as if complete (case 7)
+    from nest_core.app.common import open_source
+    from nest_core.ingest import MARKER_FILE
+
+    store = tmp_path / "store"
+    shutil.copytree(faiss_store, store)
+    open_source(store)
+    assert "did not finish" not in capsys.readouterr().err
+    (store / MARKER_FILE).write_text('{"started": "2026-11-29T10:00:00", "passages": 30535}')
+    open_source(store)
+    err = capsys.readouterr().err
+    assert "did not finish (it was writing 30535 passages" in err
+    assert "run the same `nest index` command again to resume" in err
