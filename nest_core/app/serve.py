@@ -42,7 +42,7 @@ from nest_core.app.openai_api import (
     usage,
 )
 from nest_core.app.service import AnswerService
-from nest_core.types import NestChunk, NestResult, Passage
+from nest_core.types import NestChunk, Passage
 
 logger = logging.getLogger(__name__)
 
@@ -159,10 +159,10 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
         try:
             await gate.slot()
             had_slot = True
-            retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
             if not req.stream:
-                result = await asyncio.to_thread(_call, _finish, pieces)
+                retrieved, result = await asyncio.to_thread(_call, service.answer, req)
                 return completion(result, retrieved, service.name)
+            retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
             events = _sse(pieces, retrieved, req, service.name, lambda: gate.leave(True))
             handed_off = True  # the stream leaves the gate when it ends
             return StreamingResponse(events, media_type="text/event-stream",
@@ -185,13 +185,6 @@ def _call(fn: Any, *args: Any) -> Any:
     except (ValueError, TypeError, OSError) as err:
         logger.exception("request failed")
         raise ApiError(500, f"{type(err).__name__}: {err}", type="server_error") from err
-
-
-def _finish(pieces: Iterator[NestChunk]) -> NestResult:
-    for piece in pieces:
-        if piece.result is not None:
-            return piece.result
-    raise AssertionError("stream ended without a result")  # pragma: no cover
 
 
 async def _json_body(request: Any, max_bytes: int) -> Any:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -14,6 +15,8 @@ from nest_core.types import NestChunk, NestResult, Passage
 if TYPE_CHECKING:
     from nest_core.lm import LanguageModel
     from nest_core.sources.base import PassageSource
+
+logger = logging.getLogger(__name__)
 
 SERVED_ALIAS = "nest"  # model name every client may send, whatever the model is
 
@@ -40,7 +43,8 @@ class AnswerService:
         """Retrieve for the request's question, then a (lazy) stream of the answer. A
         question in a stuffed RAG prompt is found and answered as such (as ChatNest does);
         no passages means a plain LM answer with no citations."""
-        asked = next(m["content"] for m in reversed(request.messages) if m["role"] == "user")
+        asked = next(m["content"] for m in reversed(request.messages)
+                     if m["role"] == "user" and m["content"].strip())
         question = stuffed_question(asked)
         passages = self.retrieve(question or asked, self.k)
         messages = request.messages
@@ -54,8 +58,16 @@ class AnswerService:
         return passages, pieces
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
+        """The store's best ``k`` passages; none from an empty store (the answer is then the
+        plain LM's, with no citations, rather than an error for every request)."""
+        from nest_core.sources.base import EmptyStoreError
+
         with self._retrieval:
-            return self.source.retrieve(query, k)
+            try:
+                return self.source.retrieve(query, k)
+            except EmptyStoreError:
+                logger.warning("the store is empty: answering without passages")
+                return []
 
     def answer(self, request: ChatRequest) -> tuple[list[Passage], NestResult]:
         passages, pieces = self.stream(request)

@@ -181,3 +181,11 @@ def _parsed(body: dict[str, Any]) -> Any:
 
     return parse_request(body, model_ids=("tiny-llama", "nest"), max_tokens_limit=64,
                          default_max_tokens=16, max_messages=64)
+
+
+def test_an_empty_store_gets_plain_answers_without_citations(tiny_lm: Any) -> None:
+    empty = AnswerService(InMemorySource([], embed=HashingEmbeddings(64)), tiny_lm, k=3)
+    body = TestClient(create_app(empty)).post("/v1/chat/completions", json=ask()).json()
+    assert body["choices"][0]["message"]["content"]
+    assert (body["nest"]["citations"], body["nest"]["retrieved"]) == ([], [])
+    assert body["choices"][0]["message"]["annotations"] == []
