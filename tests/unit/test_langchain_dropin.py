@@ -5,6 +5,7 @@ tests/integration/test_langchain_dropin_stores.py."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -169,7 +170,9 @@ def test_model_name_alias_and_unknown_arguments() -> None:
 
 
 def test_model_kwargs_reach_from_pretrained(tiny_lm: Any, tmp_path: Any) -> None:
-    tiny_lm.model.save_pretrained(tmp_path)
+    # a copy: save_pretrained fills in the config (architectures, dtype), which would change
+    # the session model's fingerprint under the other tests' feet
+    copy.deepcopy(tiny_lm.model).save_pretrained(tmp_path)
     tiny_lm.tokenizer.save_pretrained(tmp_path)
     for impl in ("eager", "sdpa"):
         chat = ChatNest(model=str(tmp_path), model_kwargs={"attn_implementation": impl},

@@ -171,7 +171,11 @@ def test_ray_writes_the_files_precompute_writes(cluster, tiny_lm, tmp_path):
     for store in (one, many):  # both start partly filled, as a re-index does
         precompute(passages[3:6], tiny_lm, datastore=store, config=CFG, progress=False)
     rows = precompute(passages, tiny_lm, datastore=one, config=CFG, progress=False)
-    encode = RayPrecompute(RayOptions(workers=2), load=lambda: tiny_lm)
+    # the workers load their own copy: the same weights (seed 0), none of the state other
+    # tests may have hung on the session model (hooks, handlers), which need not pickle
+    fresh = LanguageModel(make_tiny_model(len(tiny_lm.tokenizer)), tiny_lm.tokenizer,
+                          name=tiny_lm.name)
+    encode = RayPrecompute(RayOptions(workers=2), load=lambda: fresh)
     assert encode(passages, tiny_lm, datastore=many, config=CFG, progress=False) == rows
     report = encode.last_report
     assert report is not None
