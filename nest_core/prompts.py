@@ -78,6 +78,19 @@ def stuffed_question(text: str) -> str | None:
     return question
 
 
+def with_question(prompt: str | Sequence[Message], question: str) -> str | list[Message]:
+    """``prompt`` with what the user asked reduced to ``question``: the string itself, or
+    the last user message of a conversation (for a stuffed prompt whose passages Nest has:
+    it shows their best sentences itself, instead of a second, unfocused copy)."""
+    if isinstance(prompt, str):
+        return question
+    messages = [dict(m) for m in prompt]
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if users:
+        messages[users[-1]]["content"] = question
+    return messages
+
+
 def fit_context(prompt_ids: list[int], max_new_tokens: int, max_context: int
                 ) -> tuple[list[int], bool]:
     """Left-truncate the prompt so prompt + answer fit the context window (with a warning)."""

@@ -156,6 +156,12 @@ class NestResult:
         """Mean length, in tokens, of the maximal copied runs."""
         return sum(s.num_tokens for s in self.spans) / len(self.spans) if self.spans else 0.0
 
+    def cited_spans(self) -> list[Span]:
+        """Copied and matched spans in output order, a copied one first at a tie (the
+        decoder never lets them overlap): the order every surface lists citations in."""
+        return sorted([*self.spans, *self.matches],
+                      key=lambda s: (s.out_start, s.kind != "copied"))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "text": self.text,

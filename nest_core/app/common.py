@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nest_core.app.files import CliError, read_documents
+from nest_core.types import Passage
 
 STORE_KINDS = ("chroma", "faiss")  # what `nest index` writes; `nest ask` reads more
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
@@ -69,7 +70,7 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     datastore on Ray workers (same files)."""
     from nest_core.datastore import SpanDatastore
     from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
-    from nest_core.sources.chroma import DEFAULT_COLLECTION
+    from nest_core.sources.chroma import DEFAULT_COLLECTION, ChromaSource
 
     docs = read_documents(files)
     quiet_transformers()
@@ -87,26 +88,26 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
                                        for f in folders], precompute_with=encode)
     _note_ray(encode)
     if lm is not None:
-        stale = prune_span_files(out, lm, config,
-                                 collection=(collection or DEFAULT_COLLECTION)
-                                 if kind == "chroma" else None)
+        # the store as just written, already open (no second read of its index)
+        held = (store.passages() if kind == "faiss"
+                else ChromaSource(store, embed=embed).passages())
+        stale = prune_span_files(out, lm, config, held)
         if stale:
             note(f"removed {stale} span file(s) no passage needs under this model")
     return report
 
 
-def prune_span_files(store: str | os.PathLike[str], lm: Any, config: Any, *,
-                     collection: str | None = None) -> int:
-    """Keep in the store's own span datastore only the files its passages need under ``lm``
-    (files of an older model, another dtype or of deleted passages go: they would stay until
-    the size bound evicts them); returns how many were removed."""
+def prune_span_files(store: str | os.PathLike[str], lm: Any, config: Any,
+                     passages: Sequence[Passage]) -> int:
+    """Keep in the span datastore of the store at ``store`` only the files its ``passages``
+    (all it holds) need under ``lm`` (files of an older model, another dtype or of deleted
+    passages go: they would stay until the size bound evicts them); returns how many were
+    removed."""
     from nest_core.datastore import SpanDatastore
     from nest_core.encoding import PassageEncoder
-    from nest_core.sources.open import open_store
 
     encoder = PassageEncoder(lm, key_layer=config.key_layer,
                              max_passage_tokens=config.max_passage_tokens)
-    passages = open_store(store, collection=collection).passages()
     keys = {encoder.cache_key(p) for p in passages if p.text.strip()}
     return SpanDatastore.for_store(store).retain(keys)
 

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from nest_core.types import NestResult, Passage, Span
+from nest_core.types import NestResult, Passage
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 UNSUPPORTED = {  # request fields Nest cannot honour: refused, never silently ignored
@@ -180,12 +180,12 @@ def url_citations(result: NestResult) -> list[dict[str, Any]]:
     return [{"type": "url_citation", "url_citation": {
         "start_index": s.out_start, "end_index": s.out_end,
         "title": s.passage.title or s.passage.id, "url": url_of(s.passage)}}
-        for s in _cited(result)]
+        for s in result.cited_spans()]
 
 
 def extension(result: NestResult, retrieved: list[Passage]) -> dict[str, Any]:
     """The ``nest`` field: every citation with source offsets, and the cited passages."""
-    cited = _cited(result)
+    cited = result.cited_spans()
     sources: dict[str, Passage] = {}
     for s in cited:
         sources.setdefault(s.passage.id, s.passage)
@@ -227,10 +227,6 @@ def chunk(cid: str, model: str, created: int, delta: dict[str, Any],
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None,
                          "finish_reason": finish}], **extra}
-
-
-def _cited(result: NestResult) -> list[Span]:
-    return sorted([*result.spans, *result.matches], key=lambda s: (s.out_start, s.kind))
 
 
 def _jsonable(metadata: Any) -> dict[str, Any]:

@@ -38,12 +38,6 @@ def marker(number: int, kind: SpanKind) -> str:
     return f"[{number}]" if kind == "copied" else f"[~{number}]"
 
 
-def cited_spans(result: NestResult) -> list[Span]:
-    """Copied and matched spans in output order (the decoder never lets them overlap)."""
-    return sorted([*result.spans, *result.matches],
-                  key=lambda s: (s.out_start, s.kind != "copied"))
-
-
 @dataclass
 class Source:
     """A cited passage, its number and the spans of the answer that came from it (copied
@@ -70,7 +64,7 @@ def number_sources(result: NestResult) -> list[Source]:
     answer (uncited ones are left out: a number nobody points at would only confuse the
     reader)."""
     by_id: dict[str, Source] = {}
-    for span in cited_spans(result):
+    for span in result.cited_spans():
         src = by_id.get(span.passage.id)
         if src is None:
             src = by_id[span.passage.id] = Source(len(by_id) + 1, span.passage)
@@ -94,7 +88,7 @@ def segments(result: NestResult, sources: Sequence[Source] | None = None) -> lis
     number = {s.passage.id: s.number for s in sources}
     pieces: list[Segment] = []
     pos = 0
-    for span in cited_spans(result):
+    for span in result.cited_spans():
         if span.out_start < pos:
             continue  # overlaps the previous citation (never from the decoder): skip
         if span.out_start > pos:

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +43,11 @@ from nest_core.app.openai_api import (
     usage,
 )
 from nest_core.app.service import AnswerService
+from nest_core.async_iter import aiter_in_thread
 from nest_core.types import NestChunk, Passage
 
 logger = logging.getLogger(__name__)
 
-_DONE = object()
 
 
 @dataclass(frozen=True)
@@ -212,31 +213,22 @@ async def _sse(pieces: Iterator[NestChunk], retrieved: list[Passage], req: ChatR
     cid, created = completion_id(), int(time.time())
     try:
         yield _event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
-        while True:
-            piece = await asyncio.to_thread(next, pieces, _DONE)
-            if piece is _DONE:
-                break
-            assert isinstance(piece, NestChunk)
-            if piece.text:
-                yield _event(chunk(cid, model, created, {"content": piece.text}))
-            if piece.result is not None:
-                result = piece.result
-                yield _event(chunk(cid, model, created, {}, finish_reason(result),
-                                   nest=extension(result, retrieved)))
-                if req.include_usage:
-                    yield _event({**chunk(cid, model, created, {}), "choices": [],
-                                  "usage": usage(result)})
+        async with aclosing(aiter_in_thread(lambda: pieces)) as stream:  # closes it early too
+            async for piece in stream:
+                if piece.text:
+                    yield _event(chunk(cid, model, created, {"content": piece.text}))
+                if piece.result is not None:
+                    result = piece.result
+                    yield _event(chunk(cid, model, created, {}, finish_reason(result),
+                                       nest=extension(result, retrieved)))
+                    if req.include_usage:
+                        yield _event({**chunk(cid, model, created, {}), "choices": [],
+                                      "usage": usage(result)})
         yield "data: [DONE]\n\n"
     except Exception as err:  # the client must learn that the answer broke off
         logger.exception("stream failed")
         yield _event(ApiError(500, f"{type(err).__name__}: {err}", type="server_error").body())
     finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            try:
-                await asyncio.to_thread(close)
-            except ValueError:  # a step still running in its thread; GC ends it
-                logger.debug("abandoned a stream mid-step")
         release()
 
 

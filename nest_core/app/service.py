@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nest_core.app.openai_api import ChatRequest
-from nest_core.prompts import stuffed_question
+from nest_core.prompts import stuffed_question, with_question
 from nest_core.types import NestChunk, NestResult, Passage
 
 if TYPE_CHECKING:
@@ -47,11 +47,8 @@ class AnswerService:
                      if m["role"] == "user" and m["content"].strip())
         question = stuffed_question(asked)
         passages = self.retrieve(question or asked, self.k)
-        messages = request.messages
-        if question is not None and passages:
-            messages = [dict(m) for m in messages]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            messages[last]["content"] = question
+        messages = (with_question(request.messages, question)
+                    if question is not None and passages else request.messages)
         pieces = self.decoder.stream(messages, passages or None,
                                      max_new_tokens=request.max_tokens,
                                      stop=request.stop or None, question=question)

@@ -8,11 +8,10 @@ is the cache of encoded passage keys, so a second instance re-uses both.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -24,7 +23,7 @@ from langchain_core.vectorstores import VectorStore
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from nest_core.config import NestConfig
-from nest_core.prompts import stuffed_question
+from nest_core.prompts import stuffed_question, with_question
 from nest_core.types import NestChunk, NestResult, Passage
 from nest_integrations.langchain.documents import documents_to_passages
 
@@ -38,9 +37,7 @@ PROVIDER = "nest"
 CALL_OPTIONS = ("documents", "model", "max_tokens", "temperature")
 # What hosted chat models take (and langchain-tests passes): meaningless for a local model.
 REMOTE_ONLY = ("api_key", "base_url", "timeout", "max_retries")
-_T = TypeVar("_T")
 _P = TypeVar("_P", str, list[dict[str, str]])
-_DONE = object()
 _CACHE_LOCK = threading.Lock()
 _KEY_CACHES: dict[tuple[str, str | None], KeyCache] = {}
 
@@ -264,13 +261,7 @@ class NestParams(BaseModel):
         question when Nest has the passages (see ``stuffed_prompts``), else ``prompt``."""
         if question is None or not passages or self.stuffed_prompts == "keep":
             return prompt
-        if isinstance(prompt, str):
-            return question  # type: ignore[return-value]
-        messages = [dict(m) for m in prompt]
-        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        if users:
-            messages[users[-1]]["content"] = question
-        return messages  # type: ignore[return-value]
+        return with_question(prompt, question)  # type: ignore[return-value]
 
     def _retrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
                   ) -> tuple[list[Passage], list[Document]]:
@@ -382,25 +373,6 @@ def _key_cache(lm: LanguageModel, datastore_dir: str | None) -> KeyCache:
                 cache = SpanDatastore(datastore_dir)
             _KEY_CACHES[key] = cache
         return cache
-
-
-async def aiter_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncIterator[_T]:
-    """Drive a blocking iterator from async code, one ``next`` per worker-thread hop, so the
-    event loop stays free while the LM runs (``make`` itself may load the model)."""
-    iterator = await asyncio.to_thread(make)
-    try:
-        while True:
-            item = await asyncio.to_thread(next, iterator, _DONE)
-            if item is _DONE:
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            try:
-                await asyncio.to_thread(close)
-            except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
-                logger.debug("decoder stream abandoned while a step was running")
 
 
 def usage(result: NestResult) -> dict[str, int]:

@@ -42,12 +42,12 @@ from langchain_core.messages import (
 from langchain_core.messages.content import Citation, TextContentBlock, create_text_block
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
+from nest_core.async_iter import aiter_in_thread
 from nest_core.types import NestChunk, NestResult, Span
 from nest_integrations.langchain._shared import (
     PROVIDER,
     CallOptions,
     NestParams,
-    aiter_in_thread,
     nest_metadata,
     usage,
 )

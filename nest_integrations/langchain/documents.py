@@ -112,9 +112,7 @@ def spans_to_citations(spans: Sequence[Span]) -> list[Citation]:
 
 def result_citations(result: NestResult) -> list[Citation]:
     """Citations for the copied spans and the matched spans of ``result``, in answer order."""
-    spans = sorted([*result.spans, *result.matches],
-                   key=lambda s: (s.out_start, s.kind != "copied"))
-    return spans_to_citations(spans)
+    return spans_to_citations(result.cited_spans())
 
 
 def format_citations(answer: str, citations: Sequence[Citation]) -> str:

@@ -18,11 +18,11 @@ from langchain_core.documents import Document
 from langchain_core.language_models import BaseLLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 
+from nest_core.async_iter import aiter_in_thread
 from nest_core.types import NestChunk, NestResult
 from nest_integrations.langchain._shared import (
     CallOptions,
     NestParams,
-    aiter_in_thread,
     default_model_name,
     nest_metadata,
     usage,

@@ -5,7 +5,7 @@ piece generator driven from a thread for ``AsyncStreamingResponse``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from llama_index.core.base.response.schema import (
@@ -52,13 +52,3 @@ def empty_answer(text: str, streaming: bool, use_async: bool,
 
 async def agen_of(text: str) -> AsyncIterator[str]:
     yield text
-
-
-async def in_thread(pieces: Iterator[str]) -> AsyncIterator[str]:
-    """Drive a blocking generator from a worker thread, one piece at a time."""
-    done = object()
-    while True:
-        piece = await asyncio.to_thread(next, pieces, done)
-        if piece is done:
-            return
-        yield piece  # type: ignore[misc]

@@ -39,11 +39,12 @@ from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.query_engine import CustomQueryEngine
 from llama_index.core.schema import NodeWithScore, QueryBundle, QueryType
 
+from nest_core.async_iter import aiter_in_thread
 from nest_core.config import NestConfig
 from nest_core.types import Passage
 from nest_integrations.llama_index._events import llm_events
 from nest_integrations.llama_index._options import refuse_unsupported
-from nest_integrations.llama_index._responses import PendingText, empty_answer, in_thread
+from nest_integrations.llama_index._responses import PendingText, empty_answer
 from nest_integrations.llama_index._runtime import LazyDecoder, decode_pieces
 from nest_integrations.llama_index.nodes import nodes_to_passages, response_metadata
 
@@ -322,7 +323,7 @@ class NestQueryEngine(CustomQueryEngine):
         if not streaming:
             return done(Response("".join(pieces), source_nodes=sources, metadata=metadata))
         if use_async:
-            return done(AsyncStreamingResponse(response_gen=in_thread(pieces),
+            return done(AsyncStreamingResponse(response_gen=aiter_in_thread(lambda: pieces),
                                                source_nodes=sources, metadata=metadata))
         return done(StreamingResponse(response_gen=pieces, source_nodes=sources,
                                       metadata=metadata))
