@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -46,7 +47,8 @@ logger = logging.getLogger(__name__)
 MARKER_FILE = "nest_incomplete.json"  # in a FAISS store's folder while an ingest runs
 INCOMPLETE_KEY = "nest:incomplete"  # the same, in a Chroma collection's metadata
 CHECKPOINT_SECONDS = 30.0  # a FAISS store is saved at least this often while ingesting
-LARGE_INGEST = 1000  # passages from which the user is told how to stop and resume
+LARGE_INGEST = 1000  # passages from which the user gets a time estimate and how to resume
+ESTIMATE_SAMPLE = 8  # passages span-encoded up front to time the estimate of a large ingest
 PRECOMPUTE_BATCH = 20  # passages per PassageEncoder.encode call in :func:`precompute`
 _WORD = re.compile(r"\S+")
 _SENTENCE_END = (".", "!", "?", ".\"", ".)", ";")
@@ -139,6 +141,9 @@ def ingest(documents: Iterable[Document], store: Any, *,
     these passages run no LM on them. ``precompute_with`` encodes it elsewhere (default
     :func:`precompute`; :class:`nest_core.ray_index.RayPrecompute` for Ray workers).
 
+    With ``progress``, an ingest of :data:`LARGE_INGEST` passages or more says how long it
+    will take (embedding and span encoding timed on its first batch) before the rest.
+
     ``complete_prefixes``: document-id prefixes (``"notes/"``) this call covers completely,
     as ``nest index`` does for a folder: a stored document under one of them that is not in
     ``documents`` any more (its file was deleted) is removed, counted in ``removed``.
@@ -165,10 +170,12 @@ def ingest(documents: Iterable[Document], store: Any, *,
         raise ValueError(msg)
     writer.begin(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "passages": len(passages)}))
+    target = None if lm is None else datastore if datastore is not None else writer.datastore()
+    # a large ingest can take hours on a CPU: say how long up front, timed on its first batch
+    estimate = None
     if progress and len(passages) >= LARGE_INGEST:
-        _say(f"{len(passages)} passages to embed{' and encode' if lm is not None else ''}: "
-             f"the bars show the time left. Ctrl-C keeps what is done (the store is marked "
-             f"incomplete); the same command resumes where it stopped")
+        estimate = _Estimate(len(passages), lm, target, config,
+                             elsewhere=precompute_with is not None)
     bar = _progress(len(passages), "embedding passages", progress)
     saved = time.monotonic()
     try:
@@ -176,11 +183,15 @@ def ingest(documents: Iterable[Document], store: Any, *,
             batch = writer.changed(passages[start:start + batch_size])
             report.unchanged += min(batch_size, len(passages) - start) - len(batch)
             if batch:
+                began = time.monotonic()
                 vectors = embed_texts(embed, [embedding_text(p) for p in batch], writer.dim,
                                       recorded=built_with)
                 writer.dim = vectors.shape[1]
                 writer.write(batch, vectors, embed)
                 report.written += len(batch)
+                if estimate is not None:
+                    estimate.say(batch, (time.monotonic() - began) / len(batch),
+                                 to_embed=len(passages) - start)
             bar.update(min(batch_size, len(passages) - start))
             if time.monotonic() - saved > CHECKPOINT_SECONDS:
                 writer.checkpoint()
@@ -198,8 +209,9 @@ def ingest(documents: Iterable[Document], store: Any, *,
         present = {d.doc_id for d in docs}
         report.removed += writer.remove_missing(tuple(complete_prefixes), present)
     writer.finish()
+    if estimate is not None:  # nothing needed embedding: the estimate is the encoding alone
+        estimate.say(passages, None, to_embed=0)
     if lm is not None:
-        target = datastore if datastore is not None else writer.datastore()
         encode = precompute_with if precompute_with is not None else precompute
         report.encoded_rows = encode(passages, lm, datastore=target, config=config,
                                      progress=progress)
@@ -438,6 +450,51 @@ def _scalar_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
         out[str(key)] = value if isinstance(value, (str, int, float, bool)) \
             else json.dumps(value, ensure_ascii=False, default=str)
     return out
+
+
+class _Estimate:
+    """The time a large ingest will take, said once, before the bulk of the work: the rate
+    of embedding is timed on the first batch that needed it, and span encoding (the slow
+    part: a forward pass of the LM per passage) on :data:`ESTIMATE_SAMPLE` passages of it,
+    which land in the datastore, so the timing costs nothing twice."""
+
+    def __init__(self, total: int, lm: LanguageModel | None, datastore: KeyCache | None,
+                 config: NestConfig | None, *, elsewhere: bool) -> None:
+        self.total, self.lm, self.datastore, self.config = total, lm, datastore, config
+        self.elsewhere = elsewhere  # spans are encoded by another Precompute (Ray workers)
+        self.said = False
+
+    def say(self, sample: Sequence[Passage], embed_seconds: float | None, *,
+            to_embed: int) -> None:
+        """Say the estimate (once): ``embed_seconds`` per passage for the ``to_embed``
+        passages left to embed (``None``: none are), span encoding timed on ``sample``."""
+        if self.said or (embed_seconds is None and self.lm is None):
+            return
+        self.said = True
+        parts = []
+        if embed_seconds is not None:
+            parts.append(f"{_duration(to_embed * embed_seconds)} to embed")
+        if self.lm is not None and sample:
+            timed = sample[:ESTIMATE_SAMPLE]
+            began = time.monotonic()
+            precompute(timed, self.lm, datastore=self.datastore, config=self.config,
+                       progress=False)
+            seconds = (time.monotonic() - began) / len(timed) * self.total
+            where = " in one process (the Ray workers divide it)" if self.elsewhere else ""
+            parts.append(f"{_duration(seconds)} to encode spans{where}")
+        _say(f"{self.total} passages: {', '.join(parts)} (timed on the "
+             f"first ones; the bars show the time left). Ctrl-C keeps what is done (the store "
+             f"is marked incomplete); the same command resumes where it stopped")
+
+
+def _duration(seconds: float) -> str:
+    """``about 12 min``, ``about 3 h 5 min`` or ``under 1 min``: an estimate's precision."""
+    if seconds < 60:
+        return "under 1 min"
+    hours, minutes = divmod(math.ceil(seconds / 60), 60)
+    if not hours:
+        return f"about {minutes} min"
+    return f"about {hours} h" + (f" {minutes} min" if minutes else "")
 
 
 def _say(message: str) -> None:

@@ -255,12 +255,37 @@ def test_an_interrupted_ingest_is_marked_and_the_same_call_resumes(tmp_path, kin
     assert sorted(p.id for p in source().passages()) == ids
 
 
-def test_a_large_ingest_says_how_to_stop_and_resume(tmp_path, monkeypatch, capsys):
+def test_a_large_ingest_says_how_long_it_will_take_before_the_work_is_done(tiny_lm, tmp_path,
+                                                                          monkeypatch, capsys):
+    # caught: only the passage count and the bars' ETA; no time said up front (issue 14,
+    # case 11). The estimate must be out while most of the work is still to do.
     import nest_core.ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "LARGE_INGEST", 3)
-    docs = [Document(text=SENTENCE.format(i=i), id=f"n/{i}.md") for i in range(4)]
-    ingest(docs, open_faiss_store(tmp_path / "s", embed=EMBED), embed=EMBED, progress=True)
-    err = capsys.readouterr().err
-    assert "4 passages to embed: the bars show the time left" in err
-    assert "the same command resumes" in err
+    docs = [Document(text=SENTENCE.format(i=i), id=f"n/{i}.md") for i in range(6)]
+    said_by_call: list[str] = []  # what stderr held when each embedding call began
+
+    class Watching(HashingEmbeddings):
+        def __call__(self, texts):
+            said_by_call.append(capsys.readouterr().err)
+            return super().__call__(texts)
+
+    store = open_faiss_store(tmp_path / "s", embed=EMBED)
+    ingest(docs, store, embed=Watching(64), batch_size=2, progress=True, lm=tiny_lm,
+           config=NestConfig(max_passage_tokens=64))
+    said = "".join([*said_by_call, capsys.readouterr().err])
+    estimate = re.compile(r"6 passages: (under 1 min|about \d+ min) to embed, "
+                          r"(under 1 min|about \d+ min) to encode spans \(timed on the first")
+    assert estimate.search(said), said
+    first, second = said_by_call[0], "".join(said_by_call[:2])  # before batch 1; before 2
+    assert not estimate.search(first)
+    assert estimate.search(second)  # after one of three batches, before any bulk encoding
+    assert "the same command resumes" in said
+
+
+def test_durations_are_said_to_an_estimates_precision():
+    from nest_core.ingest import _duration
+
+    assert [_duration(s) for s in (0, 59, 60, 61, 3599, 3600, 3 * 3600 + 5 * 60)] == [
+        "under 1 min", "under 1 min", "about 1 min", "about 2 min", "about 1 h", "about 1 h",
+        "about 3 h 5 min"]
