@@ -4,6 +4,13 @@ and the real bundled SmolLM2 (integration tests, loaded once per session)."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +75,50 @@ def smollm():
     from nest_core.models import load_model
 
     return load_model()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory):
+    """A real ``chroma run`` on a free loopback port, shared by the session: ``(host, port,
+    data dir, process)``; stopped (and waited for) at the end. A test that freezes it
+    (SIGSTOP) must let it run again (SIGCONT) before it returns."""
+    local = Path(sys.executable).parent / "chroma"
+    cli = str(local) if local.is_file() else shutil.which("chroma")
+    if cli is None:
+        pytest.skip("the `chroma` CLI is not installed (it ships with `pip install chromadb`)")
+    port = free_port()
+    path = tmp_path_factory.mktemp("chroma-server")
+    log = (path.parent / "chroma-server.log").open("wb")
+    proc = subprocess.Popen([cli, "run", "--path", str(path), "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat",
+                                            timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"chroma run did not start (exit {proc.poll()}); see "
+                                f"{log.name}")
+                time.sleep(0.2)
+        yield "127.0.0.1", port, path, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 # The three passages and the question most unit tests decode (tiny model, exact assertions).

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import os
-import tempfile
+import secrets
 import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -244,7 +244,7 @@ class FaissStore:
             lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self._records)
             _atomic_write(self.path / SIDECAR_FILE, lines.encode("utf-8"))
             if self.index is not None:
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path)
+                fd, tmp = _temp_file(self.path)
                 os.close(fd)
                 try:
                     _faiss().write_index(self.index, tmp)
@@ -384,8 +384,22 @@ def _normalise(vectors: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(vectors / np.where(norms == 0, 1.0, norms), dtype=np.float32)
 
 
+def _temp_file(folder: Path) -> tuple[int, str]:
+    """A new file in ``folder`` (a descriptor open for writing, its path), readable by the
+    group and others as the umask allows (``tempfile.mkstemp`` makes 0600 files, so a store
+    shared read-only with other users could not be read by them)."""
+    for _ in range(100):
+        tmp = folder / f".tmp-{secrets.token_hex(8)}"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+    msg = f"could not create a temporary file in {folder}"
+    raise FileExistsError(msg)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = _temp_file(path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

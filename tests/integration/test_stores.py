@@ -4,16 +4,8 @@ with SmolLM2 over a warm span datastore."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
+from conftest import free_port
 
 from nest_core.datastore import SpanDatastore
 from nest_core.ingest import Document, ingest, open_chroma_collection, open_faiss_store
@@ -66,51 +58,6 @@ def test_faiss_on_disk_finds_by_meaning(tmp_path, minilm, kind):
     assert source.retrieve("a city in Czechia", 1)[0].title == "Ostrava"
 
 
-def _chroma_cli() -> str | None:
-    local = Path(sys.executable).parent / "chroma"
-    return str(local) if local.is_file() else shutil.which("chroma")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def chroma_server(tmp_path_factory):
-    """A real `chroma run` on a free loopback port; stopped (and waited for) on teardown."""
-    cli = _chroma_cli()
-    if cli is None:
-        pytest.skip("the `chroma` CLI is not installed (it ships with `pip install chromadb`)")
-    port = _free_port()
-    path = tmp_path_factory.mktemp("chroma-server")
-    log = (path.parent / "chroma-server.log").open("wb")
-    proc = subprocess.Popen([cli, "run", "--path", str(path), "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat",
-                                            timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"chroma run did not start (exit {proc.poll()}); see "
-                                f"{log.name}")
-                time.sleep(0.2)
-        yield "127.0.0.1", port, path, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 def test_chroma_server_ingest_retrieve_and_decode(chroma_server, minilm, smollm, tmp_path):
     from nest_core.config import NestConfig
     from nest_core.decoder import NestDecoder
@@ -138,32 +85,9 @@ def test_chroma_server_ingest_retrieve_and_decode(chroma_server, minilm, smollm,
         assert result.text[span.out_start:span.out_end] == span.text
 
 
-def test_a_frozen_server_times_out_instead_of_hanging(chroma_server):
-    # issue 14, case 8: the real `chroma run`, stopped with SIGSTOP after connecting
-    import signal
-
-    from nest_core.embeddings import HashingEmbeddings
-
-    host, port, _, proc = chroma_server
-    embed = HashingEmbeddings(32)
-    col = open_chroma_collection(host=host, port=port, name="frozen", embed=embed)
-    ingest(DOCS[:2], col, embed=embed, progress=False)
-    source = ChromaSource.from_server(host, port, "frozen", embed=embed, timeout=2.0)
-    assert source.retrieve("What is FOLDOC?", 1)
-    os.kill(proc.pid, signal.SIGSTOP)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(TimeoutError, match="did not answer within 2 s"):
-            source.retrieve("What is FOLDOC?", 1)
-        assert time.monotonic() - t0 < 20
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-    assert source.retrieve("What is FOLDOC?", 1)  # served again once it runs
-
-
 def test_server_not_running_is_a_clear_error():
     with pytest.raises(ConnectionError, match="chroma run --path"):
-        ChromaSource.from_server("127.0.0.1", _free_port(), "served")
+        ChromaSource.from_server("127.0.0.1", free_port(), "served")
 
 
 def test_faiss_store_reopens_without_embedding_model(tmp_path, minilm):

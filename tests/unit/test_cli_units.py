@@ -135,23 +135,6 @@ def test_absurd_sizes_are_refused_by_the_parser(args, says, capsys):
     assert says in capsys.readouterr().err
 
 
-def test_an_unwritable_html_path_fails_before_any_model_loads(tmp_path, monkeypatch, capsys):
-    # caught: the --html path checked only after generation (the answer lost)
-    import nest_core.app.cli as cli
-
-    store = tmp_path / "store"
-    store.mkdir()
-    monkeypatch.setattr(cli, "detect_store", lambda *_: "faiss")  # store kind checked apart
-    monkeypatch.setattr(cli, "answer", lambda *a, **k: pytest.fail("generated anyway"))
-    rc = cli.main(["ask", "q", "--store", str(store), "--html",
-                   str(tmp_path / "no-such-dir" / "out.html")])
-    assert rc == 1
-    assert "cannot write --html" in capsys.readouterr().err
-    ok = tmp_path / "out.html"
-    cli.check_writable(ok)
-    assert not ok.exists()  # the check leaves nothing behind
-
-
 def test_a_bad_file_is_skipped_with_a_note_not_the_whole_folder(tmp_path, capsys):
     # caught: a non-UTF-8 file aborting the folder (issue 14, case 12)
     from nest_core.app.files import read_documents
