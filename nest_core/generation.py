@@ -159,15 +159,94 @@ class Generation:
 
     # --- LM and mixture --------------------------------------------------------------------
     def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
+        """Feed ``ids``; ``beliefs[i]`` is the belief at the position after ``ids[i]``.
+
+        With ``verify_against="lm"`` a draft's positions are judged by p_LM alone and the
+        next step starts from a rescored belief, so no kNN search runs for them; a single
+        position (the prompt's last, a single token) starts the next step and is searched.
+        """
         t0 = time.perf_counter()
         out = self.lm.forward(ids, self.cache, self.cfg.key_layer, last_only=last_only)
         self.stats.lm_seconds += time.perf_counter() - t0
         self.stats.lm_forwards += 1
-        return self.beliefs(out.logits, out.hidden)
+        search = self.cfg.verify_against != "lm" or out.logits.shape[0] == 1
+        return self.beliefs(out.logits, out.hidden, search=search)
 
-    def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor) -> list[Belief]:
-        """p_M at each fed position; ``logits``: ``(T, V)``, ``hidden``: ``(T, D)``."""
+    def rescore(self, belief: Belief) -> Belief:
+        """Recompute a belief after masking, so just-copied keys are not retrieved again."""
+        return self.beliefs(belief.logits[None], belief.hidden[None])[0]
+
+    def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool = True
+                ) -> list[Belief]:
+        """p_M at each fed position; ``logits``: ``(T, V)``, ``hidden``: ``(T, D)``.
+        ``search=False`` (p_LM-judged draft positions): λ = 1 and no neighbours."""
         t0 = time.perf_counter()
+        if self.cfg.verify_against == "lm":
+            out = self.lm_beliefs(logits, hidden, search)
+        else:
+            out = self.mixture_beliefs(logits, hidden)
+        self.stats.knn_seconds += time.perf_counter() - t0
+        return out
+
+    def lm_beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool
+                   ) -> list[Belief]:
+        """Beliefs for ``verify_against="lm"``: the LM is the target, so a single token is
+        the LM's own choice and p_M is never consulted (no ``(T, V)`` logsumexp); the kNN
+        side only proposes drafts, which need λ < δ (Eq. 6). So λ comes first, from two
+        order statistics of the distances, and the sorted top-k neighbours (the costly
+        part) only where λ lets a span start: the proposer sees the same λ and, where it
+        may draft, the same neighbours as a full search would give it."""
+        n = logits.shape[0]
+        scaled = logits / self.cfg.lm_temperature  # [T, V]
+        lm_best = scaled.max(dim=-1)  # values, indices: [T], [T]
+        tops, lm_max = lm_best.indices.tolist(), lm_best.values.tolist()
+        ends = [self.cfg.end_with_lm and t in self.eos for t in tops]
+        lams, found = [1.0] * n, None
+        if search and self.index is not None and self.index.num_active:
+            d2 = self.index.distances(hidden)  # [T, N]
+            lam = self.fast_confidence(d2)
+            if lam is None or bool((lam < self.cfg.span_threshold).any()):
+                found = self.index.nearest(d2, self.cfg.num_neighbors)
+                assert found is not None
+                lam = self.confidence(hidden, found)
+            lams = lam.tolist()
+        weights = values = None
+        if found is not None and self.index is not None:
+            weights = mixture.knn_weights(found.dist2, self.index.dim)  # [T, k]
+            values = self.index.values[found.rows]  # [T, k]
+        return [Belief(top_token=tops[i], top_prob=math.nan, lam=lams[i],
+                       neighbors=None if found is None else
+                       Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
+                       scaled_logits=scaled[i], lse=None,
+                       weights=None if weights is None else weights[i],
+                       values=None if values is None else values[i],
+                       logits=logits[i], hidden=hidden[i], lm_ends=ends[i], lm_max=lm_max[i])
+                for i in range(n)]
+
+    def fast_confidence(self, d2: torch.Tensor) -> torch.Tensor | None:
+        """λ ``(T,)`` from distances ``d2`` ``(T, N)`` without sorting them: d²_nearest is
+        their minimum and d²_farthest (of the r nearest) their r-th smallest, the very
+        numbers the sorted top-r would hold first and last. ``None`` where λ is not
+        Eq. 4 over the farthest neighbour (``knn-lm``'s fixed λ;
+        ``confidence_reference="norm"``, which needs the nearest row itself)."""
+        if self.cfg.mode != "nest" or self.cfg.confidence_reference != "farthest":
+            return None
+        assert self.index is not None
+        k = min(self.cfg.num_neighbors, self.index.num_active)
+        ends = torch.stack([d2.min(dim=-1).values, d2.kthvalue(k, dim=-1).values], 1)  # [T, 2]
+        return mixture.retrieval_confidence(ends, self.cfg.confidence_offset,
+                                            self.cfg.confidence_scale)
+
+    def confidence(self, hidden: torch.Tensor, found: Neighbors) -> torch.Tensor:
+        """λ ``(T,)`` (Eq. 4) of the searched positions: fixed in ``knn-lm`` mode."""
+        if self.cfg.mode == "knn-lm":
+            return torch.full((hidden.shape[0],), self.cfg.knn_lambda)
+        return mixture.retrieval_confidence(found.dist2, self.cfg.confidence_offset,
+                                            self.cfg.confidence_scale,
+                                            self.confidence_reference(hidden, found))
+
+    def mixture_beliefs(self, logits: torch.Tensor, hidden: torch.Tensor) -> list[Belief]:
+        """Beliefs for ``verify_against="mixture"`` (the paper): p_M at every position."""
         scaled = logits / self.cfg.lm_temperature  # [T, V]
         found = (self.index.search(hidden, self.cfg.num_neighbors)
                  if self.index is not None else None)
@@ -180,36 +259,22 @@ class Generation:
             assert self.index is not None
             weights = mixture.knn_weights(found.dist2, self.index.dim)  # [T, k]
             values = self.index.values[found.rows]  # [T, k]
-            lam = (torch.full((logits.shape[0],), self.cfg.knn_lambda)
-                   if self.cfg.mode == "knn-lm" else
-                   mixture.retrieval_confidence(found.dist2, self.cfg.confidence_offset,
-                                                self.cfg.confidence_scale,
-                                                self.confidence_reference(hidden, found)))
-        n = logits.shape[0]
-        if self.cfg.verify_against == "lm":
-            # The LM is the target: a single token is the LM's own choice; the kNN side only
-            # proposes drafts (starting with that token), which the LM verifies by p_LM
-            # ratios. p_M is never consulted, so it is not computed (no (T, V) logsumexp).
-            tops, top_probs, lses = lm_top, [math.nan] * n, [None] * n
-        else:
-            candidates, p_m, lse = mixture.sparse_mixture(scaled, lam, weights, values)
-            best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
-            tops, top_probs = candidates[best.indices].tolist(), best.values.tolist()
-            lses = list(lse)
+            lam = self.confidence(hidden, found)
+        candidates, p_m, lse = mixture.sparse_mixture(scaled, lam, weights, values)
+        best = p_m.max(dim=-1)  # over candidates: the max of p_M over the vocabulary
+        tops, top_probs = candidates[best.indices].tolist(), best.values.tolist()
         # end_with_lm: where the LM alone would end the answer, the answer ends
         tops = [lm_top[i] if ends[i] else t for i, t in enumerate(tops)]
         lm_max = lm_best.values.tolist()
-        out = [Belief(top_token=tops[i], top_prob=top_probs[i], lam=float(lam[i]),
-                      neighbors=None if found is None else
-                      Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
-                      scaled_logits=scaled[i], lse=lses[i],
-                      weights=None if weights is None else weights[i],
-                      values=None if values is None else values[i],
-                      logits=logits[i], hidden=hidden[i], lm_ends=ends[i],
-                      lm_max=lm_max[i])
-               for i in range(n)]
-        self.stats.knn_seconds += time.perf_counter() - t0
-        return out
+        return [Belief(top_token=tops[i], top_prob=top_probs[i], lam=float(lam[i]),
+                       neighbors=None if found is None else
+                       Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
+                       scaled_logits=scaled[i], lse=lse[i],
+                       weights=None if weights is None else weights[i],
+                       values=None if values is None else values[i],
+                       logits=logits[i], hidden=hidden[i], lm_ends=ends[i],
+                       lm_max=lm_max[i])
+                for i in range(logits.shape[0])]
 
     def confidence_reference(self, hidden: torch.Tensor, found: Neighbors
                              ) -> torch.Tensor | None:
@@ -218,10 +283,6 @@ class Generation:
             return None
         nearest_sq = self.index.key_sq[found.rows[:, 0]]  # [T]
         return mixture.norm_reference(hidden.to(nearest_sq.device), nearest_sq)
-
-    def rescore(self, belief: Belief) -> Belief:
-        """Recompute a belief after masking, so just-copied keys are not retrieved again."""
-        return self.beliefs(belief.logits[None], belief.hidden[None])[0]
 
     # --- output ----------------------------------------------------------------------------
     def emit(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:

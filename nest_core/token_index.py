@@ -66,13 +66,25 @@ class TokenIndex:
         Clamping k to the active rows keeps every returned distance finite, so the
         confidence ratio never sees an infinite "farthest" neighbour (PAPER.md pitfall 2).
         """
-        n_active = self.num_active
-        if n_active == 0:
+        if self.num_active == 0:
             return None
+        return self.nearest(self.distances(queries), k)
+
+    def distances(self, queries: torch.Tensor) -> torch.Tensor:
+        """Squared L2 distances ``(Q, N)`` of queries ``(Q, D)`` to every row; ``inf`` on
+        inactive rows. :meth:`search` is ``nearest(distances(q), k)``; a caller that may
+        not need the sorted neighbours (the decoder, when λ alone says "no span") reads
+        the few order statistics it needs from these without a top-k."""
         q = queries.to(self.keys.device, torch.float32)  # [Q, D]
         # ||q - k||^2 = ||k||^2 - 2 q.k + ||q||^2, computed in float32
         d2 = self.key_sq[None, :] - 2.0 * (q @ self.keys.T) + (q * q).sum(-1, keepdim=True)
-        d2 = d2.clamp_min_(0.0).masked_fill_(~self.active[None, :], float("inf"))  # [Q, N]
+        return d2.clamp_min_(0.0).masked_fill_(~self.active[None, :], float("inf"))  # [Q, N]
+
+    def nearest(self, d2: torch.Tensor, k: int) -> Neighbors | None:
+        """The ``min(k, active rows)`` smallest of :meth:`distances` ``d2``, sorted."""
+        n_active = self.num_active
+        if n_active == 0:
+            return None
         top = torch.topk(d2, min(k, n_active), dim=-1, largest=False, sorted=True)
         return Neighbors(dist2=top.values, rows=top.indices)
 
