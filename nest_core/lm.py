@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -135,12 +136,16 @@ class LanguageModel:
     @torch.inference_mode()
     def encode_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       key_layer: int) -> torch.Tensor:
-        """Key-layer states of a right-padded batch, LM body only (no LM head).
+        """Key-layer states of a right-padded batch: the LM body up to the key layer only
+        (neither the layers after it nor the LM head run).
 
         ``input_ids``/``attention_mask``: ``(B, T)``; returns ``(B, T, D)`` in the model dtype.
         """
         body = self.model.base_model
-        with KeyLayer(self.model, key_layer) as key:
+        out = None
+        # StopForward: the key layer ran; the layers after it (and the final norm) need not
+        with KeyLayer(self.model, key_layer, stop=True) as key, \
+                contextlib.suppress(StopForward):
             out = body(input_ids=input_ids.to(self.device),
                        attention_mask=attention_mask.to(self.device), use_cache=False,
                        **key.kwargs)
@@ -176,6 +181,10 @@ class LanguageModel:
                                          clean_up_tokenization_spaces=False))
 
 
+class StopForward(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised by a :class:`KeyLayer` hook with ``stop=True`` to end a forward early."""
+
+
 class KeyLayer:
     """Captures ``hidden_states[key_layer]`` alone, with a forward hook on the decoder layer
     that produces it, instead of ``output_hidden_states=True``, which keeps every layer's
@@ -185,10 +194,12 @@ class KeyLayer:
     0 (embeddings) and ``L`` (after the final norm), and models whose layer list is not
     found, fall back to ``output_hidden_states=True``. Use as a context manager around one
     forward; pass ``kwargs`` to it and read :meth:`states` after. Thread-safe: each
-    capture keeps only its own thread's forward.
+    capture keeps only its own thread's forward. ``stop``: the hook raises
+    :class:`StopForward` once it has the states, so a forward that needs nothing else
+    (passage encoding) skips the layers after the key layer; the caller catches it.
     """
 
-    def __init__(self, model: Any, key_layer: int) -> None:
+    def __init__(self, model: Any, key_layer: int, stop: bool = False) -> None:
         layers = _decoder_layers(model)
         n = len(layers) if layers is not None else 0
         index = key_layer + n + 1 if key_layer < 0 else key_layer
@@ -196,6 +207,7 @@ class KeyLayer:
         self.layer = layers[index - 1] if layers is not None and 1 <= index < n else None
         self.kwargs: dict[str, Any] = {} if self.layer is not None else {
             "output_hidden_states": True}
+        self.stop = stop
         self._captured: torch.Tensor | None = None
         self._hook: Any = None
         self._thread = 0
@@ -204,6 +216,8 @@ class KeyLayer:
         # one shared model serves many threads, and a hook sees every thread's forwards
         if threading.get_ident() == self._thread:
             self._captured = output[0] if isinstance(output, tuple) else output
+            if self.stop:
+                raise StopForward
 
     def __enter__(self) -> KeyLayer:
         self._thread = threading.get_ident()
@@ -216,7 +230,8 @@ class KeyLayer:
             self._hook.remove()
 
     def states(self, out: Any) -> torch.Tensor:
-        """``(B, T, D)`` key-layer states of the forward that returned ``out``."""
+        """``(B, T, D)`` key-layer states of the forward that returned ``out`` (``None``
+        when it was stopped at the key layer)."""
         if self.layer is None:
             return out.hidden_states[self.key_layer]
         assert self._captured is not None, "the key layer did not run"
