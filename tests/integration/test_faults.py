@@ -349,7 +349,7 @@ def test_case_06_escape_sequences_in_a_document_never_reach_the_terminal(
     store = tmp_path / "store"
     index(capsys, str(docs), "--out", str(store), "--no-precompute", "-q")
     code, out, err = run_main(capsys, "ask", QUESTION, "--store", str(store), "--color",
-                              "never", "--max-new-tokens", "12")
+                              "never", "--max-new-tokens", "8")
     assert code == 0, err
     assert "\nSources\n" in out, out  # the document is cited, so its text is shown
     assert not CONTROL.search(out), repr(out)
@@ -423,8 +423,9 @@ def test_case_07_ctrl_c_mid_index_leaves_a_marked_store_the_same_command_resumes
     assert code == 130
     assert "nest: interrupted" in err
     assert len(passage_ids(store)) == 2 + 64
-    assert unfinished(open_store(store)) == {"started": unfinished(open_store(store))["started"],
-                                             "passages": 80}
+    marker = unfinished(open_store(store))
+    assert marker is not None
+    assert marker["passages"] == 80
     open_source(store)
     assert (f"the last `nest index` into {store} did not finish (it was writing 80 passages"
             in capsys.readouterr().err)
