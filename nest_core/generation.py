@@ -55,7 +55,7 @@ class Generation:
     def run(self) -> Iterator[NestChunk]:
         stats = self.stats
         stats.prompt_tokens = len(self.prompt_ids)
-        belief = self.forward(self.prompt_ids, last_only=True)[-1]
+        belief = self.read_prompt()
         stream_row: int | None = None
         draft_len = self.cfg.initial_span_length
         while self.finish is None:
@@ -99,6 +99,18 @@ class Generation:
             yield from self.accept(draft[:n_ok], rows[:n_ok])
             belief = self.rescore(beliefs[n_ok - 1])
         yield self.final_chunk()
+
+    def read_prompt(self) -> Belief:
+        """Feed the prompt, starting after the longest head of it the model's prefix cache
+        holds (the chat template, background passages, an earlier turn), and keep its KV
+        states there for the next call."""
+        reuse = self.lm.prefix_cache.seed(self.cache, self.prompt_ids)
+        self.stats.prefix_cache_hits += reuse.hit
+        self.stats.prefix_cache_misses += not reuse.hit
+        self.stats.prefix_reused_tokens += reuse.tokens
+        belief = self.forward(self.prompt_ids[reuse.tokens:], last_only=True)[-1]
+        self.lm.prefix_cache.store(self.prompt_ids, self.cache)
+        return belief
 
     def accept(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:
         """Emit decided tokens, unless they would start repeating the output (then the

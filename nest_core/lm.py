@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from nest_core.prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_BYTES
+from nest_core.prefix_cache import PrefixCache
+
 logger = logging.getLogger(__name__)
 
 Message = dict[str, str]
@@ -33,9 +36,12 @@ class LanguageModel:
     Constructed from built objects (inject, then offer factories: see
     :func:`nest_core.models.load_model`). ``name`` is informational; ``fingerprint``
     identifies the weights so cached passage keys are never reused across models.
+    ``prefix_cache_bytes`` bounds :attr:`prefix_cache`, the KV states of earlier prompts
+    that later prompts with the same head start from (0 turns it off).
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str | None = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, name: str | None = None, *,
+                 prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES) -> None:
         if not hasattr(model, "config") or not callable(model):
             msg = f"model must be a transformers causal LM, got {type(model).__name__}"
             raise TypeError(msg)
@@ -46,6 +52,8 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._fingerprint: str | None = None
+        # KV states of earlier prompts, shared by every decoder (and thread) of this model
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"

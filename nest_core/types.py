@@ -103,6 +103,11 @@ class DecodeStats:
     # from the call to the first streamed text (passage keys and the prompt read included):
     # what a user waits before anything appears; equals total_seconds when nothing streamed
     first_token_seconds: float = 0.0
+    # the prompt's head found in the model's prefix KV cache (nest_core.prefix_cache): a
+    # hit reused prefix_reused_tokens prompt tokens without reading them; 0/1 per answer
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: int = 0
+    prefix_reused_tokens: int = 0
 
     @property
     def tokens_per_forward(self) -> float:
