@@ -26,7 +26,6 @@ from typing import Any, Literal
 Mode = Literal["nest", "knn-lm", "base"]
 ConfidenceReference = Literal["farthest", "norm"]
 VerifyAgainst = Literal["mixture", "lm"]
-SpanStart = Literal["argmax", "accepted"]
 MODES: tuple[str, ...] = ("nest", "knn-lm", "base")
 
 
@@ -62,9 +61,6 @@ class NestConfig:
     end_with_lm: bool = False  # the answer ends where the LM alone would end it
     repetition_stop: int = 0  # stop when the last n tokens already occurred (0: off)
     verify_against: VerifyAgainst = "mixture"  # drafts verified against p_M or p_LM
-    # a span starts at the nearest neighbour carrying argmax p_M (Eq. 5) or, "accepted",
-    # carrying any token verification accepts (needs verify_against="lm")
-    span_start: SpanStart = "argmax"
     focus_sentences: int | None = None  # the prompt shows the k sentences best for the question
     question_drafts: bool = False  # draft the question's own words (prompt lookup)
     # how a prompt that ends with a passage's own words (it asks to continue that passage)
@@ -99,13 +95,6 @@ class NestConfig:
             raise ValueError(msg)
         if self.verify_against not in ("mixture", "lm"):
             msg = f"verify_against={self.verify_against!r} is not 'mixture' or 'lm'"
-            raise ValueError(msg)
-        if self.span_start not in ("argmax", "accepted"):
-            msg = f"span_start={self.span_start!r} is not 'argmax' (Eq. 5) or 'accepted'"
-            raise ValueError(msg)
-        if self.span_start == "accepted" and self.verify_against != "lm":
-            msg = ("span_start='accepted' needs verify_against='lm' (the drafted first token "
-                   "is judged by p_LM)")
             raise ValueError(msg)
         for name in ("span_passages", "focus_sentences"):
             value = getattr(self, name)

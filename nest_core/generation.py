@@ -37,9 +37,7 @@ class Generation:
         self.cache = lm.new_cache()
         self.eos = lm.eos_token_ids
         self.proposer = (RetrievedSpanProposer(index, config.span_threshold,
-                                               config.span_passages, span_starts,
-                                               self.acceptable
-                                               if config.span_start == "accepted" else None)
+                                               config.span_passages, span_starts)
                          if index is not None and config.mode == "nest" else None)
         self.lookup = (QuestionLookup(question_ids) if config.question_drafts and question_ids
                        else None)
@@ -151,16 +149,6 @@ class Generation:
         ok &= torch.tensor([not b.lm_ends for b in beliefs])
         self.stats.knn_seconds += time.perf_counter() - t0
         return mixture.accepted_prefix(ok)
-
-    def acceptable(self, belief: Belief, tokens: torch.Tensor) -> torch.Tensor:
-        """Bool ``(k,)``: which of ``tokens`` ``(k,)`` the p_LM check of :meth:`verify`
-        accepts at this position (``span_start="accepted"``; Eq. 7 with p_LM as target)."""
-        if belief.lm_ends:
-            return torch.zeros_like(tokens, dtype=torch.bool)
-        top = belief.lm_max if belief.lm_max is not None else float(belief.scaled_logits.max())
-        ratio = torch.exp(belief.scaled_logits[tokens.cpu()] - top)  # [k]: p_LM(w) / max p_LM
-        ok = mixture.relaxed_accept(ratio, torch.ones_like(ratio), self.cfg.relaxation)
-        return ok.to(tokens.device)
 
     def repeat_cut(self, tokens: Sequence[int]) -> int | None:
         """With ``repetition_stop`` n: how many of ``tokens`` to keep so that the output

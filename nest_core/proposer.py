@@ -6,7 +6,6 @@ token normally" (as transformers' CandidateGenerator).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -80,23 +79,15 @@ class RetrievedSpanProposer:
     ``start_rows`` (beyond the paper; ``None`` = any row): a bool mask ``(N,)`` of the rows
     a span may start at: the question's focus sentences (:mod:`nest_core.focus`), so a span
     starts where the question's answer is read, not wherever the next token occurs.
-
-    ``acceptable`` (beyond the paper, ``NestConfig.span_start="accepted"``; ``None`` = the
-    paper's argmax): ``(belief, tokens (k,)) -> bool (k,)``, the tokens verification would
-    accept at this position. The span starts at the nearest neighbour whose token passes,
-    so where the LM is torn between two readings of the passage ("ZM" or "ZMB" for an
-    alpha-3 code), the retrieved context decides and the LM keeps its veto.
     """
 
     def __init__(self, index: TokenIndex, span_threshold: float,
-                 span_passages: int | None = None, start_rows: torch.Tensor | None = None,
-                 acceptable: Callable[[Belief, torch.Tensor], torch.Tensor] | None = None
+                 span_passages: int | None = None, start_rows: torch.Tensor | None = None
                  ) -> None:
         self.index = index
         self.span_threshold = span_threshold
         self.span_passages = span_passages
         self.start_rows = start_rows
-        self.acceptable = acceptable
 
     def propose(self, belief: Belief, stream_row: int | None, length: int) -> list[int]:
         if stream_row is not None:
@@ -107,8 +98,7 @@ class RetrievedSpanProposer:
         if belief.neighbors is None or belief.values is None \
                 or belief.lam >= self.span_threshold:
             return []  # Eq. 6: λ ≥ δ, the LM is trusted, emit a single token
-        carries = (belief.values == belief.top_token if self.acceptable is None
-                   else self.acceptable(belief, belief.values))  # [k]
+        carries = belief.values == belief.top_token  # [k]
         if self.span_passages is not None:
             rank = self.index.passage_of[belief.neighbors.rows[0].cpu()]  # [k]
             carries &= (rank < self.span_passages).to(carries.device)

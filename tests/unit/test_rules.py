@@ -25,7 +25,6 @@ forwards.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -679,34 +678,3 @@ def test_rule14_windowed_keys_all_have_context(tiny_lm):
         gaps = (last - enc.keys[j]).norm(dim=-1)
         assert float(gaps.min()) < 1e-4, f"key {j} is the state of no context with a token"
 
-
-def test_span_start_accepted_starts_at_the_nearest_neighbour_the_lm_accepts():
-    # beyond the paper (span_start="accepted"): the nearest neighbour carrying any token
-    # the p_LM check accepts, not only argmax. Caught: ignoring `acceptable` (argmax start,
-    # row 5), or taking the nearest neighbour whatever its token.
-    index = _toy_index()
-    base = _toy_belief(index, query=0.0, top_token=7, lam=0.1)
-    logits = torch.full((10,), -10.0)
-    logits[7], logits[5], logits[9] = 0.0, -0.5, -0.2  # 5 and 9 within 2x of 7 (γ = 1)
-    belief = dataclasses.replace(base, scaled_logits=logits, lm_max=0.0)
-    gen = Generation.__new__(Generation)
-    gen.cfg = NestConfig(verify_against="lm", relaxation=1.0, span_start="accepted")
-    ok = gen.acceptable(belief, belief.values)
-    assert ok.tolist() == [int(v) in (5, 7, 9) for v in belief.values]
-    # row 0 (value 5) is the nearest neighbour and the LM accepts 5: the span starts there
-    assert RetrievedSpanProposer(index, 0.5, acceptable=gen.acceptable).propose(
-        belief, None, 3) == [0, 1, 2]
-    assert RetrievedSpanProposer(index, 0.5).propose(belief, None, 3) == [5, 6]
-    # the LM vetoes 5 (ratio exp(-3) < 1/2): the nearest acceptable carrier is row 5 (7)
-    logits[5] = -3.0
-    assert RetrievedSpanProposer(index, 0.5, acceptable=gen.acceptable).propose(
-        dataclasses.replace(belief, scaled_logits=logits), None, 3) == [5, 6]
-    # where the LM would end the answer nothing is acceptable
-    assert not gen.acceptable(dataclasses.replace(belief, lm_ends=True), belief.values).any()
-
-
-def test_span_start_accepted_needs_the_lm_as_judge():
-    with pytest.raises(ValueError, match="verify_against='lm'"):
-        NestConfig(span_start="accepted")
-    with pytest.raises(ValueError, match="span_start"):
-        NestConfig(span_start="nearest")  # type: ignore[arg-type]
