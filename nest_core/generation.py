@@ -41,6 +41,7 @@ class Generation:
                          if index is not None and config.mode == "nest" else None)
         self.lookup = (QuestionLookup(question_ids) if config.question_drafts and question_ids
                        else None)
+        self.starters = self.span_starters(span_starts)
         self.ids: list[int] = []  # generated token ids
         self.rows: list[int] = []  # index row each token was copied from, or NO_SOURCE
         self.offsets = OutputText(lm.decode)
@@ -169,6 +170,21 @@ class Generation:
             seen.add(gram)
         return None
 
+    def span_starters(self, span_starts: torch.Tensor | None) -> frozenset[int]:
+        """The tokens a span may start with: values of the rows the proposer may start at
+        (active, in the top ``span_passages`` passages, within ``span_starts``). Masking
+        only removes rows, so a token outside this set never starts a span: with
+        ``verify_against="lm"`` no search is needed where the LM's choice is outside it."""
+        if self.proposer is None or self.index is None:
+            return frozenset()
+        index = self.index
+        ok = index.active.clone()  # [N]
+        if self.cfg.span_passages is not None:
+            ok &= (index.passage_of < self.cfg.span_passages).to(ok.device)
+        if span_starts is not None:
+            ok &= span_starts.to(ok.device)
+        return frozenset(index.values[ok].tolist())
+
     # --- LM and mixture --------------------------------------------------------------------
     def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
         """Feed ``ids``; ``beliefs[i]`` is the belief at the position after ``ids[i]``.
@@ -204,17 +220,18 @@ class Generation:
                    ) -> list[Belief]:
         """Beliefs for ``verify_against="lm"``: the LM is the target, so a single token is
         the LM's own choice and p_M is never consulted (no ``(T, V)`` logsumexp); the kNN
-        side only proposes drafts, which need λ < δ (Eq. 6). So λ comes first, from two
-        order statistics of the distances, and the sorted top-k neighbours (the costly
-        part) only where λ lets a span start: the proposer sees the same λ and, where it
-        may draft, the same neighbours as a full search would give it."""
+        side only proposes drafts, which start with the LM's choice and need λ < δ
+        (Eq. 6). So no search runs where no row may start a span with the LM's choice
+        (:meth:`span_starters`; λ is left at 1), λ comes first, from two order statistics
+        of the distances, and the sorted top-k neighbours (the costly part) only where λ
+        lets a span start: the proposer drafts exactly what a full search would let it."""
         n = logits.shape[0]
         scaled = logits / self.cfg.lm_temperature  # [T, V]
-        lm_best = scaled.max(dim=-1)  # values, indices: [T], [T]
-        tops, lm_max = lm_best.indices.tolist(), lm_best.values.tolist()
+        lm_max, tops = mixture.row_max(scaled)  # [T], [T]
         ends = [self.cfg.end_with_lm and t in self.eos for t in tops]
         lams, found = [1.0] * n, None
-        if search and self.index is not None and self.index.num_active:
+        if search and self.index is not None and not self.starters.isdisjoint(tops) \
+                and self.index.num_active:
             d2 = self.index.distances(hidden)  # [T, N]
             lam = self.fast_confidence(d2)
             if lam is None or bool((lam < self.cfg.span_threshold).any()):
@@ -264,8 +281,7 @@ class Generation:
                  if self.index is not None else None)
         weights = values = None
         lam = torch.ones(logits.shape[0])  # base mode, no passages, or all keys masked
-        lm_best = scaled.max(dim=-1)  # values, indices: [T], [T]
-        lm_top = lm_best.indices.tolist()  # [T]
+        lm_max, lm_top = mixture.row_max(scaled)  # [T], [T]
         ends = [self.cfg.end_with_lm and t in self.eos for t in lm_top]
         if found is not None:
             assert self.index is not None
@@ -277,7 +293,6 @@ class Generation:
         tops, top_probs = candidates[best.indices].tolist(), best.values.tolist()
         # end_with_lm: where the LM alone would end the answer, the answer ends
         tops = [lm_top[i] if ends[i] else t for i, t in enumerate(tops)]
-        lm_max = lm_best.values.tolist()
         return [Belief(top_token=tops[i], top_prob=top_probs[i], lam=float(lam[i]),
                        neighbors=None if found is None else
                        Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),

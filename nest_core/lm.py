@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import inspect
 import logging
@@ -52,6 +53,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._fingerprint: str | None = None
+        self._empty_cache: Any = None
         # KV states of earlier prompts, shared by every decoder (and thread) of this model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
@@ -118,9 +120,13 @@ class LanguageModel:
 
     # --- forwards --------------------------------------------------------------------------
     def new_cache(self) -> Any:
-        from transformers import DynamicCache
+        """An empty KV cache for this model: a copy of one built once (building one from
+        the config reads the layer types anew, ~1 ms per call)."""
+        if self._empty_cache is None:
+            from transformers import DynamicCache
 
-        return DynamicCache(config=self.model.config)
+            self._empty_cache = DynamicCache(config=self.model.config)
+        return copy.deepcopy(self._empty_cache)
 
     @torch.inference_mode()
     def forward(self, input_ids: Sequence[int], cache: Any, key_layer: int,
