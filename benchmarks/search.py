@@ -101,6 +101,7 @@ def open_stores(passages: Sequence[Passage], root: Path | None = None, corpus: s
     ingested on first use; the stores' directory is keyed by the passages' hash."""
     from nest_core.ingest import Document, ingest, open_chroma_collection, open_faiss_store
     from nest_core.sources import ChromaSource, FaissSource
+    from nest_core.sources.rerank import LexicalRerank
 
     root = root or cache_dir() / "bench" / f"stores-{corpus_digest(passages)}"
     embed = CachedEmbeddings(passages, corpus_vectors(passages, corpus))
@@ -111,5 +112,8 @@ def open_stores(passages: Sequence[Passage], root: Path | None = None, corpus: s
     ingest(docs, faiss_store, embed=embed, progress=False, batch_size=512)
     collection = open_chroma_collection(root / "chroma", embed=embed)
     ingest(docs, collection, embed=embed, progress=False, batch_size=512)
-    return {"faiss": SourceSearch("FAISS flat", FaissSource(faiss_store, embed=embed)),
-            "chroma": SourceSearch("Chroma (embedded)", ChromaSource(collection, embed=embed))}
+    # as `nest ask` retrieves: the store's 200 nearest, re-ranked by the question's words
+    return {"faiss": SourceSearch("FAISS flat",
+                                  LexicalRerank(FaissSource(faiss_store, embed=embed))),
+            "chroma": SourceSearch("Chroma (embedded)",
+                                   LexicalRerank(ChromaSource(collection, embed=embed)))}

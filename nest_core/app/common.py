@@ -113,10 +113,12 @@ def prune_span_files(store: str | os.PathLike[str], lm: Any, config: Any,
 
 
 def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
-                embedding: str | None = None, allow_dangerous_deserialization: bool = False
-                ) -> Any:
+                embedding: str | None = None, allow_dangerous_deserialization: bool = False,
+                rerank: bool = True) -> Any:
     """The passage source of the store at ``path``, whoever wrote it
-    (:func:`nest_core.sources.open_store`), queried with the ``--embedding`` model."""
+    (:func:`nest_core.sources.open_store`), queried with the ``--embedding`` model; with
+    ``rerank``, a wider pool re-ranked by the question's words
+    (:class:`~nest_core.sources.rerank.LexicalRerank`), as every question is answered."""
     from nest_core.embeddings import load_embedding
     from nest_core.sources.open import open_store
 
@@ -134,6 +136,10 @@ def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
         note(f"the last `nest index` into {path} did not finish (it was writing "
              f"{info.get('passages')} passages, started {info.get('started')}): answers may "
              f"miss documents; run the same `nest index` command again to resume")
+    if rerank:
+        from nest_core.sources.rerank import LexicalRerank
+
+        return LexicalRerank(source)
     return source
 
 
@@ -148,7 +154,7 @@ def precompute_existing(path: str | os.PathLike[str], *, collection: str | None 
     from nest_core.ingest import precompute
     from nest_core.sources.open import span_datastore_dir
 
-    source = open_source(path, collection=collection,
+    source = open_source(path, collection=collection, rerank=False,
                          allow_dangerous_deserialization=allow_dangerous_deserialization)
     passages = [p for p in source.passages() if p.text.strip()]
     if not passages:  # said before the model loads

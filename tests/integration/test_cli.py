@@ -302,3 +302,16 @@ def test_quiet_index_hides_the_one_time_model_conversion_bar(corpus: Path, tmp_p
     assert list((tmp_path / "fresh-cache" / "models").iterdir()), "no conversion happened"
     assert "Converting" not in proc.stderr
     assert "%|" not in proc.stderr
+
+
+def test_questions_retrieve_through_the_lexical_rerank(faiss_store: Path) -> None:
+    """`nest ask`/serve/mcp/demo retrieve a wider pool re-ranked by the question's words;
+    `nest index --from-store` reads the store itself (no rerank wrapper)."""
+    from nest_core.app.common import open_source
+    from nest_core.sources.rerank import LexicalRerank
+
+    source = open_source(faiss_store)
+    assert isinstance(source, LexicalRerank)
+    found = source.retrieve("How many days of paid leave per year?", 1)
+    assert "31 days of paid leave" in found[0].text
+    assert not isinstance(open_source(faiss_store, rerank=False), LexicalRerank)
