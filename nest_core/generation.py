@@ -103,7 +103,9 @@ class Generation:
         """Feed the prompt, starting after the longest head of it the model's prefix cache
         holds (the chat template, background passages, an earlier turn), and keep its KV
         states there for the next call."""
+        t0 = time.perf_counter()
         reuse = self.lm.prefix_cache.seed(self.cache, self.prompt_ids)
+        self.stats.lm_seconds += time.perf_counter() - t0  # it stands for part of the read
         self.stats.prefix_cache_hits += reuse.hit
         self.stats.prefix_cache_misses += not reuse.hit
         self.stats.prefix_reused_tokens += reuse.tokens

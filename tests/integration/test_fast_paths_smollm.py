@@ -1,0 +1,64 @@
+"""The decoder's shortcuts and the prefix cache on the real SmolLM2: same token ids."""
+
+from __future__ import annotations
+
+import pytest
+
+from nest_core import NestDecoder, Passage
+from nest_core.config import default_config
+from nest_core.generation import Generation
+from nest_core.lm import LanguageModel
+
+pytestmark = pytest.mark.integration
+
+PASSAGES = [
+    Passage("ro", "Romania: alpha-2 code RO, alpha-3 code ROU, numeric code 642.\n"
+            "Rwanda: alpha-2 code RW, alpha-3 code RWA, numeric code 646.", title="Countries R"),
+    Passage("zw", "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather in "
+            "Ostrava. It makes brass widgets for clockmakers and employs 340 people.",
+            title="Zephyr Widget Company"),
+    Passage("brass", "Brass is an alloy of copper and zinc. Clockmakers use brass gears "
+            "because brass is easy to machine and resists corrosion.", title="Brass"),
+]
+QUESTIONS = [
+    "What is the ISO 3166-1 numeric code of Romania? Answer in a few words.",
+    "Who founded the Zephyr Widget Company, and in which year?",
+    "What is the ISO 3166-1 alpha-3 code of Rwanda? Answer in a few words.",
+]
+
+
+class Reference(Generation):
+    """The slow path (see tests/unit/test_fast_paths.py): every position searched."""
+
+    def span_starters(self, span_starts):
+        return frozenset(range(self.lm.vocab_size))
+
+    def beliefs(self, logits, hidden, search=True):
+        return super().beliefs(logits, hidden, search=True)
+
+    def fast_confidence(self, d2):
+        return None
+
+
+def _answers(lm: LanguageModel, cls: type[Generation], monkeypatch) -> list[list[int]]:
+    """Each question answered by the decoder's own stream with ``cls`` as its Generation."""
+    monkeypatch.setattr("nest_core.decoder.Generation", cls)
+    dec = NestDecoder(lm, default_config(lm.name))
+    return [dec.generate(q, PASSAGES, max_new_tokens=32).token_ids for q in QUESTIONS]
+
+
+def test_shortcuts_and_prefix_cache_keep_the_token_ids(smollm, monkeypatch):
+    # caught (as in the unit tests): a wrong λ shortcut, a wrong span-starter set, a
+    # prefix reused one token too far
+    cold = LanguageModel(smollm.model, smollm.tokenizer, name=smollm.name,
+                         prefix_cache_bytes=0)
+    warm = LanguageModel(smollm.model, smollm.tokenizer, name=smollm.name)
+    slow = _answers(cold, Reference, monkeypatch)
+    fast = _answers(warm, Generation, monkeypatch)
+    assert fast == slow
+    assert all(slow), "the answers must not be empty"
+    again = NestDecoder(warm, default_config(warm.name)).generate(QUESTIONS[0], PASSAGES,
+                                                                  max_new_tokens=32)
+    assert again.token_ids == slow[0]
+    assert again.stats.prefix_cache_hits == 1
+    assert again.stats.prefix_reused_tokens == again.stats.prompt_tokens - 1
