@@ -40,11 +40,12 @@ def _assert_same(a: EncodedPassage, b: EncodedPassage) -> None:
 
 
 class _CountingForwards:
-    """Counts real forwards of the LM body (a torch hook, not a mock)."""
+    """Counts real forwards of the LM body (a torch pre-hook, not a mock: passage encoding
+    stops at the key layer, so the body never returns and a forward hook would not fire)."""
 
     def __init__(self, lm: LanguageModel) -> None:
         self.calls = 0
-        self._handle = lm.model.base_model.register_forward_hook(self._hook)
+        self._handle = lm.model.base_model.register_forward_pre_hook(self._hook)
 
     def _hook(self, *_: object) -> None:
         self.calls += 1
