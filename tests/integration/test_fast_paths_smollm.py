@@ -62,3 +62,15 @@ def test_shortcuts_and_prefix_cache_keep_the_token_ids(smollm, monkeypatch):
     assert again.token_ids == slow[0]
     assert again.stats.prefix_cache_hits == 1
     assert again.stats.prefix_reused_tokens == again.stats.prompt_tokens - 1
+
+
+def test_load_model_takes_the_prefix_cache_bound(smollm):
+    from nest_core.models import load_model
+
+    off = load_model(shared=False, prefix_cache_bytes=0)
+    assert off.prefix_cache.max_bytes == 0
+    dec = NestDecoder(off, default_config(off.name))
+    dec.generate(QUESTIONS[0], PASSAGES, max_new_tokens=4)
+    again = dec.generate(QUESTIONS[0], PASSAGES, max_new_tokens=4)
+    assert again.stats.prefix_cache_hits == 0
+    assert smollm.prefix_cache.max_bytes > 0  # the default, for the shared model
