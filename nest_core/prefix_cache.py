@@ -66,6 +66,11 @@ class PrefixCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[type[PrefixCache], tuple[int]]:
+        # A model sent to another process (a Ray worker) starts with an empty cache of the
+        # same bound: KV states are cheap to rebuild there, and a lock cannot be pickled.
+        return (PrefixCache, (self.max_bytes,))
+
     @property
     def nbytes(self) -> int:
         return self._bytes

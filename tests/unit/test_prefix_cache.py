@@ -169,3 +169,13 @@ def test_entries_are_never_changed_by_the_generations_seeded_from_them(tiny_lm):
     for (k, v), (k0, v0) in zip(entry.layers, saved, strict=True):
         assert torch.equal(k, k0)
         assert torch.equal(v, v0)
+
+
+def test_a_pickled_cache_is_empty_with_the_same_bound():
+    # a model sent to a Ray worker is pickled: the lock cannot be, the entries need not be
+    import pickle
+
+    cache = PrefixCache(1234)
+    copy = pickle.loads(pickle.dumps(cache))
+    assert isinstance(copy, PrefixCache)
+    assert (copy.max_bytes, len(copy), copy.nbytes) == (1234, 0, 0)
