@@ -113,15 +113,20 @@ def rank_sentences(question: str, passages: Sequence[Passage]) -> list[Sentence]
     frequency of the question's terms it holds; ties keep passage (retrieval) order, then
     text order."""
     spans = [(i, a, b) for i, p in enumerate(passages) for a, b in split_sentences(p.text)]
-    bags = [terms(passages[i].text[a:b]) for i, a, b in spans]
+    scores = term_scores(question, [passages[i].text[a:b] for i, a, b in spans])
+    scored = [Sentence(i, a, b, score) for (i, a, b), score in zip(spans, scores, strict=True)]
+    return sorted(scored, key=lambda s: -s.score)  # stable: ties stay in retrieval order
+
+
+def term_scores(question: str, texts: Sequence[str]) -> list[float]:
+    """Per text: the summed inverse frequency, among ``texts``, of the question's terms it
+    holds, each weighted as :func:`question_weights` says (rare words and names decide)."""
+    bags = [terms(text) for text in texts]
     wanted = question_weights(question)
     held = [[t for t in wanted if t <= bag] for bag in bags]
     df = Counter(t for ts in held for t in ts)
-    n = len(bags)
-    idf = {t: wanted[t] * math.log(1.0 + n / df[t]) for t in df}
-    scored = [Sentence(i, a, b, sum(idf[t] for t in ts))
-              for (i, a, b), ts in zip(spans, held, strict=True)]
-    return sorted(scored, key=lambda s: -s.score)  # stable: ties stay in retrieval order
+    idf = {t: wanted[t] * math.log(1.0 + len(bags) / df[t]) for t in df}
+    return [sum(idf[t] for t in ts) for ts in held]
 
 
 def continues_passage(prompt: str, passages: Sequence[Passage], words: int = 6) -> bool:
@@ -159,10 +164,6 @@ def rank_passages(question: str, passages: Sequence[Passage]) -> list[int]:
     A dense retriever blurs names and codes (MiniLM ranks the passage on "Northern Bontok"
     below 150 others about languages): a name the question writes is exactly what lexical
     matching gets right, and the retriever's own order decides among equals."""
-    bags = [terms(f"{p.title}\n{p.text}" if p.title else p.text) for p in passages]
-    wanted = question_weights(question)
-    held = [[t for t in wanted if t <= bag] for bag in bags]
-    df = Counter(t for ts in held for t in ts)
-    idf = {t: wanted[t] * math.log(1.0 + len(bags) / df[t]) for t in df}
-    scores = [sum(idf[t] for t in ts) for ts in held]
+    scores = term_scores(question, [f"{p.title}\n{p.text}" if p.title else p.text
+                                    for p in passages])
     return sorted(range(len(passages)), key=lambda i: -scores[i])  # stable

