@@ -10,7 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,6 +86,27 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_until_serving(proc: subprocess.Popen[Any], ready: Callable[[], bool], seconds: float,
+                       failure: Callable[[], str]) -> None:
+    """Poll ``ready`` (a request that raises or says no while the server starts) until it
+    says yes; fail the test with ``failure()`` if ``proc`` exits or ``seconds`` pass."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(failure())
+        time.sleep(0.2)
+
+
+def stop_process(proc: subprocess.Popen[Any], seconds: float) -> None:
+    """Terminate ``proc``, kill it if it has not exited after ``seconds``, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def chroma_server(tmp_path_factory):
     """A real ``chroma run`` on a free loopback port, shared by the session: ``(host, port,
@@ -98,27 +121,32 @@ def chroma_server(tmp_path_factory):
     log = (path.parent / "chroma-server.log").open("wb")
     proc = subprocess.Popen([cli, "run", "--path", str(path), "--host", "127.0.0.1",
                              "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+
+    def heartbeat() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat",
+                                        timeout=2):
+                return True
+        except OSError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v2/heartbeat",
-                                            timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"chroma run did not start (exit {proc.poll()}); see "
-                                f"{log.name}")
-                time.sleep(0.2)
+        wait_until_serving(proc, heartbeat, 60, lambda: f"chroma run did not start (exit "
+                                                        f"{proc.poll()}); see {log.name}")
         yield "127.0.0.1", port, path, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 20)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the tiny model's matmuls are ~30x slower with 2 threads on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # The three passages and the question most unit tests decode (tiny model, exact assertions).

@@ -40,20 +40,11 @@ import torch
 from nest_core.app.cli import main
 from nest_core.ingest import Document, ingest, open_chroma_collection, unfinished
 from nest_core.sources import ChromaSource, open_store
+from tests.integration.test_cli import FACT, POLICY, QUESTION
+from tests.integration.test_cli import HANDBOOK as HISTORY
 
 pytestmark = pytest.mark.integration
 
-QUESTION = "When was the Zephyr Widget Company founded?"
-FACT = "The Zephyr Widget Company was founded in 1987 by Marta Quillfeather in Ostrava."
-HISTORY = f"""# Zephyr history
-
-{FACT} It makes brass widgets for clock towers, and its first factory stood beside the river.
-"""
-POLICY = """# Zephyr leave policy
-
-Every employee of the Zephyr Widget Company receives 31 days of paid leave per year, and the
-factory closes for the Widget Fair in the second week of June.
-"""
 # C0 and C1 control characters but tab and newline: what a terminal may execute
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
+
+from conftest import free_port, stop_process, wait_until_serving  # noqa: E402
 
 from tests.integration.test_cli import HANDBOOK, NEST, POLICY, QUESTION  # noqa: E402
 
@@ -42,12 +42,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(store: Path) -> Iterator[str]:
     """``nest serve`` on a loopback port with room for 1 answer + 1 queued request."""
@@ -59,26 +53,23 @@ def server(store: Path) -> Iterator[str]:
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     base = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def failure() -> str:
+        if proc.poll() is None:
+            return "nest serve did not come up"
+        return f"nest serve exited: {proc.stderr.read() if proc.stderr else ''}"
+
     try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"nest serve exited: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("nest serve did not come up")
-            time.sleep(0.5)
+        wait_until_serving(proc, healthy, STARTUP_SECONDS, failure)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 30)
 
 
 def ask_body(**extra: Any) -> dict[str, Any]:

@@ -9,7 +9,6 @@ number of rows, λ on either side of δ.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,6 +21,8 @@ from nest_core.generation import Generation
 from nest_core.lm import LanguageModel
 from nest_core.proposer import Belief
 from nest_core.types import DecodeStats, NestResult
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MORE = [*PASSAGES, Passage("u", TINY_CORPUS[5]), Passage("c", TINY_CORPUS[2], title="C")]
 PROMPTS = [PROMPT, "Tell me about nearest neighbor decoding and the quick brown fox.",
@@ -43,12 +44,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Reference(Generation):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from nest_core import NestConfig, NestDecoder
 from nest_core.config import default_config
 from nest_core.lm import LanguageModel
 from nest_core.prefix_cache import PrefixCache
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TURN = [{"role": "user", "content": PROMPT},
         {"role": "assistant", "content": "The Zephyr Widget Company was founded in 1987."},
@@ -25,12 +26,6 @@ CONFIGS = [default_config("tiny"), NestConfig(confidence_offset=1.0, relaxation=
            NestConfig(mode="base")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class FedLM(LanguageModel):

@@ -44,6 +44,8 @@ from nest_core.proposer import Belief, RetrievedSpanProposer
 from nest_core.token_index import TokenIndex
 from nest_core.types import DecodeStats, NestResult
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # α = 1: λ < δ whenever ρ < 1, so every step may draft; a tiny γ accepts nearly every draft
 # token: long copied runs, streaming and masking.
 COPY_HEAVY = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
@@ -57,13 +59,6 @@ SHORT = MIXED.with_overrides(initial_span_length=1)
 RUNS = ("copy", "mixed", "short")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny model's matmuls are ~30x slower with 2 threads on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --- instruments: the real classes, recording ------------------------------------------------

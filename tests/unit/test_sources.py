@@ -9,6 +9,7 @@ import socket
 
 import numpy as np
 import pytest
+from conftest import free_port
 
 from nest_core.embeddings import EmbeddingDimensionError, HashingEmbeddings, embed_texts
 from nest_core.sources import (
@@ -252,9 +253,7 @@ def test_chroma_bad_input(chroma_client):
 
 def test_chroma_server_not_running_names_the_command():
     pytest.importorskip("chromadb")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(ConnectionError, match=f"chroma run --path <DIR> --host 127.0.0.1 "
                                               f"--port {port}"):
         http_client("127.0.0.1", port)
