@@ -228,8 +228,8 @@ class Generation:
         of the distances, and the sorted top-k neighbours (the costly part) only where λ
         lets a span start: the proposer drafts exactly what a full search would let it."""
         n = logits.shape[0]
-        scaled = logits / self.cfg.lm_temperature  # [T, V]
-        lm_max, tops = mixture.row_max(scaled)  # [T], [T]
+        # max and argmax of logits / temperature, without dividing the (T, V) rows
+        lm_max, tops = mixture.scaled_row_max(logits, self.cfg.lm_temperature)  # [T], [T]
         ends = [self.cfg.end_with_lm and t in self.eos for t in tops]
         lams, found = [1.0] * n, None
         if search and self.index is not None and not self.starters.isdisjoint(tops) \
@@ -248,10 +248,11 @@ class Generation:
         return [Belief(top_token=tops[i], top_prob=math.nan, lam=lams[i],
                        neighbors=None if found is None else
                        Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
-                       scaled_logits=scaled[i], lse=None,
+                       scaled_logits=None, lse=None,
                        weights=None if weights is None else weights[i],
                        values=None if values is None else values[i],
-                       logits=logits[i], hidden=hidden[i], lm_ends=ends[i], lm_max=lm_max[i])
+                       logits=logits[i], hidden=hidden[i], lm_ends=ends[i], lm_max=lm_max[i],
+                       temperature=self.cfg.lm_temperature)
                 for i in range(n)]
 
     def fast_confidence(self, d2: torch.Tensor) -> torch.Tensor | None:
@@ -302,7 +303,7 @@ class Generation:
                        weights=None if weights is None else weights[i],
                        values=None if values is None else values[i],
                        logits=logits[i], hidden=hidden[i], lm_ends=ends[i],
-                       lm_max=lm_max[i])
+                       lm_max=lm_max[i], temperature=self.cfg.lm_temperature)
                 for i in range(logits.shape[0])]
 
     def confidence_reference(self, hidden: torch.Tensor, found: Neighbors

@@ -121,3 +121,27 @@ def row_max(x: torch.Tensor) -> tuple[list[float], list[int]]:
     a = x.numpy()  # [T, V], no copy
     top = a.argmax(axis=-1)  # [T]
     return a[np.arange(a.shape[0]), top].tolist(), top.tolist()
+
+
+def scaled_row_max(x: torch.Tensor, temperature: float) -> tuple[list[float], list[int]]:
+    """``row_max(x / temperature)`` for ``x`` ``(T, V)`` without dividing the rows.
+
+    Correctly rounded division by a positive number is monotone, so the largest scaled
+    entry is the scaled largest entry, and the first argmax is the raw one unless rounding
+    makes a smaller logit's scaled value equal to the max's. That needs the float just
+    below the max to scale to the same value; a row where it does (rare) is divided whole,
+    as are non-CPU and non-float rows. Exactly ``row_max(x / temperature)``, ties and NaN
+    included, at the cost of one argmax pass instead of a division and an argmax.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return row_max(x / temperature)
+    a = x.numpy()  # [T, V], no copy
+    top = a.argmax(axis=-1)  # [T]
+    raw_max = a[np.arange(a.shape[0]), top]  # [T]
+    # the same tensor-by-scalar division as x / temperature, on T numbers
+    scaled_max = (torch.from_numpy(raw_max) / temperature).numpy()  # [T]
+    below = np.nextafter(raw_max, -np.inf)  # [T]: the next smaller float
+    tied = (torch.from_numpy(below) / temperature).numpy() == scaled_max  # [T]
+    for i in np.flatnonzero(tied):
+        top[i] = int((x[i] / temperature).numpy().argmax())
+    return scaled_max.tolist(), top.tolist()

@@ -21,19 +21,21 @@ class Belief:
 
     ``top_token``/``top_prob``: argmax and max of p_M; ``lam``: λ (1.0 without retrieval);
     ``neighbors``: this position's search result (a batch of one) or ``None``;
-    ``scaled_logits`` ``(V,)`` and ``lse`` give p_LM; ``weights``/``values`` ``(k,)`` give
-    p_kNN; ``logits``/``hidden`` are kept to rescore after keys are masked; ``lm_ends``:
-    the LM's own argmax here is an end-of-answer token (used with ``end_with_lm``);
-    ``lm_max``: the largest scaled logit. With ``verify_against="lm"`` p_M is never
-    consulted: ``top_prob`` is NaN and ``lse`` is ``None`` (drafts are judged by
-    :meth:`lm_ratio`, in which the normaliser cancels).
+    ``logits`` ``(V,)`` (raw), ``temperature`` and ``lse`` give p_LM; ``scaled_logits``:
+    ``logits / temperature`` when the mixture path already computed it, else ``None``
+    (:meth:`scaled` divides on demand: the LM judge only needs one entry of it);
+    ``weights``/``values`` ``(k,)`` give p_kNN; ``logits``/``hidden`` are kept to rescore
+    after keys are masked; ``lm_ends``: the LM's own argmax here is an end-of-answer token
+    (used with ``end_with_lm``); ``lm_max``: the largest scaled logit. With
+    ``verify_against="lm"`` p_M is never consulted: ``top_prob`` is NaN and ``lse`` is
+    ``None`` (drafts are judged by :meth:`lm_ratio`, in which the normaliser cancels).
     """
 
     top_token: int
     top_prob: float
     lam: float
     neighbors: Neighbors | None
-    scaled_logits: torch.Tensor
+    scaled_logits: torch.Tensor | None
     lse: torch.Tensor | None
     weights: torch.Tensor | None
     values: torch.Tensor | None
@@ -41,21 +43,31 @@ class Belief:
     hidden: torch.Tensor
     lm_ends: bool = False
     lm_max: float | None = None
+    temperature: float = 1.0
+
+    def scaled(self) -> torch.Tensor:
+        """``(V,)`` logits / LM temperature: p_LM's logits."""
+        if self.scaled_logits is not None:
+            return self.scaled_logits
+        return self.logits / self.temperature
 
     def probability(self, token: int) -> torch.Tensor:
         """p_M(token) at this position, a 0-d tensor (sparse: no vocabulary-sized work)."""
         one = torch.tensor([token])
-        lse = self.lse if self.lse is not None else torch.logsumexp(self.scaled_logits, -1)
+        scaled = self.scaled()
+        lse = self.lse if self.lse is not None else torch.logsumexp(scaled, -1)
         return mixture.token_probability(
-            self.scaled_logits[None], lse[None], torch.tensor([self.lam]),
+            scaled[None], lse[None], torch.tensor([self.lam]),
             None if self.weights is None else self.weights[None],
             None if self.values is None else self.values[None], one)[0]
 
     def lm_ratio(self, token: int) -> float:
         """p_LM(token) / max p_LM at this position: Eq. 7's ratio when p_LM is the judge
-        (exp of a logit difference: no logsumexp over the vocabulary)."""
-        top = self.lm_max if self.lm_max is not None else float(self.scaled_logits.max())
-        return float(torch.exp(self.scaled_logits[token] - top))
+        (exp of a scaled-logit difference: no logsumexp, and no division of the whole row:
+        ``logits[token] / temperature`` is the very float ``scaled()[token]`` holds)."""
+        if self.lm_max is None:
+            return float(torch.exp(self.scaled()[token] - float(self.scaled().max())))
+        return float(torch.exp(self.logits[token] / self.temperature - self.lm_max))
 
 
 class SpanProposer(Protocol):

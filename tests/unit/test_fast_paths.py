@@ -8,6 +8,8 @@ number of rows, λ on either side of δ.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from typing import Any
 
@@ -47,7 +49,18 @@ CONFIGS = {
 
 
 class Reference(Generation):
-    """The slow path: every fed position searched, λ always from the sorted neighbours."""
+    """The slow path: every fed position searched, λ always from the sorted neighbours, and
+    p_LM judged from whole scaled rows (max and argmax of ``logits / temperature``)."""
+
+    def lm_beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool
+                   ) -> list[Belief]:
+        scaled = logits / self.cfg.lm_temperature  # [T, V]
+        best = scaled.max(dim=-1)
+        return [dataclasses.replace(
+            b, top_token=int(top), lm_ends=self.cfg.end_with_lm and int(top) in self.eos,
+            scaled_logits=scaled[i], lm_max=None)
+            for i, (b, top) in enumerate(zip(super().lm_beliefs(logits, hidden, search),
+                                             best.indices, strict=True))]
 
     def span_starters(self, span_starts: torch.Tensor | None) -> frozenset[int]:
         return frozenset(range(self.lm.vocab_size))
@@ -186,3 +199,45 @@ def test_span_starters_are_the_tokens_the_proposer_can_start_a_span_with(tiny_lm
             can_start.add(token)
     assert gen.starters == can_start
     assert 0 < len(can_start) < len(set(index.values.tolist()))
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.3, 1.0, 2.0])
+def test_scaled_row_max_is_row_max_of_the_divided_rows(temperature):
+    # caught: the raw argmax kept where rounding ties an earlier, smaller logit with the
+    # max; the raw max returned unscaled; a tie checked on the float above the max
+    from nest_core.mixture import row_max, scaled_row_max
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 300, generator=gen)
+    ties = 0
+    for i in range(30):  # the max at 250, the float just below it earlier, at 20 + i
+        top = torch.tensor(20.0 + i / 3)  # [16, 32): its scaled values are 2x as sparse
+        x[i, 250] = top
+        x[i, 20 + i] = torch.nextafter(top, torch.tensor(-math.inf))
+        ties += bool(x[i, 20 + i] / temperature == top / temperature)
+    x[30, [5, 9]] = 7.0  # an exact tie: the first index
+    x[31, 40] = math.inf
+    x[32, 41] = math.nan
+    x[33] = -math.inf
+    x[34, 3], x[34, 4] = 3.4e38, 3.3e38  # both overflow to inf when scaled by 1/0.3
+    assert temperature >= 1.0 or ties > 3, "the rows must hold rounding ties"
+    for rows in (x, x.double()):
+        expected = row_max(rows / temperature)
+        got = scaled_row_max(rows, temperature)
+        assert got[1] == expected[1]
+        assert str(got[0]) == str(expected[0])  # NaN compares unequal: as text
+
+
+def test_lm_ratio_is_the_ratio_of_the_scaled_row():
+    # caught: the temperature applied to the difference instead of to each logit
+    # (a different float), or not at all
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(500, generator=gen) * 8
+    scaled = logits / 0.7
+    lazy = Belief(top_token=0, top_prob=math.nan, lam=1.0, neighbors=None, scaled_logits=None,
+                  lse=None, weights=None, values=None, logits=logits, hidden=torch.zeros(1),
+                  lm_max=float(scaled.max()), temperature=0.7)
+    full = dataclasses.replace(lazy, scaled_logits=scaled, lm_max=None)
+    for token in range(500):
+        assert lazy.lm_ratio(token) == full.lm_ratio(token)
+        assert float(torch.exp(scaled[token] - scaled.max())) == lazy.lm_ratio(token)
