@@ -128,20 +128,44 @@ def scaled_row_max(x: torch.Tensor, temperature: float) -> tuple[list[float], li
 
     Correctly rounded division by a positive number is monotone, so the largest scaled
     entry is the scaled largest entry, and the first argmax is the raw one unless rounding
-    makes a smaller logit's scaled value equal to the max's. That needs the float just
-    below the max to scale to the same value; a row where it does (rare) is divided whole,
-    as are non-CPU and non-float rows. Exactly ``row_max(x / temperature)``, ties and NaN
-    included, at the cost of one argmax pass instead of a division and an argmax.
+    gives smaller logits the max's scaled value: those down to the lowest float that
+    scales to it, a few floats below the max at most (a quotient's preimage is about one
+    float of the max wide, whatever the temperature). Where the float just below the max
+    scales to the max's value (not rare: 1/0.7 maps adjacent floats onto a grid twice as
+    coarse past a power of two), the argmax is the first entry at or above that lowest
+    float (:func:`_first_tied`). Torch divides a tensor by a Python number in the tensor's
+    dtype, correctly rounded, as numpy does here. Exactly ``row_max(x / temperature)``,
+    ties and NaN included; non-CPU and non-float rows are divided whole.
     """
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return row_max(x / temperature)
     a = x.numpy()  # [T, V], no copy
     top = a.argmax(axis=-1)  # [T]
-    raw_max = a[np.arange(a.shape[0]), top]  # [T]
-    # the same tensor-by-scalar division as x / temperature, on T numbers
-    scaled_max = (torch.from_numpy(raw_max) / temperature).numpy()  # [T]
-    below = np.nextafter(raw_max, -np.inf)  # [T]: the next smaller float
-    tied = (torch.from_numpy(below) / temperature).numpy() == scaled_max  # [T]
-    for i in np.flatnonzero(tied):
-        top[i] = int((x[i] / temperature).numpy().argmax())
-    return scaled_max.tolist(), top.tolist()
+    peak = a[np.arange(a.shape[0]), top]  # [T]
+    t = a.dtype.type(temperature)
+    with np.errstate(over="ignore"):  # an infinite quotient is inf, as in torch
+        scaled = peak / t  # [T]
+        tied = np.nextafter(peak, -np.inf) / t == scaled  # [T]
+    if tied.any():
+        for i in np.flatnonzero(tied):
+            top[i] = _first_tied(x[i], int(top[i]), temperature)
+    return scaled.tolist(), top.tolist()
+
+
+def _first_tied(row: torch.Tensor, top: int, temperature: float, steps: int = 8) -> int:
+    """The first index of ``row``'s largest quotient by ``temperature``, where ``top`` is the
+    first index of its max and floats below the max share its quotient: the first entry
+    at or above the lowest of them (before ``top``, or ``top``). The row is divided
+    whole when that lowest float lies more than ``steps`` floats below the max."""
+    a = row.numpy()  # [V]
+    t = a.dtype.type(temperature)
+    with np.errstate(over="ignore", under="ignore"):
+        target = a[top] / t
+        low = a[top]
+        for _ in range(steps):
+            below = np.nextafter(low, -np.inf)
+            if below / t != target:
+                hits = np.flatnonzero(a[:top] >= low)
+                return int(hits[0]) if hits.size else top
+            low = below
+    return int((row / temperature).numpy().argmax())
