@@ -51,6 +51,12 @@ class TokenIndex:
         self.active = ((self.char_spans[:, 0] >= 0) & (self.values.cpu() < vocab_size)) \
             .to(device)  # [N]
         self.dim = dim
+        self._count_active()
+
+    def _count_active(self) -> None:
+        # read on every search: kept, and refreshed by mask() (the only writer of active)
+        self._num_active = int(self.active.sum())
+        self._inactive = ~self.active[None, :]  # [1, N]
 
     @property
     def num_rows(self) -> int:
@@ -58,7 +64,7 @@ class TokenIndex:
 
     @property
     def num_active(self) -> int:
-        return int(self.active.sum())
+        return self._num_active
 
     def search(self, queries: torch.Tensor, k: int) -> Neighbors | None:
         """The ``min(k, active rows)`` nearest active rows for each query ``(Q, D)``.
@@ -76,9 +82,10 @@ class TokenIndex:
         not need the sorted neighbours (the decoder, when λ alone says "no span") reads
         the few order statistics it needs from these without a top-k."""
         q = queries.to(self.keys.device, torch.float32)  # [Q, D]
-        # ||q - k||^2 = ||k||^2 - 2 q.k + ||q||^2, computed in float32
-        d2 = self.key_sq[None, :] - 2.0 * (q @ self.keys.T) + (q * q).sum(-1, keepdim=True)
-        return d2.clamp_min_(0.0).masked_fill_(~self.active[None, :], float("inf"))  # [Q, N]
+        # ||q - k||^2 = ||k||^2 - 2 q.k + ||q||^2, computed in float32, in place: -2 q.k
+        # is exact and addition commutes, so the floats are those of the expression
+        d2 = (q @ self.keys.T).mul_(-2.0).add_(self.key_sq).add_((q * q).sum(-1, keepdim=True))
+        return d2.clamp_min_(0.0).masked_fill_(self._inactive, float("inf"))  # [Q, N]
 
     def nearest(self, d2: torch.Tensor, k: int) -> Neighbors | None:
         """The ``min(k, active rows)`` smallest of :meth:`distances` ``d2``, sorted."""
@@ -122,6 +129,7 @@ class TokenIndex:
         """Never retrieve or propose these rows again in this generation (paper Sec. 3.4)."""
         if rows:
             self.active[torch.tensor(list(rows), dtype=torch.long)] = False
+            self._count_active()
 
     def row_in_passage(self, row: int) -> int:
         return row - int(self.row_start[int(self.passage_of[row])])

@@ -61,3 +61,22 @@ def test_source_and_row_in_passage():
     idx = _index()
     assert idx.source(4) == (idx.passages[1], 0, 2)
     assert idx.row_in_passage(4) == 1
+
+
+def test_distances_are_the_floats_of_the_expanded_square_and_follow_the_mask():
+    # caught: a reordered (or fused) sum that rounds differently; the count or the mask of
+    # active rows not refreshed after mask()
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(50, 16, generator=gen) * 3
+    enc = EncodedPassage(keys=keys, values=torch.arange(50) % 7,
+                         char_spans=torch.tensor([[i, i + 1] for i in range(50)],
+                                                 dtype=torch.int32))
+    idx = TokenIndex([Passage("a", "x" * 50)], [enc], vocab_size=10)
+    q = torch.randn(4, 16, generator=gen) * 3
+    expected = (idx.key_sq[None, :] - 2.0 * (q @ idx.keys.T)
+                + (q * q).sum(-1, keepdim=True)).clamp_min(0.0)  # [4, 50]
+    assert torch.equal(idx.distances(q), expected)
+    idx.mask([3, 10, 11])
+    assert idx.num_active == 47
+    assert torch.equal(idx.distances(q)[:, [3, 10, 11]].isinf(), torch.ones(4, 3, dtype=bool))
+    assert torch.equal(idx.distances(q)[:, :3], expected[:, :3])
