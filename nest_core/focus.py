@@ -110,12 +110,19 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
 
 def rank_sentences(question: str, passages: Sequence[Passage]) -> list[Sentence]:
     """Every sentence of ``passages``, best first: summed (weighted) inverse sentence
-    frequency of the question's terms it holds; ties keep passage (retrieval) order, then
-    text order."""
+    frequency of the question's terms it holds, its passage's title included (a sentence
+    means what its document's title says: "Švenčionys (district municipality): LT-49." is
+    about Lithuania only through "ISO 3166-2 subdivision codes of Lithuania"); ties keep
+    passage (retrieval) order, then text order."""
     spans = [(i, a, b) for i, p in enumerate(passages) for a, b in split_sentences(p.text)]
-    scores = term_scores(question, [passages[i].text[a:b] for i, a, b in spans])
+    scores = term_scores(question, [_titled(passages[i], passages[i].text[a:b])
+                                    for i, a, b in spans])
     scored = [Sentence(i, a, b, score) for (i, a, b), score in zip(spans, scores, strict=True)]
     return sorted(scored, key=lambda s: -s.score)  # stable: ties stay in retrieval order
+
+
+def _titled(passage: Passage, text: str) -> str:
+    return f"{passage.title}\n{text}" if passage.title else text
 
 
 def term_scores(question: str, texts: Sequence[str]) -> list[float]:
@@ -164,6 +171,5 @@ def rank_passages(question: str, passages: Sequence[Passage]) -> list[int]:
     A dense retriever blurs names and codes (MiniLM ranks the passage on "Northern Bontok"
     below 150 others about languages): a name the question writes is exactly what lexical
     matching gets right, and the retriever's own order decides among equals."""
-    scores = term_scores(question, [f"{p.title}\n{p.text}" if p.title else p.text
-                                    for p in passages])
+    scores = term_scores(question, [_titled(p, p.text) for p in passages])
     return sorted(range(len(passages)), key=lambda i: -scores[i])  # stable

@@ -68,6 +68,24 @@ def test_a_many_word_name_counts_once():
     assert best.startswith("The headquarters is in Dunmore")
 
 
+def test_a_passage_title_counts_for_each_of_its_sentences():
+    # caught on doc-QA dev: the country line names Lithuania in its text, the subdivision
+    # line only in its passage's title; without the title the country line won (retrieval
+    # order breaks the tie) and the model answered with the country's codes
+    passages = [
+        Passage("countries", "Latvia: alpha-2 code LV, numeric code 428.\n"
+                             "Lithuania: alpha-2 code LT, numeric code 440.",
+                title="ISO 3166-1 country codes"),
+        Passage("lt", "Alytus (district municipality): LT-03.\n"
+                      "Birštonas (municipality): LT-05.\n"
+                      "Jonava (district municipality): LT-10.\n"
+                      "Švenčionys (district municipality): LT-49.",
+                title="ISO 3166-2 subdivision codes of Lithuania"),
+    ]
+    q = "What is the ISO 3166-2 code of Švenčionys, a district municipality of Lithuania?"
+    assert best_text(q, passages) == ["Švenčionys (district municipality): LT-49."]
+
+
 def test_no_shared_word_means_no_focus():
     assert best_sentences("Quantum chromodynamics?", handbook("02-offices"), 3) == []
 
