@@ -37,10 +37,13 @@ class OutputText:
     def prefix_length(self, ids: Sequence[int], t: int) -> int:
         """Characters of ``decode(ids[:t])`` that are final (no dangling partial character)."""
         if t not in self._prefix_len:
-            text = self._decode(ids[:t])
-            self._prefix_len[t] = len(text.rstrip("\ufffd"))
-            self._whole[t] = self._prefix_len[t] == len(text)
+            self.remember(t, self._decode(ids[:t]))
         return self._prefix_len[t]
+
+    def remember(self, t: int, text: str) -> None:
+        """Record ``text``, the caller's ``decode(ids[:t])``, so it is not decoded again."""
+        self._prefix_len[t] = len(text.rstrip("\ufffd"))
+        self._whole[t] = self._prefix_len[t] == len(text)
 
     def is_whole(self, ids: Sequence[int], t: int) -> bool:
         """Whether ``decode(ids[:t])`` ends on a whole character, so that tokens ``:t`` and

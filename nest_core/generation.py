@@ -78,6 +78,14 @@ class Generation:
                 continue
             stats.draft_steps += 1
             stats.drafted_tokens += len(draft)
+            sent = int(self.streams_first(draft))
+            if sent:
+                yield from self.accept(draft[:1], rows[:1])
+                if self.finish is not None:  # it ended the answer: no forward for the rest
+                    stats.accepted_draft_tokens += 1
+                    if self.index is not None:
+                        self.index.mask([r for r in rows[:1] if r != NO_SOURCE])
+                    continue
             beliefs = self.forward(draft)  # beliefs[i]: the position after draft[i]
             n_ok = 1 + self.verify(beliefs[:-1], draft[1:], exact)
             stats.accepted_draft_tokens += n_ok
@@ -87,7 +95,7 @@ class Generation:
                 # Whole draft accepted: no bonus token; stream on from the same passage.
                 stream_row = rows[-1] if rows[-1] != NO_SOURCE else None
                 draft_len = min(2 * draft_len, self.cfg.span_length)
-                yield from self.accept(draft, rows)
+                yield from self.accept(draft[sent:], rows[sent:])
                 belief = self.rescore(beliefs[-1])
                 continue
             # First rejection at n_ok: keep the prefix. The belief at the rejected position
@@ -95,7 +103,8 @@ class Generation:
             # step, alone or as the start of a new draft, with no extra forward here.
             self.cache.crop(-(len(draft) - n_ok))  # drop the KV of the rejected draft tokens
             stream_row, draft_len = None, self.cfg.initial_span_length
-            yield from self.accept(draft[:n_ok], rows[:n_ok])
+            if n_ok > sent:
+                yield from self.accept(draft[sent:n_ok], rows[sent:n_ok])
             belief = self.rescore(beliefs[n_ok - 1])
         yield self.final_chunk()
 
@@ -112,6 +121,14 @@ class Generation:
         belief = self.forward(self.prompt_ids[reuse.tokens:], last_only=True)[-1]
         self.lm.prefix_cache.store(self.prompt_ids, self.cache)
         return belief
+
+    def streams_first(self, draft: list[int]) -> bool:
+        """Whether a draft's first token, already verified, is accepted (and streamed)
+        before the forward that judges the rest: the user sees it one forward sooner. Not
+        when the draft, from its first token on, completes a repeat of the output
+        (``repetition_stop``): the cut would then drop that token too, and whether it
+        happens depends on how much of the draft is accepted."""
+        return self.repeat_cut(draft) != 0
 
     def accept(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:
         """Emit decided tokens, unless they would start repeating the output (then the
@@ -245,13 +262,14 @@ class Generation:
         if found is not None and self.index is not None:
             weights = mixture.knn_weights(found.dist2, self.index.dim)  # [T, k]
             values = self.index.values[found.rows]  # [T, k]
+        rows, states = logits.unbind(0), hidden.unbind(0)  # T views each, in one call
         return [Belief(top_token=tops[i], top_prob=math.nan, lam=lams[i],
                        neighbors=None if found is None else
                        Neighbors(found.dist2[i:i + 1], found.rows[i:i + 1]),
                        scaled_logits=None, lse=None,
                        weights=None if weights is None else weights[i],
                        values=None if values is None else values[i],
-                       logits=logits[i], hidden=hidden[i], lm_ends=ends[i], lm_max=lm_max[i],
+                       logits=rows[i], hidden=states[i], lm_ends=ends[i], lm_max=lm_max[i],
                        temperature=self.cfg.lm_temperature)
                 for i in range(n)]
 
@@ -336,6 +354,7 @@ class Generation:
         self.rows += rows
         self.stats.generated_tokens = len(self.ids)
         self.text = self.lm.decode(self.ids)
+        self.offsets.remember(len(self.ids), self.text)
         self.apply_stop_strings()
         if self.finish is None and len(self.ids) >= self.max_new_tokens:
             self.finish = "length"
@@ -356,6 +375,7 @@ class Generation:
         del self.ids[keep:], self.rows[keep:]
         self.offsets.truncate(keep)
         self.text = self.lm.decode(self.ids)
+        self.offsets.remember(keep, self.text)
         self.stats.generated_tokens = len(self.ids)
 
     def whole_boundary(self, chars: int) -> int:

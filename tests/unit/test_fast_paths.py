@@ -241,3 +241,62 @@ def test_lm_ratio_is_the_ratio_of_the_scaled_row():
     for token in range(500):
         assert lazy.lm_ratio(token) == full.lm_ratio(token)
         assert float(torch.exp(scaled[token] - scaled.max())) == lazy.lm_ratio(token)
+
+
+class Late(Generation):
+    """Every token of a draft waits for the draft's forward (no early first token)."""
+
+    def streams_first(self, draft: list[int]) -> bool:
+        return False
+
+
+def test_streaming_a_drafts_first_token_early_changes_no_output(tiny_lm):
+    # caught: the first token accepted twice, or lost, when the rest is rejected or taken;
+    # its row not masked when it ends the answer
+    early_first = late_first = 0
+    for name in sorted(CONFIGS):
+        config = CONFIGS[name]
+        for prompt in PROMPTS:
+            for budget in (1, 3, 40):
+                dec = NestDecoder(tiny_lm, config)
+                out = {}
+                for cls in (Generation, Late):
+                    stats = DecodeStats()
+                    gen = cls(tiny_lm, config, tiny_lm.prompt_ids(prompt), MORE,
+                              dec._index(MORE, stats), max_new_tokens=budget, stop=[],
+                              stats=stats, started=time.perf_counter(),
+                              prompt_truncated=False)
+                    chunks, first = [], None
+                    for chunk in gen.run():
+                        if chunk.text and first is None:
+                            first = stats.lm_forwards  # forwards run before the first text
+                        chunks.append(chunk)
+                    out[cls] = (chunks, first, gen)
+                (fast, f_first, f_gen), (slow, s_first, s_gen) = out[Generation], out[Late]
+                res, ref = fast[-1].result, slow[-1].result
+                assert res is not None
+                assert ref is not None
+                assert res.token_ids == ref.token_ids, (name, prompt, budget)
+                assert (res.text, res.spans, res.finish_reason) == (
+                    ref.text, ref.spans, ref.finish_reason)
+                assert [t for c in fast for t in c.token_ids] == res.token_ids
+                assert f_gen.rows == s_gen.rows
+                assert torch.equal(f_gen.index.active, s_gen.index.active)
+                if f_first is not None and s_first is not None:
+                    assert f_first <= s_first
+                    early_first += f_first < s_first
+                    late_first += 1
+    assert early_first > 0, "some first text must come a forward sooner"
+
+
+def test_a_drafts_first_token_waits_when_the_draft_repeats_the_output_from_it(tiny_lm):
+    # caught: streams_first always true (the repetition cut would then keep a token the
+    # whole-draft cut drops)
+    config = NestConfig(repetition_stop=3)
+    gen = Generation(tiny_lm, config, [], [], None, max_new_tokens=40, stop=[],
+                     stats=DecodeStats(), started=0.0, prompt_truncated=False)
+    gen.ids = [1, 2, 3, 4, 5]
+    assert gen.repeat_cut([3, 4, 5]) == 0
+    assert not gen.streams_first([3, 4, 5])  # the repeat 3 4 5 starts at the first token
+    assert gen.streams_first([9, 3, 4, 5])  # it starts after it: the first token is kept
+    assert gen.streams_first([4, 5, 1])  # no repeat

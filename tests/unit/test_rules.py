@@ -157,13 +157,16 @@ class TracedGeneration(Generation):
     def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
         beliefs = super().forward(ids, last_only=last_only)
         step = self.steps[-1] if self.steps else None
-        if step is not None and step.tokens is None:
+        # the draft's forward: its first token may have been accepted already
+        if step is not None and step.draft and not step.draft_forwards \
+                and list(ids) == step.draft:
             step.draft_forwards.append((list(ids), beliefs))
         return beliefs
 
     def accept(self, tokens: list[int], rows: list[int]) -> Iterator[Any]:
-        step = self.steps[-1]
-        step.tokens, step.out_rows = list(tokens), list(rows)
+        step = self.steps[-1]  # a draft's first token may be accepted before the rest
+        step.tokens = [*(step.tokens or []), *tokens]
+        step.out_rows = [*(step.out_rows or []), *rows]
         yield from super().accept(tokens, rows)
 
 
