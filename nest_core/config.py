@@ -63,6 +63,7 @@ class NestConfig:
     verify_against: VerifyAgainst = "mixture"  # drafts verified against p_M or p_LM
     focus_sentences: int | None = None  # the prompt shows the k sentences best for the question
     question_drafts: bool = False  # draft the question's own words (prompt lookup)
+    repeat_question: bool = False  # the prompt: request, background, request again
     # how a prompt that ends with a passage's own words (it asks to continue that passage)
     # is decoded; None: like any other prompt
     continuation: NestConfig | None = None

@@ -98,7 +98,8 @@ class NestDecoder:
             # With focus: the best sentences of all passages; without (or when no sentence
             # shares a word with the question): the top passages whole.
             prompt = with_background(prompt, focus_passages(passages, focus) if focus
-                                     else passages[: cfg.prompt_passages])
+                                     else passages[: cfg.prompt_passages],
+                                     repeat_question=cfg.repeat_question)
         prompt_ids, truncated = fit_context(self.lm.prompt_ids(prompt), max_new_tokens,
                                             self.lm.max_context)
         stats = DecodeStats()

@@ -19,21 +19,34 @@ def format_background(passages: Sequence[Passage]) -> str:
     return "\n\n".join(f"{p.title}: {p.text}" if p.title else p.text for p in passages)
 
 
-def with_background(prompt: str | Sequence[Message], passages: Sequence[Passage]
-                    ) -> str | list[Message]:
-    """The paper's RA prompt shape: instruction, background passages, then the request."""
+def with_background(prompt: str | Sequence[Message], passages: Sequence[Passage],
+                    repeat_question: bool = False) -> str | list[Message]:
+    """The paper's RA prompt shape: instruction, background passages, then the request.
+
+    ``repeat_question`` (beyond the paper, ``NestConfig.repeat_question``): the request,
+    the background, then the request again. A small model that reads the background before
+    it knows the question answers from the question's own words ("The ISO 3166-2 code of
+    Rize is a province of Türkiye"); read knowing what it looks for, it takes the answer
+    from the background ("... of Rize is TR-53").
+    """
     if not passages:
         return prompt if isinstance(prompt, str) else list(prompt)
-    head = f"{BACKGROUND_INSTRUCTION}\nBackground:\n{format_background(passages)}\n\n"
+    background = f"Background:\n{format_background(passages)}"
+
+    def wrap(request: str) -> str:
+        if repeat_question:
+            return f"{request}\n\n{background}\n\n{request}"
+        return f"{BACKGROUND_INSTRUCTION}\n{background}\n\n{request}"
+
     if isinstance(prompt, str):
-        return head + prompt
+        return wrap(prompt)
     messages = [dict(m) for m in prompt]
     for m in reversed(messages):
         if m["role"] == "user":
-            m["content"] = head + m["content"]
+            m["content"] = wrap(m["content"])
             break
     else:
-        messages.append({"role": "user", "content": head.rstrip()})
+        messages.append({"role": "user", "content": f"{BACKGROUND_INSTRUCTION}\n{background}"})
     return messages
 
 

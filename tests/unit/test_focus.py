@@ -20,6 +20,7 @@ from nest_core.focus import (
     question_weights,
     split_sentences,
 )
+from nest_core.prompts import BACKGROUND_INSTRUCTION, format_background, with_background
 from nest_core.proposer import QuestionLookup, RetrievedSpanProposer
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
@@ -150,6 +151,29 @@ def test_decoder_shows_the_focus_sentence_and_copies_only_from_it(tiny_lm):
     for s in res.spans:  # every span starts in the focus sentence (then may read on)
         assert s.passage.id == PASSAGES[0].id
         assert best.start <= s.src_start < best.end
+
+
+def test_repeat_question_asks_before_and_after_the_background(tiny_lm):
+    # caught: the paper's shape (instruction, background, request) when repeat_question asks
+    # for request, background, request; messages keep their earlier turns
+    question = "Who founded the Zephyr Widget Company, and where?"
+    lm = CountingLM(tiny_lm)
+    NestDecoder(lm, FOCUS.with_overrides(repeat_question=True)).generate(
+        question, PASSAGES, max_new_tokens=2)
+    shown = tiny_lm.decode(lm.calls[0])
+    first, bg, last = shown.index(question), shown.index("Background:"), shown.rindex(question)
+    assert first < bg < last
+    assert PASSAGES[0].text in shown[bg:last]
+    assert BACKGROUND_INSTRUCTION not in shown
+    paper = with_background(question, PASSAGES[:1])
+    bg_text = format_background(PASSAGES[:1])
+    assert paper == f"{BACKGROUND_INSTRUCTION}\nBackground:\n{bg_text}\n\n{question}"
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": question}]
+    wrapped = with_background(chat, PASSAGES[:1], repeat_question=True)
+    assert wrapped[:2] == chat[:2]
+    assert wrapped[2]["content"] == (f"{question}\n\nBackground:\n{bg_text}"
+                                     f"\n\n{question}")
 
 
 class ScriptedLM(CountingLM):
