@@ -176,6 +176,9 @@ ANSWER_DEFAULTS: dict[str, Any] = {
     "end_with_lm": True,
     "repetition_stop": 12,
     "relaxation": 1.0,  # Eq. 7 on p_LM: a drafted token within 2x of the LM's own choice
+    # the request, the focus sentence, the request again: doc-QA dev 150 recall
+    # 0.585 -> 0.633 (subdivision codes 0/24 -> 17/24, country numeric codes 23 -> 14)
+    "repeat_question": True,
 }
 
 

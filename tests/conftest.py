@@ -157,3 +157,18 @@ PASSAGES = [
     Passage("fox", "The quick brown fox jumps over the lazy dog."),
 ]
 PROMPT = "Who founded the Zephyr Widget Company?"
+
+
+@pytest.fixture(autouse=True)
+def paper_prompt_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+                        ) -> None:
+    """Unit tests: the default settings with the paper's prompt layout (instruction,
+    background, request) instead of ``repeat_question``. What a *random* model copies
+    depends on every prompt token, and the surfaces' unit tests check how copied spans flow
+    through them, which needs a prompt the random model copies after. ``repeat_question``
+    itself is pinned in tests/unit/test_focus.py; integration tests run the real default
+    on SmolLM2."""
+    if "unit" in request.node.path.parts:
+        from nest_core.config import ANSWER_DEFAULTS
+
+        monkeypatch.setitem(ANSWER_DEFAULTS, "repeat_question", False)

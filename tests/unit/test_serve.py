@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from nest_core.app.openai_api import ApiError
 from nest_core.app.serve import Gate, ServeLimits, create_app
 from nest_core.app.service import AnswerService
+from nest_core.config import default_config
 from nest_core.embeddings import HashingEmbeddings
 from nest_core.sources.memory import InMemorySource
 from nest_core.types import Passage
@@ -30,7 +31,9 @@ PASSAGES = [Passage(id=f"p{i}", text=t, title=f"T{i}", metadata={"source": f"doc
 
 @pytest.fixture(scope="module")
 def service(tiny_lm: Any) -> AnswerService:
-    return AnswerService(InMemorySource(PASSAGES, embed=HashingEmbeddings(64)), tiny_lm, k=3)
+    # module scope: built before the paper_prompt_layout fixture runs, so say it here
+    return AnswerService(InMemorySource(PASSAGES, embed=HashingEmbeddings(64)), tiny_lm, k=3,
+                         config=default_config(tiny_lm.name, repeat_question=False))
 
 
 @pytest.fixture
