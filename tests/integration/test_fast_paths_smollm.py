@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
+from conftest import Late
+from conftest import Reference as SlowPath
 
 from nest_core import NestDecoder, Passage
 from nest_core.config import default_config
@@ -29,30 +29,9 @@ QUESTIONS = [
 ]
 
 
-class Reference(Generation):
-    """The slow path (see tests/unit/test_fast_paths.py): every position searched, p_LM
-    judged from whole scaled rows, every draft token waiting for the draft's forward."""
-
-    def lm_beliefs(self, logits, hidden, search):
-        scaled = logits / self.cfg.lm_temperature  # [T, V]
-        best = scaled.max(dim=-1)
-        return [dataclasses.replace(
-            b, top_token=int(top), lm_ends=self.cfg.end_with_lm and int(top) in self.eos,
-            scaled_logits=scaled[i], lm_max=None)
-            for i, (b, top) in enumerate(zip(super().lm_beliefs(logits, hidden, search),
-                                             best.indices, strict=True))]
-
-    def streams_first(self, draft):
-        return False
-
-    def span_starters(self, span_starts):
-        return frozenset(range(self.lm.vocab_size))
-
-    def beliefs(self, logits, hidden, search=True):
-        return super().beliefs(logits, hidden, search=True)
-
-    def fast_confidence(self, d2):
-        return None
+class Reference(Late, SlowPath):
+    """The slow path of tests/unit/test_fast_paths.py, every draft token also waiting for
+    the draft's forward."""
 
 
 def _answers(lm: LanguageModel, cls: type[Generation], monkeypatch) -> list[list[int]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT, TINY_CORPUS
+from conftest import PASSAGES, PROMPT, TINY_CORPUS, Late, Reference
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.config import default_config
@@ -44,33 +44,6 @@ CONFIGS = {
     "mixture": NestConfig(confidence_offset=0.3, relaxation=0.9, span_length=8,
                           initial_span_length=2),
 }
-
-
-
-
-class Reference(Generation):
-    """The slow path: every fed position searched, λ always from the sorted neighbours, and
-    p_LM judged from whole scaled rows (max and argmax of ``logits / temperature``)."""
-
-    def lm_beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool
-                   ) -> list[Belief]:
-        scaled = logits / self.cfg.lm_temperature  # [T, V]
-        best = scaled.max(dim=-1)
-        return [dataclasses.replace(
-            b, top_token=int(top), lm_ends=self.cfg.end_with_lm and int(top) in self.eos,
-            scaled_logits=scaled[i], lm_max=None)
-            for i, (b, top) in enumerate(zip(super().lm_beliefs(logits, hidden, search),
-                                             best.indices, strict=True))]
-
-    def span_starters(self, span_starts: torch.Tensor | None) -> frozenset[int]:
-        return frozenset(range(self.lm.vocab_size))
-
-    def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool = True
-                ) -> list[Belief]:
-        return super().beliefs(logits, hidden, search=True)
-
-    def fast_confidence(self, d2: torch.Tensor) -> torch.Tensor | None:
-        return None
 
 
 class Counting(Generation):
@@ -241,13 +214,6 @@ def test_lm_ratio_is_the_ratio_of_the_scaled_row():
     for token in range(500):
         assert lazy.lm_ratio(token) == full.lm_ratio(token)
         assert float(torch.exp(scaled[token] - scaled.max())) == lazy.lm_ratio(token)
-
-
-class Late(Generation):
-    """Every token of a draft waits for the draft's forward (no early first token)."""
-
-    def streams_first(self, draft: list[int]) -> bool:
-        return False
 
 
 def test_streaming_a_drafts_first_token_early_changes_no_output(tiny_lm):
