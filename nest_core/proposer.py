@@ -66,7 +66,8 @@ class Belief:
         (exp of a scaled-logit difference: no logsumexp, and no division of the whole row:
         ``logits[token] / temperature`` is the very float ``scaled()[token]`` holds)."""
         if self.lm_max is None:
-            return float(torch.exp(self.scaled()[token] - float(self.scaled().max())))
+            scaled = self.scaled()
+            return float(torch.exp(scaled[token] - float(scaled.max())))
         return float(torch.exp(self.logits[token] / self.temperature - self.lm_max))
 
 
