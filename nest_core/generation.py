@@ -39,8 +39,8 @@ class Generation:
         self.proposer = (RetrievedSpanProposer(index, config.span_threshold,
                                                config.span_passages, span_starts)
                          if index is not None and config.mode == "nest" else None)
-        self.lookup = (QuestionLookup(question_ids) if config.question_drafts and question_ids
-                       else None)
+        self.lookup = (QuestionLookup(question_ids, key=lm.token_word)
+                       if config.question_drafts and question_ids else None)
         self.starters = self.span_starters(span_starts)
         self.ids: list[int] = []  # generated token ids
         self.rows: list[int] = []  # index row each token was copied from, or NO_SOURCE
@@ -62,8 +62,9 @@ class Generation:
             rows = (self.proposer.propose(belief, stream_row, min(draft_len, budget))
                     if self.proposer else [])
             draft = self.index.values[rows].tolist() if rows and self.index is not None else []
-            if not draft and self.lookup is not None:
-                draft = self.lookup.propose(self.ids, min(self.cfg.span_length, budget))
+            if not draft and self.lookup is not None and budget > 1:
+                draft = self.lookup.propose(self.ids, belief.top_token,
+                                            min(self.cfg.span_length, budget))
                 rows = [NO_SOURCE] * len(draft)
             exact = bool(rows) and rows[0] == NO_SOURCE  # the user's words prove nothing
             if not draft or not self.accepts(belief, draft[0], exact):

@@ -53,6 +53,7 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self._fingerprint: str | None = None
+        self._words: dict[int, str | int] = {}
         self._empty_cache: Any = None
         # KV states of earlier prompts, shared by every decoder (and thread) of this model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
@@ -193,6 +194,17 @@ class LanguageModel:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
                                          clean_up_tokenization_spaces=False))
+
+
+    def token_word(self, token: int) -> str | int:
+        """What ``token`` says, lower-cased and without white space, so that words match
+        across case and a leading space ("The" ~ " the"); the id itself for a token of
+        white space (or nothing) alone. Memoised per id."""
+        word = self._words.get(token)
+        if word is None:
+            text = self.decode([token]).strip().lower()
+            word = self._words[token] = text or token
+        return word
 
 
 class StopForward(Exception):  # noqa: N818 (a signal, not an error)

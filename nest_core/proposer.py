@@ -6,6 +6,7 @@ token normally" (as transformers' CandidateGenerator).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -129,23 +130,36 @@ class QuestionLookup:
 
     Answers restate the question ("The ISO 3166-1 numeric code of Romania is ..."): those
     tokens are in the question, not in any passage, so Nest's copy path cannot draft them
-    and the LM writes them one forward each. As transformers' prompt lookup, the last 1-3
-    output tokens are looked up in the question's tokens and what follows is drafted; the
-    draft is kept while each token is the one decoding would pick anyway (exact, not
-    relaxed: the user's words are no evidence), so the answer is the same, only sooner.
-    The tokens are the user's, so they cite nothing.
+    and the LM writes them one forward each. As transformers' prompt lookup, the last
+    output tokens and the token decoding picks now are looked up in the question and what
+    follows is drafted after that token; the draft is kept while each token is the one
+    decoding would pick anyway (exact, not relaxed: the user's words are no evidence), so
+    the answer is the same, only sooner. The tokens are the user's, so they cite nothing.
+
+    Tokens are matched by ``key`` (:meth:`LanguageModel.token_word`: "The" matches
+    " the"), so the answer's capitalised first word finds the question's. A match holds
+    the picked token and at least one output token before it; at the answer's start the
+    picked token alone.
     """
 
-    def __init__(self, question_ids: list[int], max_ngram: int = 3) -> None:
+    def __init__(self, question_ids: list[int], key: Callable[[int], Hashable] | None = None,
+                 max_ngram: int = 3) -> None:
         self.question = question_ids
+        self.key = key or (lambda t: t)
+        self.question_keys = [self.key(t) for t in question_ids]
         self.max_ngram = max_ngram
 
-    def propose(self, output: list[int], length: int) -> list[int]:
-        q = self.question
-        for n in range(min(self.max_ngram, len(output)), 0, -1):
-            tail = output[-n:]
+    def propose(self, output: list[int], top: int, length: int) -> list[int]:
+        """``[top, ...]``: ``top`` (the token decoding picks next) and up to ``length - 1``
+        question tokens after the latest longest match of ``output``'s tail + ``top``;
+        ``[]`` when nothing follows a match."""
+        seq = [*output[-(self.max_ngram - 1):], top] if self.max_ngram > 1 else [top]
+        keys = [self.key(t) for t in seq]
+        q = self.question_keys
+        for n in range(len(keys), min(2, len(keys)) - 1, -1):
+            tail = keys[-n:]
             # the latest occurrence with a continuation, so "of X" drafts what follows X
             for start in range(len(q) - n - 1, -1, -1):
                 if q[start:start + n] == tail:
-                    return q[start + n:start + n + length]
+                    return [top, *self.question[start + n:start + n + length - 1]]
         return []

@@ -4,6 +4,7 @@ decoder end to end on the tiny random Llama."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -119,12 +120,28 @@ def test_spans_start_only_at_allowed_rows():
 
 
 def test_question_lookup_drafts_what_follows_the_latest_longest_match():
+    # caught: the picked token left out of the draft or of the match; the earliest match
+    # taken; the picked token alone matched after the answer's start
     q = [5, 6, 7, 8, 6, 7, 9, 4]
     look = QuestionLookup(q)
-    assert look.propose([1, 6, 7], 3) == [9, 4]  # "6 7" last seen before 9
-    assert look.propose([1, 5], 2) == [6, 7]
-    assert look.propose([3], 4) == []  # not in the question
-    assert look.propose([4], 4) == []  # at the question's end: nothing follows
+    assert look.propose([1, 6], 7, 3) == [7, 9, 4]  # "6 7" last seen before 9
+    assert look.propose([7, 8], 6, 3) == [6, 7, 9]
+    assert look.propose([1], 5, 3) == []  # mid-answer the picked token alone is no match
+    assert look.propose([3], 4, 4) == []  # at the question's end: nothing follows
+    assert look.propose([3], 8, 4) == []  # "3 8" is not in the question
+    assert look.propose([], 8, 3) == [8, 6, 7]  # the answer's first token: alone
+
+
+def test_question_lookup_matches_words_across_case_and_a_leading_space(tiny_lm):
+    # caught: ids compared instead of words (the answer's "The" never finds " the")
+    q = tiny_lm.tokenizer.encode("What is the capital of France?", add_special_tokens=False)
+    the = tiny_lm.tokenizer.encode("The", add_special_tokens=False)
+    assert len(the) == 1
+    assert the[0] not in q
+    look = QuestionLookup(q, key=tiny_lm.token_word)
+    after = q[q.index(tiny_lm.tokenizer.encode(" the", add_special_tokens=False)[0]) + 1:]
+    assert look.propose([], the[0], 4) == [the[0], *after[:3]]
+    assert QuestionLookup(q).propose([], the[0], 4) == []
 
 
 FOCUS = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
@@ -221,6 +238,27 @@ def test_question_drafts_change_nothing_but_the_forward_count(tiny_lm):
     assert fast.spans == []
     assert fast.stats.lm_forwards < plain.stats.lm_forwards
     assert fast.stats.accepted_draft_tokens < fast.stats.drafted_tokens  # one was cut
+
+
+def test_the_answers_first_word_drafts_the_question_words_after_it(tiny_lm):
+    # caught: the decoder's lookup matching token ids ("The" never finds " the": two more
+    # forwards); the picked token not looked up with the output (one more)
+    cfg = NestConfig(mode="base", relaxation=1.0, verify_against="lm", question_drafts=True)
+    prompt = "What did the quick brown fox do?"
+    enc = functools.partial(tiny_lm.tokenizer.encode, add_special_tokens=False)
+    q, fox = enc(prompt), enc(" quick brown fox")
+    at = q.index(enc(" the")[0]) + 1
+    assert q[at:at + len(fox)] == fox
+    assert enc("The")[0] not in q
+    script = [*enc("The"), *fox, enc(" jumps")[0]]
+    n = len(tiny_lm.prompt_ids(prompt))
+    plain = NestDecoder(ScriptedLM(tiny_lm, n, script), cfg.with_overrides(
+        question_drafts=False)).generate(prompt, PASSAGES, max_new_tokens=len(script))
+    fast = NestDecoder(ScriptedLM(tiny_lm, n, script), cfg).generate(
+        prompt, PASSAGES, max_new_tokens=len(script))
+    assert plain.token_ids == fast.token_ids == script
+    # the prompt, then "The" + " quick brown fox do?" (" do" rejected: " jumps" is picked)
+    assert (plain.stats.lm_forwards, fast.stats.lm_forwards) == (len(script), 2)
 
 
 @pytest.mark.parametrize("value", [0, -1, True, 1.5])
