@@ -68,3 +68,20 @@ def test_load_model_takes_the_prefix_cache_bound(smollm):
     again = dec.generate(QUESTIONS[0], PASSAGES, max_new_tokens=4)
     assert again.stats.prefix_cache_hits == 0
     assert smollm.prefix_cache.max_bytes > 0  # the default, for the shared model
+
+
+def test_smollm_loads_with_weight_first_layers_and_answers_the_same(smollm):
+    # caught: load_model's default leaving the stock layers on CPU float32
+    from nest_core.models import load_model
+    from nest_core.small_batches import WeightFirstLinear
+
+    assert any(isinstance(m, WeightFirstLinear) for m in smollm.model.modules())
+    stock = load_model(shared=False, weight_first=False, prefix_cache_bytes=0)
+    assert not any(isinstance(m, WeightFirstLinear) for m in stock.model.modules())
+    for question in QUESTIONS:
+        fast = NestDecoder(smollm, default_config(smollm.name)).generate(
+            question, PASSAGES, max_new_tokens=32)
+        want = NestDecoder(stock, default_config(stock.name)).generate(
+            question, PASSAGES, max_new_tokens=32)
+        assert fast.stats.drafted_tokens > 0
+        assert fast.token_ids == want.token_ids
