@@ -62,7 +62,8 @@ class NestConfig:
     repetition_stop: int = 0  # stop when the last n tokens already occurred (0: off)
     verify_against: VerifyAgainst = "mixture"  # drafts verified against p_M or p_LM
     focus_sentences: int | None = None  # the prompt shows the k sentences best for the question
-    question_drafts: bool = False  # draft the question's own words (prompt lookup)
+    question_drafts: bool = False  # draft the prompt's own words (prompt lookup)
+    passage_drafts: bool = False  # spans also start where the output repeats a passage
     repeat_question: bool = False  # the prompt: request, background, request again
     # how a prompt that ends with a passage's own words (it asks to continue that passage)
     # is decoded; None: like any other prompt
@@ -164,13 +165,16 @@ RA_NEST_RELAXATION = 0.5
 # in that sentence only; the LM is the judge of every drafted span, so the answer is the
 # one the LM gives with that sentence in view, copied (and cited) from it where it agrees
 # (γ = 1: a wrong digit the LM finds 4x less likely than its own choice passes γ = 0.5 and
-# is copied); the answer's restatement of the question is drafted from the question
-# (3.8 -> 1.5 s per answer); it ends where the LM would end it; a repeat of 12 tokens ends
-# it too. Spans start in the retriever's top 3 passages when no sentence matches.
+# is copied); the answer's restatement of the question is drafted from the prompt
+# (3.8 -> 1.5 s per answer) and its repeat of the focus sentence from the sentence's rows,
+# copied and cited (doc-QA dev 60: copied citations 0.18 -> 0.62); it ends where the LM
+# would end it; a repeat of 12 tokens ends it too. Spans start in the retriever's top 3
+# passages when no sentence matches.
 ANSWER_DEFAULTS: dict[str, Any] = {
     "passages_in_prompt": True,
     "focus_sentences": 1,
     "question_drafts": True,
+    "passage_drafts": True,
     "span_passages": 3,
     "verify_against": "lm",
     "end_with_lm": True,

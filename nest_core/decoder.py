@@ -74,7 +74,7 @@ class NestDecoder:
         the text the LM wrote itself that a passage holds verbatim
         (:func:`~nest_core.matching.match_spans`), apart from the copied ``spans``.
         ``question`` is what the user asked, when ``prompt`` wraps it in a template with other
-        text (focus, question drafts and the continuation test look at it); by default it is
+        text (focus and the continuation test look at it); by default it is
         the prompt string or its last user message.
         """
         started = time.perf_counter()
@@ -106,10 +106,7 @@ class NestDecoder:
         index = self._index(passages, stats) if cfg.uses_retrieval else None
         starts = (index.rows_within([(s.passage_index, s.start, s.end) for s in focus])
                   if index is not None and focus else None)
-        question_ids = (self.lm.tokenizer.encode(question, add_special_tokens=False)
-                        if cfg.question_drafts else None)
         run = Generation(self.lm, cfg, prompt_ids, passages, index, span_starts=starts,
-                         question_ids=question_ids,
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
                          started=started, prompt_truncated=truncated)
         for chunk in run.run():

@@ -16,7 +16,7 @@ from nest_core import mixture
 from nest_core.attribution import NO_SOURCE, OutputText, make_span, runs
 from nest_core.config import NestConfig
 from nest_core.lm import LanguageModel
-from nest_core.proposer import Belief, QuestionLookup, RetrievedSpanProposer
+from nest_core.proposer import Belief, PassageLookup, PromptLookup, RetrievedSpanProposer
 from nest_core.token_index import Neighbors, TokenIndex
 from nest_core.types import DecodeStats, FinishReason, NestChunk, NestResult, Passage, Span
 
@@ -28,8 +28,7 @@ class Generation:
                  passages: Sequence[Passage], index: TokenIndex | None, *,
                  max_new_tokens: int, stop: Sequence[str], stats: DecodeStats,
                  started: float, prompt_truncated: bool,
-                 span_starts: torch.Tensor | None = None,
-                 question_ids: list[int] | None = None) -> None:
+                 span_starts: torch.Tensor | None = None) -> None:
         self.lm, self.cfg, self.index = lm, config, index
         self.prompt_ids, self.passages = prompt_ids, list(passages)
         self.max_new_tokens, self.stop = max_new_tokens, [s for s in stop if s]
@@ -39,9 +38,13 @@ class Generation:
         self.proposer = (RetrievedSpanProposer(index, config.span_threshold,
                                                config.span_passages, span_starts)
                          if index is not None and config.mode == "nest" else None)
-        self.lookup = (QuestionLookup(question_ids, key=lm.token_word)
-                       if config.question_drafts and question_ids else None)
-        self.starters = self.span_starters(span_starts)
+        self.lookup = (PromptLookup(prompt_ids, key=lm.token_word)
+                       if config.question_drafts else None)
+        allowed = self.span_start_rows(span_starts)
+        self.starters = self.span_starters(allowed)
+        self.passage_lookup = (PassageLookup(index, allowed)
+                               if config.passage_drafts and allowed is not None
+                               and index is not None else None)
         self.ids: list[int] = []  # generated token ids
         self.rows: list[int] = []  # index row each token was copied from, or NO_SOURCE
         self.offsets = OutputText(lm.decode)
@@ -62,11 +65,10 @@ class Generation:
             rows = (self.proposer.propose(belief, stream_row, min(draft_len, budget))
                     if self.proposer else [])
             draft = self.index.values[rows].tolist() if rows and self.index is not None else []
-            if not draft and self.lookup is not None and budget > 1:
-                draft = self.lookup.propose(self.ids, belief.top_token,
-                                            min(self.cfg.span_length, budget))
-                rows = [NO_SOURCE] * len(draft)
-            exact = bool(rows) and rows[0] == NO_SOURCE  # the user's words prove nothing
+            exact = False  # a draft found by lookup is kept only where decoding agrees
+            if not draft and budget > 1:
+                draft, rows = self.looked_up(belief.top_token, min(self.cfg.span_length, budget))
+                exact = bool(draft)
             if not draft or not self.accepts(belief, draft[0], exact):
                 # Single LM token: no draft, or its first token already fails verification.
                 if draft:
@@ -93,8 +95,9 @@ class Generation:
             if self.index is not None:
                 self.index.mask([r for r in rows[:n_ok] if r != NO_SOURCE])
             if n_ok == len(draft):
-                # Whole draft accepted: no bonus token; stream on from the same passage.
-                stream_row = rows[-1] if rows[-1] != NO_SOURCE else None
+                # Whole draft accepted: no bonus token; stream on from the same passage
+                # (a looked-up one is looked up again: kept exact)
+                stream_row = rows[-1] if rows[-1] != NO_SOURCE and not exact else None
                 draft_len = min(2 * draft_len, self.cfg.span_length)
                 yield from self.accept(draft[sent:], rows[sent:])
                 belief = self.rescore(beliefs[-1])
@@ -190,20 +193,38 @@ class Generation:
             seen.add(gram)
         return None
 
-    def span_starters(self, span_starts: torch.Tensor | None) -> frozenset[int]:
-        """The tokens a span may start with: values of the rows the proposer may start at
-        (active, in the top ``span_passages`` passages, within ``span_starts``). Masking
-        only removes rows, so a token outside this set never starts a span: with
-        ``verify_against="lm"`` no search is needed where the LM's choice is outside it."""
+    def span_start_rows(self, span_starts: torch.Tensor | None) -> torch.Tensor | None:
+        """Bool ``(N,)``: the rows the proposer may start a span at (active, in the top
+        ``span_passages`` passages, within ``span_starts``), or ``None`` without a proposer.
+        Masking only removes rows, so a token outside their values never starts a span:
+        with ``verify_against="lm"`` no search is needed where the LM's choice is not one."""
         if self.proposer is None or self.index is None:
-            return frozenset()
+            return None
         index = self.index
         ok = index.active.clone()  # [N]
         if self.cfg.span_passages is not None:
             ok &= (index.passage_of < self.cfg.span_passages).to(ok.device)
         if span_starts is not None:
             ok &= span_starts.to(ok.device)
-        return frozenset(index.values[ok].tolist())
+        return ok
+
+    def span_starters(self, allowed: torch.Tensor | None) -> frozenset[int]:
+        """The tokens a span may start with: the values of the ``allowed`` rows."""
+        if allowed is None or self.index is None:
+            return frozenset()
+        return frozenset(self.index.values[allowed].tolist())
+
+    def looked_up(self, top: int, length: int) -> tuple[list[int], list[int]]:
+        """A draft (tokens, rows) starting with ``top`` from a passage's rows where the
+        output repeats them, else from the prompt's words (rows ``NO_SOURCE``), else none."""
+        if self.passage_lookup is not None and self.index is not None:
+            rows = self.passage_lookup.propose(self.ids, top, length)
+            if rows:
+                return self.index.values[rows].tolist(), rows
+        if self.lookup is not None:
+            draft = self.lookup.propose(self.ids, top, length)
+            return draft, [NO_SOURCE] * len(draft)
+        return [], []
 
     # --- LM and mixture --------------------------------------------------------------------
     def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
@@ -242,7 +263,7 @@ class Generation:
         the LM's own choice and p_M is never consulted (no ``(T, V)`` logsumexp); the kNN
         side only proposes drafts, which start with the LM's choice and need λ < δ
         (Eq. 6). So no search runs where no row may start a span with the LM's choice
-        (:meth:`span_starters`; λ is left at 1), λ comes first, from two order statistics
+        (:meth:`span_start_rows`; λ is left at 1), λ comes first, from two order statistics
         of the distances, and the sorted top-k neighbours (the costly part) only where λ
         lets a span start: the proposer drafts exactly what a full search would let it."""
         n = logits.shape[0]

@@ -125,41 +125,91 @@ class RetrievedSpanProposer:
         return [start, *self.index.continuation(start, length - 1)]
 
 
-class QuestionLookup:
-    """Drafts from the user's own words (beyond the paper; ``NestConfig.question_drafts``).
+SHORT_DRAFT = 4  # tokens drafted on a match of the picked token alone
 
-    Answers restate the question ("The ISO 3166-1 numeric code of Romania is ..."): those
-    tokens are in the question, not in any passage, so Nest's copy path cannot draft them
-    and the LM writes them one forward each. As transformers' prompt lookup, the last
-    output tokens and the token decoding picks now are looked up in the question and what
+
+class PromptLookup:
+    """Drafts from the prompt's own words (beyond the paper; ``NestConfig.question_drafts``).
+
+    Answers restate the question ("The ISO 3166-1 numeric code of Romania is ...") and
+    repeat the background shown ("... is 642."): the LM would write those tokens one forward
+    each where Nest's copy path drafts nothing. As transformers' prompt lookup, the last
+    output tokens and the token decoding picks now are looked up in the prompt and what
     follows is drafted after that token; the draft is kept while each token is the one
-    decoding would pick anyway (exact, not relaxed: the user's words are no evidence), so
-    the answer is the same, only sooner. The tokens are the user's, so they cite nothing.
+    decoding would pick anyway (exact, not relaxed: words found in the prompt are no
+    evidence), so the answer is the same, only sooner. Such tokens cite nothing by being
+    drafted: where they repeat a passage, matching cites them after the answer.
 
     Tokens are matched by ``key`` (:meth:`LanguageModel.token_word`: "The" matches
-    " the"), so the answer's capitalised first word finds the question's. A match holds
-    the picked token and at least one output token before it; at the answer's start the
-    picked token alone.
+    " the"), so the answer's capitalised first word finds the question's. The latest,
+    longest match wins; a match of the picked token alone (after the answer's first token)
+    drafts :data:`SHORT_DRAFT` tokens at most: weak evidence, and a forward of a few tokens
+    costs about what a 1-token forward does (``python -m benchmarks.bench_forward``).
     """
 
-    def __init__(self, question_ids: list[int], key: Callable[[int], Hashable] | None = None,
+    def __init__(self, prompt_ids: list[int], key: Callable[[int], Hashable] | None = None,
                  max_ngram: int = 3) -> None:
-        self.question = question_ids
+        self.prompt = prompt_ids
         self.key = key or (lambda t: t)
-        self.question_keys = [self.key(t) for t in question_ids]
+        self.prompt_keys = [self.key(t) for t in prompt_ids]
         self.max_ngram = max_ngram
 
     def propose(self, output: list[int], top: int, length: int) -> list[int]:
         """``[top, ...]``: ``top`` (the token decoding picks next) and up to ``length - 1``
-        question tokens after the latest longest match of ``output``'s tail + ``top``;
+        prompt tokens after the latest longest match of ``output``'s tail + ``top``;
         ``[]`` when nothing follows a match."""
         seq = [*output[-(self.max_ngram - 1):], top] if self.max_ngram > 1 else [top]
         keys = [self.key(t) for t in seq]
-        q = self.question_keys
-        for n in range(len(keys), min(2, len(keys)) - 1, -1):
+        q = self.prompt_keys
+        for n in range(len(keys), 0, -1):
             tail = keys[-n:]
+            if n == 1 and output:
+                length = min(length, SHORT_DRAFT)
             # the latest occurrence with a continuation, so "of X" drafts what follows X
             for start in range(len(q) - n - 1, -1, -1):
                 if q[start:start + n] == tail:
-                    return [top, *self.question[start + n:start + n + length - 1]]
+                    return [top, *self.prompt[start + n:start + n + length - 1]]
         return []
+
+
+class PassageLookup:
+    """Spans that start where the output's last tokens and the picked token are a passage's
+    (beyond the paper; ``NestConfig.passage_drafts``).
+
+    The answer often repeats the focus sentence where retrieval is not confident (λ ≥ δ),
+    or where no neighbour carries the picked token: the LM then writes the passage's words
+    one forward each, and they are cited only by matching after the answer. This starts a
+    span at a row that may start one (``allowed``: the focus sentence, the top passages)
+    whose token is the picked one, preferring the row whose preceding tokens repeat the
+    output's longest (up to ``max_ngram - 1``), the first in reading order among equals, and
+    drafts the passage from there. The draft is kept while each token is the one decoding
+    would pick anyway (exact), so the answer is the same; the tokens are copied from that
+    row's passage and cited to it. A match of the picked token alone, after the answer's
+    first token, drafts :data:`SHORT_DRAFT` tokens at most.
+    """
+
+    def __init__(self, index: TokenIndex, allowed: torch.Tensor, max_ngram: int = 3) -> None:
+        self.index = index
+        self.max_ngram = max_ngram
+        self.values = index.values.tolist()
+        self.rows_of: dict[int, list[int]] = {}  # token -> rows that may start a span with it
+        for row in allowed.nonzero().flatten().tolist():  # ascending: reading order
+            self.rows_of.setdefault(self.values[row], []).append(row)
+
+    def propose(self, output: list[int], top: int, length: int) -> list[int]:
+        best, best_n = None, 0
+        for row in self.rows_of.get(top, ()):
+            if not bool(self.index.active[row]):
+                continue
+            first = int(self.index.row_start[int(self.index.passage_of[row])])
+            n = 1
+            while (n < self.max_ngram and n <= len(output) and row - n >= first
+                   and self.values[row - n] == output[-n]):
+                n += 1
+            if n > best_n:
+                best, best_n = row, n
+        if best is None:
+            return []
+        if best_n == 1 and output:
+            length = min(length, SHORT_DRAFT)
+        return [best, *self.index.continuation(best, length - 1)]

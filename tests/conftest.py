@@ -192,7 +192,7 @@ class Reference(Generation):
             for i, (b, top) in enumerate(zip(super().lm_beliefs(logits, hidden, search),
                                              best.indices, strict=True))]
 
-    def span_starters(self, span_starts: torch.Tensor | None) -> frozenset[int]:
+    def span_starters(self, allowed: torch.Tensor | None) -> frozenset[int]:
         return frozenset(range(self.lm.vocab_size))
 
     def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool = True

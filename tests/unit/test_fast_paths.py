@@ -75,8 +75,7 @@ def run(lm: LanguageModel, config: NestConfig, prompt: str, cls: type[Generation
     stats = DecodeStats()
     index = dec._index(MORE, stats)
     gen = cls(lm, config, lm.prompt_ids(prompt), MORE, index, max_new_tokens=40, stop=[],
-              stats=stats, started=time.perf_counter(), prompt_truncated=False,
-              question_ids=lm.tokenizer.encode(prompt) if config.question_drafts else None)
+              stats=stats, started=time.perf_counter(), prompt_truncated=False)
     result = list(gen.run())[-1].result
     assert result is not None
     return gen, result

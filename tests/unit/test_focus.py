@@ -22,7 +22,7 @@ from nest_core.focus import (
     split_sentences,
 )
 from nest_core.prompts import BACKGROUND_INSTRUCTION, format_background, with_background
-from nest_core.proposer import QuestionLookup, RetrievedSpanProposer
+from nest_core.proposer import SHORT_DRAFT, PromptLookup, RetrievedSpanProposer
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
@@ -119,29 +119,30 @@ def test_spans_start_only_at_allowed_rows():
     assert RetrievedSpanProposer(index, 0.5, start_rows=none).propose(belief, None, 1) == []
 
 
-def test_question_lookup_drafts_what_follows_the_latest_longest_match():
+def test_prompt_lookup_drafts_what_follows_the_latest_longest_match():
     # caught: the picked token left out of the draft or of the match; the earliest match
-    # taken; the picked token alone matched after the answer's start
-    q = [5, 6, 7, 8, 6, 7, 9, 4]
-    look = QuestionLookup(q)
+    # taken; a match of the picked token alone drafting full length mid-answer
+    q = [5, 6, 7, 8, 6, 7, 9, 4, 2]
+    look = PromptLookup(q)
     assert look.propose([1, 6], 7, 3) == [7, 9, 4]  # "6 7" last seen before 9
     assert look.propose([7, 8], 6, 3) == [6, 7, 9]
-    assert look.propose([1], 5, 3) == []  # mid-answer the picked token alone is no match
-    assert look.propose([3], 4, 4) == []  # at the question's end: nothing follows
-    assert look.propose([3], 8, 4) == []  # "3 8" is not in the question
-    assert look.propose([], 8, 3) == [8, 6, 7]  # the answer's first token: alone
+    assert look.propose([3], 2, 4) == []  # at the prompt's end: nothing follows
+    assert look.propose([3], 1, 4) == []  # not in the prompt
+    assert look.propose([7], 8, 9) == [8, 6, 7, 9, 4, 2]  # "7 8": as long as asked
+    assert look.propose([3], 8, 9) == [8, 6, 7, 9][:SHORT_DRAFT]  # "8" alone: short
+    assert look.propose([], 8, 9) == [8, 6, 7, 9, 4, 2]  # the answer's first token
 
 
-def test_question_lookup_matches_words_across_case_and_a_leading_space(tiny_lm):
+def test_prompt_lookup_matches_words_across_case_and_a_leading_space(tiny_lm):
     # caught: ids compared instead of words (the answer's "The" never finds " the")
     q = tiny_lm.tokenizer.encode("What is the capital of France?", add_special_tokens=False)
     the = tiny_lm.tokenizer.encode("The", add_special_tokens=False)
     assert len(the) == 1
     assert the[0] not in q
-    look = QuestionLookup(q, key=tiny_lm.token_word)
+    look = PromptLookup(q, key=tiny_lm.token_word)
     after = q[q.index(tiny_lm.tokenizer.encode(" the", add_special_tokens=False)[0]) + 1:]
     assert look.propose([], the[0], 4) == [the[0], *after[:3]]
-    assert QuestionLookup(q).propose([], the[0], 4) == []
+    assert PromptLookup(q).propose([], the[0], 4) == []
 
 
 FOCUS = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
