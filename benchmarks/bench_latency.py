@@ -5,7 +5,9 @@ order alternates), with the benchmark's passage search (the store's 200 nearest 
 the question's words) and a warm span datastore, and times the parts with wrappers:
 
 * overhead per step: (kNN + other seconds) per LM forward, summed over the answers (the
-  benchmark table's column), and the parts of it per answer (medians);
+  benchmark table's column), and the parts of it per answer (medians); split into the
+  set-up each answer pays once (focus, chat template, token index, generation, matching)
+  and the rest, per step of the decoding loop;
 * time to first text, split into passage search (query embedding + store, lexical re-rank),
   the decoder's set-up (focus, chat template, token index) and the prompt's prefill, for
   the default and for the base model, which reads no passages.
@@ -42,6 +44,10 @@ SPLIT = {  # (module, attribute path) -> label; the module's own name is looked 
     ("nest_core.decoder", "match_spans"): "matching (after the answer)",
     ("nest_core.sources.rerank", "rank_passages"): "search: lexical re-rank",
 }
+
+
+SETUP = ("focus ranking", "continuation test", "chat template + tokenize",
+         "token index (keys from datastore)", "generation set-up", "matching (after the answer)")
 
 
 @contextlib.contextmanager
@@ -131,6 +137,7 @@ def _answer(dec: Any, prompt: str, passages: Any, tokens: int, acc: dict[str, fl
             st = chunk.result.stats
             rec["first text"] = rec.get("first text", st.total_seconds)
             rec.update(forwards=st.lm_forwards, knn=st.knn_seconds, other=st.other_seconds,
+                       datastore=st.datastore_seconds,
                        prompt_read=st.prompt_tokens - st.prefix_reused_tokens,
                        prompt_reused=st.prefix_reused_tokens)
     rec.update(acc)
@@ -146,6 +153,14 @@ def _report(name: str, rs: list[dict[str, float]]) -> None:
           f"{knn + other:.2f} ms/step (kNN {knn:.2f} + other {other:.2f}); first text "
           f"{1000 * med['first text']:.0f} ms; prompt tokens read {med['prompt_read']:.0f}, "
           f"reused {med['prompt_reused']:.0f} (medians)")
+    # the per-answer part of the overhead, apart from what each decoding step costs
+    # (the token index's time holds the datastore's, which the overhead leaves out)
+    setup = sum(sum(r.get(label, 0.0) for label in SETUP) - r.get("datastore", 0.0)
+                for r in rs)
+    loop = 1000 * (sum(r["knn"] + r["other"] for r in rs) - setup) / forwards
+    print(f"  set-up per answer (focus, chat template, token index, generation, matching): "
+          f"{1000 * setup / len(rs):.2f} ms; the rest per step (the decoding loop): "
+          f"{loop:.2f} ms")
     for key in sorted(k for k in med if k.startswith(("to first text", "search"))):
         print(f"  {key:60s} {1000 * med[key]:8.2f} ms")
     for label in SPLIT.values():

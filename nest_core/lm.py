@@ -195,7 +195,6 @@ class LanguageModel:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
                                          clean_up_tokenization_spaces=False))
 
-
     def token_word(self, token: int) -> str | int:
         """What ``token`` says, lower-cased and without white space, so that words match
         across case and a leading space ("The" ~ " the"); the id itself for a token of
