@@ -192,18 +192,20 @@ class PassageLookup:
         self.index = index
         self.max_ngram = max_ngram
         self.values = index.values.tolist()
+        self.first = index.row_start[index.passage_of].tolist()  # [N]: its passage's first row
         self.rows_of: dict[int, list[int]] = {}  # token -> rows that may start a span with it
         for row in allowed.nonzero().flatten().tolist():  # ascending: reading order
             self.rows_of.setdefault(self.values[row], []).append(row)
 
     def propose(self, output: list[int], top: int, length: int) -> list[int]:
         best, best_n = None, 0
-        for row in self.rows_of.get(top, ()):
-            if not bool(self.index.active[row]):
+        rows = self.rows_of.get(top, [])
+        active = self.index.active[rows].tolist() if rows else []
+        for row, ok in zip(rows, active, strict=True):
+            if not ok:
                 continue
-            first = int(self.index.row_start[int(self.index.passage_of[row])])
             n = 1
-            while (n < self.max_ngram and n <= len(output) and row - n >= first
+            while (n < self.max_ngram and n <= len(output) and row - n >= self.first[row]
                    and self.values[row - n] == output[-n]):
                 n += 1
             if n > best_n:
