@@ -7,7 +7,9 @@ chosen (quality first: answer recall / ROUGE-1, cited-correct; then seconds per 
 
 Each ``name=JSON`` is a set of :class:`~nest_core.NestConfig` fields applied on top of
 ``paper_config()`` (the paper's algorithm with the model's calibrated numbers); ``default``
-alone means ``default_config()``, what every surface ships. Every
+alone means ``default_config()``, what every surface ships, and ``"defaults": true`` applies
+the fields on top of it; ``"dtype": "bfloat16"`` gives a setting its own model
+(``bf16='{"defaults": true, "dtype": "bfloat16"}'``). Every
 setting answers the same items with the same top-b passages, items in turn, settings
 rotating, so load on the machine spreads evenly. Dev split only: the test split is for the
 README table.
@@ -56,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tokens", type=int, default=0, help="max_new_tokens (0: the task's)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--show", action="store_true", help="print every answer")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="the model of every setting without its own \"dtype\"")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s",
@@ -64,8 +67,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     import torch
 
-    from nest_core import NestDecoder, load_model
-    from nest_core.config import default_config, paper_config
     from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
 
@@ -76,18 +77,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                              f"{args.task}_items": args.items})
     items = build_items(plan)
     stores = open_search(corpus_passages(CORPUS_OF[args.task]), CORPUS_OF[args.task])
-    lm = load_model(dtype=args.dtype)
     store = SpanDatastore(cache_dir() / "bench" / "spans")
-    decoders = {name: NestDecoder(lm, default_config(lm.name) if ov is None
-                                  else paper_config(lm.name, **ov), key_cache=store)
+    decoders = {name: decoder(ov or {}, args.dtype, ov is None, store)
                 for name, ov in settings.items()}
     tokens = args.tokens or plan.tokens(args.task)
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in settings}
     names = list(settings)
-    decoders[names[0]].generate("Hello", max_new_tokens=2)  # one-off set-up, untimed
+    models = {id(d.lm): d for d in decoders.values()}.values()  # one decoder per model
+    for d in models:
+        d.generate("Hello", max_new_tokens=2)  # one-off set-up, untimed
     for n, item in enumerate(items):
         found = stores["faiss"].search(item.query, args.passages)
-        decoders[names[0]].prepare(found.passages)  # warm span datastore, as run.py
+        for d in models:
+            d.prepare(found.passages)  # warm span datastore, as run.py
         for k in range(len(names)):
             name = names[(n + k) % len(names)]
             res = decoders[name].generate(item.prompt, found.passages, max_new_tokens=tokens)
@@ -106,6 +108,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         logger.info("%d/%d %s %s", n + 1, len(items), item.key, "  ".join(
             f"{name}={rows[name][-1]['quality']:.0f}" for name in names))
     print(table(rows))
+
+
+def decoder(overrides: dict[str, Any], dtype: str | None, default: bool, store: Any) -> Any:
+    """The decoder of one setting: ``default`` (or ``"defaults": true`` in its JSON) starts
+    from ``default_config()``, else from ``paper_config()``; ``"dtype"`` loads its own model
+    (``"bfloat16"``), else ``--dtype``'s."""
+    from nest_core import NestDecoder, load_model
+    from nest_core.config import default_config, paper_config
+
+    settings = dict(overrides)
+    lm = load_model(dtype=settings.pop("dtype", dtype))
+    start = default_config if settings.pop("defaults", default) else paper_config
+    return NestDecoder(lm, start(lm.name, **settings), key_cache=store)
 
 
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:
