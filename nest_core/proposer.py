@@ -165,8 +165,11 @@ class PromptLookup:
             tail = keys[-n:]
             if n == 1 and output:
                 length = min(length, SHORT_DRAFT)
-            # the latest occurrence with a continuation, so "of X" drafts what follows X
-            for start in range(len(q) - n - 1, -1, -1):
+            # the latest occurrence with a continuation, so "of X" drafts what follows X;
+            # the answer's first word the earliest: a restatement follows the question
+            # from its start ("The ISO 15924 code of the Cham script", not "The Cham ...")
+            starts = range(len(q) - n - 1, -1, -1)
+            for start in (reversed(starts) if not output else starts):
                 if q[start:start + n] == tail:
                     return [top, *self.prompt[start + n:start + n + length - 1]]
         return []
