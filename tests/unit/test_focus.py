@@ -121,7 +121,8 @@ def test_spans_start_only_at_allowed_rows():
 
 def test_prompt_lookup_drafts_what_follows_the_latest_longest_match():
     # caught: the picked token left out of the draft or of the match; the earliest match
-    # taken; a match of the picked token alone drafting full length mid-answer
+    # taken mid-answer, the latest for the first token; a match of the picked token alone
+    # drafting full length mid-answer
     q = [5, 6, 7, 8, 6, 7, 9, 4, 2]
     look = PromptLookup(q)
     assert look.propose([1, 6], 7, 3) == [7, 9, 4]  # "6 7" last seen before 9
@@ -131,6 +132,10 @@ def test_prompt_lookup_drafts_what_follows_the_latest_longest_match():
     assert look.propose([7], 8, 9) == [8, 6, 7, 9, 4, 2]  # "7 8": as long as asked
     assert look.propose([3], 8, 9) == [8, 6, 7, 9][:SHORT_DRAFT]  # "8" alone: short
     assert look.propose([], 8, 9) == [8, 6, 7, 9, 4, 2]  # the answer's first token
+    # the answer's first token drafts from its earliest occurrence (a restatement follows
+    # the question from its start), a later token from its latest
+    assert look.propose([], 6, 3) == [6, 7, 8]
+    assert look.propose([3], 6, 3) == [6, 7, 9]
 
 
 def test_prompt_lookup_matches_words_across_case_and_a_leading_space(tiny_lm):
@@ -243,9 +248,10 @@ def test_question_drafts_change_nothing_but_the_forward_count(tiny_lm):
 
 def test_the_answers_first_word_drafts_the_question_words_after_it(tiny_lm):
     # caught: the decoder's lookup matching token ids ("The" never finds " the": two more
-    # forwards); the picked token not looked up with the output (one more)
+    # forwards); the picked token not looked up with the output (one more); the first
+    # word looked up at its latest occurrence (" the dog": two more)
     cfg = NestConfig(mode="base", relaxation=1.0, verify_against="lm", question_drafts=True)
-    prompt = "What did the quick brown fox do?"
+    prompt = "What did the quick brown fox do to the dog?"
     enc = functools.partial(tiny_lm.tokenizer.encode, add_special_tokens=False)
     q, fox = enc(prompt), enc(" quick brown fox")
     at = q.index(enc(" the")[0]) + 1
