@@ -142,7 +142,8 @@ class PromptLookup:
 
     Tokens are matched by ``key`` (:meth:`LanguageModel.token_word`: "The" matches
     " the"), so the answer's capitalised first word finds the question's. The latest,
-    longest match wins; a match of the picked token alone (after the answer's first token)
+    longest match wins (for the answer's first word the earliest: a restatement follows the
+    question from its start); a match of the picked token alone (after the first token)
     drafts :data:`SHORT_DRAFT` tokens at most: weak evidence, and a forward of a few tokens
     costs about what a 1-token forward does (``python -m benchmarks.bench_forward``).
     """
