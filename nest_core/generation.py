@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -19,33 +19,6 @@ from nest_core.lm import LanguageModel
 from nest_core.proposer import Belief, PassageLookup, PromptLookup, RetrievedSpanProposer
 from nest_core.token_index import Neighbors, TokenIndex
 from nest_core.types import DecodeStats, FinishReason, NestChunk, NestResult, Passage, Span
-
-
-class RowBeliefs:
-    """The beliefs at a draft's positions with ``verify_against="lm"``, each made when first
-    read: verification stops at the first rejected token, so the rows after it are never
-    scanned (a 49k-entry argmax per row, the largest cost of a step outside the LM).
-    ``logits`` ``(T, V)``, ``hidden`` ``(T, D)``; ``make(logits, hidden, search=False)``
-    gives the beliefs of a few rows, with row ``i`` alone as rows are independent."""
-
-    def __init__(self, logits: torch.Tensor, hidden: torch.Tensor,
-                 make: Callable[..., list[Belief]]) -> None:
-        self.logits, self.hidden, self.make = logits, hidden, make
-        self.made: dict[int, Belief] = {}
-
-    def __len__(self) -> int:
-        return int(self.logits.shape[0])
-
-    def __getitem__(self, i: int) -> Belief:
-        i = range(len(self))[i]  # negative indices; IndexError past the end
-        if i not in self.made:
-            self.made[i] = self.make(self.logits[i:i + 1], self.hidden[i:i + 1],
-                                     search=False)[0]
-        return self.made[i]
-
-    def row(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Row ``i``'s logits ``(V,)`` and key-layer state ``(D,)``."""
-        return self.logits[i], self.hidden[i]
 
 
 class Generation:
@@ -117,7 +90,7 @@ class Generation:
                         self.index.mask([r for r in rows[:1] if r != NO_SOURCE])
                     continue
             beliefs = self.forward(draft)  # beliefs[i]: the position after draft[i]
-            n_ok = 1 + self.verify(beliefs, draft[1:], exact)
+            n_ok = 1 + self.verify(beliefs[:-1], draft[1:], exact)
             stats.accepted_draft_tokens += n_ok
             if self.index is not None:
                 self.index.mask([r for r in rows[:n_ok] if r != NO_SOURCE])
@@ -127,7 +100,7 @@ class Generation:
                 stream_row = rows[-1] if rows[-1] != NO_SOURCE and not exact else None
                 draft_len = min(2 * draft_len, self.cfg.span_length)
                 yield from self.accept(draft[sent:], rows[sent:])
-                belief = self.rescore(beliefs, -1)
+                belief = self.rescore(beliefs[-1])
                 continue
             # First rejection at n_ok: keep the prefix. The belief at the rejected position
             # is the current one: its argmax p_M (the replacement) is decoded by the next
@@ -136,7 +109,7 @@ class Generation:
             stream_row, draft_len = None, self.cfg.initial_span_length
             if n_ok > sent:
                 yield from self.accept(draft[sent:n_ok], rows[sent:n_ok])
-            belief = self.rescore(beliefs, n_ok - 1)
+            belief = self.rescore(beliefs[n_ok - 1])
         yield self.final_chunk()
 
     def read_prompt(self) -> Belief:
@@ -173,46 +146,33 @@ class Generation:
     def accepts(self, belief: Belief, token: int, exact: bool = False) -> bool:
         return self.verify([belief], [token], exact) == 1
 
-    def verify(self, beliefs: Sequence[Belief] | RowBeliefs, tokens: Sequence[int],
-               exact: bool = False) -> int:
+    def verify(self, beliefs: Sequence[Belief], tokens: Sequence[int], exact: bool = False
+               ) -> int:
         """How many leading ``tokens`` pass relaxed verification (Eq. 7, prefix rule), or
-        with ``exact`` (question drafts) equal the token decoding would pick anyway;
-        ``beliefs[i]`` judges ``tokens[i]``.
+        with ``exact`` (question drafts) equal the token decoding would pick anyway.
 
         ``verify_against="lm"`` (beyond the paper) judges drafts by p_LM alone: inside a
         copied span the kNN neighbours are the span's own rows, so p_M ≈ p_kNN approves its
         own draft and copying runs on past the answer; p_LM only approves what the model
         would say. With ``end_with_lm`` no draft token is accepted where the LM would end.
-        Both judge one position at a time and stop at the first rejection, so the beliefs
-        of a :class:`RowBeliefs` after it are never made.
         """
         if not tokens:
             return 0
         t0 = time.perf_counter()
-        n_ok = 0
-        if exact or self.cfg.verify_against == "lm":
-            for i, token in enumerate(tokens):
-                if not self.passes(beliefs[i], token, exact):
-                    break
-                n_ok += 1
-        else:
-            pairs = list(zip([beliefs[i] for i in range(len(tokens))], tokens, strict=True))
-            p_tok = torch.stack([b.probability(t) for b, t in pairs])  # [n]
-            p_max = torch.tensor([b.top_prob for b, _ in pairs])  # [n]
-            ok = mixture.relaxed_accept(p_tok, p_max, self.cfg.relaxation)
-            ok &= torch.tensor([not b.lm_ends for b, _ in pairs])
-            n_ok = mixture.accepted_prefix(ok)
-        self.stats.knn_seconds += time.perf_counter() - t0
-        return n_ok
-
-    def passes(self, belief: Belief, token: int, exact: bool) -> bool:
-        """One position of :meth:`verify` with ``exact`` or p_LM as the judge."""
+        pairs = list(zip(beliefs, tokens, strict=True))
         if exact:
-            return token == belief.top_token
-        if belief.lm_ends:
-            return False
-        p_tok = torch.tensor([belief.lm_ratio(token)])  # [1]: p_LM(w) / max p_LM
-        return bool(mixture.relaxed_accept(p_tok, torch.ones(1), self.cfg.relaxation)[0])
+            self.stats.knn_seconds += time.perf_counter() - t0
+            return mixture.accepted_prefix(torch.tensor([t == b.top_token for b, t in pairs]))
+        if self.cfg.verify_against == "lm":
+            p_tok = torch.tensor([b.lm_ratio(t) for b, t in pairs])  # [n]: p_LM(w) / max p_LM
+            p_max = torch.ones_like(p_tok)
+        else:
+            p_tok = torch.stack([b.probability(t) for b, t in pairs])  # [n]
+            p_max = torch.tensor([b.top_prob for b in beliefs])  # [n]
+        ok = mixture.relaxed_accept(p_tok, p_max, self.cfg.relaxation)
+        ok &= torch.tensor([not b.lm_ends for b in beliefs])
+        self.stats.knn_seconds += time.perf_counter() - t0
+        return mixture.accepted_prefix(ok)
 
     def repeat_cut(self, tokens: Sequence[int]) -> int | None:
         """With ``repetition_stop`` n: how many of ``tokens`` to keep so that the output
@@ -267,29 +227,23 @@ class Generation:
         return [], []
 
     # --- LM and mixture --------------------------------------------------------------------
-    def forward(self, ids: Sequence[int], last_only: bool = False
-                ) -> list[Belief] | RowBeliefs:
+    def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
         """Feed ``ids``; ``beliefs[i]`` is the belief at the position after ``ids[i]``.
 
         With ``verify_against="lm"`` a draft's positions are judged by p_LM alone and the
-        next step starts from a rescored belief, so no kNN search runs for them, and each
-        is made when verification reads it (:class:`RowBeliefs`); a single position (the
-        prompt's last, a single token) starts the next step and is searched.
+        next step starts from a rescored belief, so no kNN search runs for them; a single
+        position (the prompt's last, a single token) starts the next step and is searched.
         """
         t0 = time.perf_counter()
         out = self.lm.forward(ids, self.cache, self.cfg.key_layer, last_only=last_only)
         self.stats.lm_seconds += time.perf_counter() - t0
         self.stats.lm_forwards += 1
-        if self.cfg.verify_against == "lm" and out.logits.shape[0] > 1:
-            return RowBeliefs(out.logits, out.hidden, self.lm_beliefs)
-        return self.beliefs(out.logits, out.hidden)
+        search = self.cfg.verify_against != "lm" or out.logits.shape[0] == 1
+        return self.beliefs(out.logits, out.hidden, search=search)
 
-    def rescore(self, beliefs: list[Belief] | RowBeliefs, i: int) -> Belief:
-        """Recompute the belief at position ``i`` after masking, so just-copied keys are not
-        retrieved again (from the row itself: a :class:`RowBeliefs` need not make it)."""
-        logits, hidden = (beliefs.row(i) if isinstance(beliefs, RowBeliefs)
-                          else (beliefs[i].logits, beliefs[i].hidden))
-        return self.beliefs(logits[None], hidden[None])[0]
+    def rescore(self, belief: Belief) -> Belief:
+        """Recompute a belief after masking, so just-copied keys are not retrieved again."""
+        return self.beliefs(belief.logits[None], belief.hidden[None])[0]
 
     def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool = True
                 ) -> list[Belief]:

@@ -11,14 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from nest_core.generation import Generation, RowBeliefs
+from nest_core.generation import Generation
 from nest_core.proposer import Belief
 from nest_core.types import Passage
 
@@ -194,12 +194,6 @@ class Reference(Generation):
 
     def span_starters(self, allowed: torch.Tensor | None) -> frozenset[int]:
         return frozenset(range(self.lm.vocab_size))
-
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
-        out = super().forward(ids, last_only)
-        if isinstance(out, RowBeliefs):  # every position made and searched, up front
-            return self.beliefs(out.logits, out.hidden)
-        return out
 
     def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool = True
                 ) -> list[Belief]:
