@@ -217,10 +217,10 @@ class Generation:
     def looked_up(self, top: int, length: int) -> tuple[list[int], list[int]]:
         """A draft (tokens, rows) starting with ``top`` from a passage's rows where the
         output repeats them, else from the prompt's words (rows ``NO_SOURCE``), else none."""
-        if self.passage_lookup is not None and self.index is not None:
+        if self.passage_lookup is not None:
             rows = self.passage_lookup.propose(self.ids, top, length)
             if rows:
-                return self.index.values[rows].tolist(), rows
+                return [self.passage_lookup.values[r] for r in rows], rows
         if self.lookup is not None:
             draft = self.lookup.propose(self.ids, top, length)
             return draft, [NO_SOURCE] * len(draft)
