@@ -9,11 +9,11 @@ from collections.abc import Iterator, Sequence
 
 from nest_core.config import NestConfig, default_config
 from nest_core.encoding import KeyCache, PassageEncoder
-from nest_core.focus import best_sentences, continues_passage, focus_passages
-from nest_core.generation import Generation
+from nest_core.decoding.loop import Generation
+from nest_core.decoding.policy import Shortcuts, context
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
-from nest_core.prompts import fit_context, question_of, with_background
+from nest_core.prompts import fit_context, question_of
 from nest_core.token_index import TokenIndex
 from nest_core.types import DecodeStats, NestChunk, NestResult, Passage
 
@@ -30,11 +30,12 @@ class NestDecoder:
     output equals ``model.generate(do_sample=False)`` token for token. One decoder may serve
     many threads: each call keeps its own cache and index; passage keys are shared through
     ``key_cache`` (in memory by default, or a persistent
-    :class:`~nest_core.datastore.SpanDatastore`).
+    :class:`~nest_core.stores.datastore.SpanDatastore`).
     """
 
     def __init__(self, lm: LanguageModel, config: NestConfig | None = None, *,
-                 key_cache: KeyCache | None = None) -> None:
+                 key_cache: KeyCache | None = None, shortcuts: Shortcuts = Shortcuts()
+                 ) -> None:
         if not isinstance(lm, LanguageModel):
             msg = (f"lm must be a nest_core.LanguageModel (use nest_core.load_model()), "
                    f"got {type(lm).__name__}")
@@ -42,7 +43,7 @@ class NestDecoder:
         if config is not None and not isinstance(config, NestConfig):
             msg = f"config must be a NestConfig, got {type(config).__name__}"
             raise TypeError(msg)
-        self.lm = lm
+        self.lm, self.shortcuts = lm, shortcuts
         # None: the defaults calibrated for this model, or the paper's for any other model
         self.config = config or default_config(lm.name)
         self.encoder = PassageEncoder(lm, key_layer=self.config.key_layer,
@@ -78,7 +79,6 @@ class NestDecoder:
         the prompt string or its last user message.
         """
         started = time.perf_counter()
-        cfg = self.config
         passages = _check_passages(passages)
         stops = _check_stop(stop)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
@@ -90,25 +90,18 @@ class NestDecoder:
             msg = f"question must be a str or None, got {type(question).__name__}"
             raise TypeError(msg)
         question = question_of(prompt) if question is None else question
-        if cfg.continuation is not None and continues_passage(question, passages):
-            cfg = cfg.continuation
-        focus = (best_sentences(question, passages, cfg.focus_sentences)
-                 if cfg.focus_sentences is not None else [])
-        if cfg.passages_in_prompt:
-            # With focus: the best sentences of all passages; without (or when no sentence
-            # shares a word with the question): the top passages whole.
-            prompt = with_background(prompt, focus_passages(passages, focus) if focus
-                                     else passages[: cfg.prompt_passages],
-                                     repeat_question=cfg.repeat_question)
-        prompt_ids, truncated = fit_context(self.lm.prompt_ids(prompt), max_new_tokens,
+        answer = context(self.config, prompt, question, passages)
+        cfg = answer.config
+        prompt_ids, truncated = fit_context(self.lm.prompt_ids(answer.prompt), max_new_tokens,
                                             self.lm.max_context)
         stats = DecodeStats()
         index = self._index(passages, stats) if cfg.uses_retrieval else None
-        starts = (index.rows_within([(s.passage_index, s.start, s.end) for s in focus])
-                  if index is not None and focus else None)
+        starts = (index.rows_within([(s.passage_index, s.start, s.end) for s in answer.focus])
+                  if index is not None and answer.focus else None)
         run = Generation(self.lm, cfg, prompt_ids, passages, index, span_starts=starts,
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
-                         started=started, prompt_truncated=truncated)
+                         started=started, prompt_truncated=truncated,
+                         shortcuts=self.shortcuts)
         for chunk in run.run():
             if chunk.result is not None and chunk.result.passages:
                 result = chunk.result

@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from nest_core.generation import Generation
-from nest_core.proposer import Belief
+from nest_core.decoding.policy import Shortcuts
 from nest_core.types import Passage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -178,33 +177,8 @@ def paper_prompt_layout(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
 
 
 # --- reference decoding paths (tests/unit/test_fast_paths.py, its SmolLM2 twin) ---------
-class Reference(Generation):
-    """The decoder's slow path: every fed position searched, λ always from the sorted
-    neighbours, and p_LM judged from whole scaled rows (max and argmax of ``logits / T``)."""
-
-    def lm_beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool
-                   ) -> list[Belief]:
-        scaled = logits / self.cfg.lm_temperature  # [T, V]
-        best = scaled.max(dim=-1)
-        return [dataclasses.replace(
-            b, top_token=int(top), lm_ends=self.cfg.end_with_lm and int(top) in self.eos,
-            scaled_logits=scaled[i], lm_max=None)
-            for i, (b, top) in enumerate(zip(super().lm_beliefs(logits, hidden, search),
-                                             best.indices, strict=True))]
-
-    def span_starters(self, allowed: torch.Tensor | None) -> frozenset[int]:
-        return frozenset(range(self.lm.vocab_size))
-
-    def beliefs(self, logits: torch.Tensor, hidden: torch.Tensor, search: bool = True
-                ) -> list[Belief]:
-        return super().beliefs(logits, hidden, search=True)
-
-    def fast_confidence(self, d2: torch.Tensor) -> torch.Tensor | None:
-        return None
-
-
-class Late(Generation):
-    """Every token of a draft waits for the draft's forward (no early first token)."""
-
-    def streams_first(self, draft: list[int]) -> bool:
-        return False
+# The decoder's slow path: every fed position searched, λ always from the sorted neighbours,
+# and p_LM judged from whole scaled rows (max and argmax of ``logits / T``).
+SLOW_SEARCH = Shortcuts(lazy_search=False)
+# Every token of a draft waits for the draft's forward (no early first token).
+LATE = Shortcuts(early_first_token=False)
