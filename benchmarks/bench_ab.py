@@ -62,8 +62,8 @@ def main() -> None:
     from benchmarks.run import CORPUS_OF, FULL, build_items, corpus_passages, open_search
     from nest_core import NestDecoder, load_model
     from nest_core.config import default_config
-    from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
+    from nest_core.stores.datastore import SpanDatastore
 
     torch.set_num_threads(args.threads)
     plan = FULL.__class__(**{**vars(FULL), "tasks": (args.task,), "split": "dev",

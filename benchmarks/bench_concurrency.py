@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         open_search,
     )
     from nest_core import NestDecoder, load_model
-    from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
+    from nest_core.stores.datastore import SpanDatastore
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 from nest_core.config import NestConfig
-from nest_core.datastore import SpanDatastore
 from nest_core.decoder import NestDecoder
 from nest_core.encoding import PassageEncoder
 from nest_core.models import load_model
+from nest_core.stores.datastore import SpanDatastore
 
 
 def main() -> None:

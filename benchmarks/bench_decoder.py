@@ -15,8 +15,8 @@ from pathlib import Path
 
 from nest_core import InMemorySource, MemoryKeyCache, NestConfig, NestDecoder, load_model
 from nest_core.config import default_config
-from nest_core.embeddings import default_embedding_function
-from nest_core.ingest import Document, chunk_document
+from nest_core.stores.embeddings import default_embedding_function
+from nest_core.stores.ingest import Document, chunk_document
 
 DATA = Path(__file__).parent.parent / "examples" / "data"
 QUESTIONS = [

@@ -2,7 +2,7 @@
 
 Runs ``default_config()`` and the base model on doc-QA dev items, interleaved per item (the
 order alternates), with the benchmark's passage search (the store's 200 nearest re-ranked by
-the question's words) and a warm span datastore, and times the parts with wrappers:
+the question's words) and a warm span datastore, and times the parts with cProfile:
 
 * overhead per step: (kNN + other seconds) per LM forward, summed over the answers (the
   benchmark table's column), and the parts of it per answer (medians); split into the
@@ -19,30 +19,30 @@ Timings on a shared 2-core machine are noisy: compare runs made at the same time
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
-import functools
+import cProfile
 import os
+import pstats
 import statistics
 import time
-from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-SPLIT = {  # (module, attribute path) -> label; the module's own name is looked up once
-    ("nest_core.decoder", "best_sentences"): "focus ranking",
-    ("nest_core.decoder", "continues_passage"): "continuation test",
-    ("nest_core.lm", "LanguageModel.prompt_ids"): "chat template + tokenize",
-    ("nest_core.decoder", "NestDecoder._index"): "token index (keys from datastore)",
-    ("nest_core.generation", "Generation.read_prompt"): "prompt prefill (LM)",
-    ("nest_core.generation", "Generation.__init__"): "generation set-up",
-    ("nest_core.generation", "Generation.lm_beliefs"): "beliefs (kNN side)",
-    ("nest_core.generation", "Generation.verify"): "verify",
-    ("nest_core.mixture", "scaled_row_max"): "  max/argmax of scaled logits",
-    ("nest_core.token_index", "TokenIndex.distances"): "  kNN distances",
-    ("nest_core.generation", "Generation.fast_confidence"): "  lambda from 2 distances",
-    ("nest_core.token_index", "TokenIndex.nearest"): "  sorted top-k",
-    ("nest_core.decoder", "match_spans"): "matching (after the answer)",
-    ("nest_core.sources.rerank", "rank_passages"): "search: lexical re-rank",
+ROOT = Path(__file__).resolve().parent.parent
+SPLIT = {  # (file in the repository, function name) -> label
+    ("nest_core/focus.py", "best_sentences"): "focus ranking",
+    ("nest_core/focus.py", "continues_passage"): "continuation test",
+    ("nest_core/lm.py", "prompt_ids"): "chat template + tokenize",
+    ("nest_core/decoder.py", "_index"): "token index (keys from datastore)",
+    ("nest_core/decoding/loop.py", "read_prompt"): "prompt prefill (LM)",
+    ("nest_core/decoding/loop.py", "__init__"): "generation set-up",
+    ("nest_core/decoding/judges.py", "judged"): "beliefs (kNN side)",
+    ("nest_core/decoding/judges.py", "verify"): "verify",
+    ("nest_core/decoding/mixture.py", "scaled_row_max"): "  max/argmax of scaled logits",
+    ("nest_core/token_index.py", "distances"): "  kNN distances",
+    ("nest_core/decoding/judges.py", "quick"): "  lambda from 2 distances",
+    ("nest_core/token_index.py", "nearest"): "  sorted top-k",
+    ("nest_core/matching.py", "match_spans"): "matching (after the answer)",
+    ("nest_core/focus.py", "rank_passages"): "search: lexical re-rank",
 }
 
 
@@ -50,33 +50,34 @@ SETUP = ("focus ranking", "continuation test", "chat template + tokenize",
          "token index (keys from datastore)", "generation set-up", "matching (after the answer)")
 
 
-@contextlib.contextmanager
-def timed(acc: dict[str, float]) -> Iterator[None]:
-    """Wrap every function of :data:`SPLIT` so that its wall time adds to ``acc``."""
-    import importlib
+class Profiled:
+    """Seconds spent inside the functions of :data:`SPLIT` (cumulative, callees included),
+    observed with cProfile: nothing in the code is wrapped or replaced. The profiler adds
+    a small cost per Python call, to the parts and to the totals alike."""
 
-    undo = []
-    for (module, path), label in SPLIT.items():
-        owner: Any = importlib.import_module(module)
-        *parents, name = path.split(".")
-        for p in parents:
-            owner = getattr(owner, p)
-        inner = getattr(owner, name)
+    def __init__(self) -> None:
+        self.prof = cProfile.Profile()
 
-        def wrapper(*a: Any, _f: Any = inner, _label: str = label, **k: Any) -> Any:
-            t0 = time.perf_counter()
-            try:
-                return _f(*a, **k)
-            finally:
-                acc[_label] += time.perf_counter() - t0
+    def __enter__(self) -> Profiled:
+        self.prof.enable()
+        return self
 
-        setattr(owner, name, functools.wraps(inner)(wrapper))
-        undo.append((owner, name, inner))
-    try:
-        yield
-    finally:
-        for owner, name, inner in reversed(undo):
-            setattr(owner, name, inner)
+    def __exit__(self, *exc: object) -> None:
+        self.prof.disable()
+
+    def seconds(self, resume: bool = True) -> dict[str, float]:
+        """The time per label so far; reading stops the profiler, ``resume`` restarts it."""
+        stats: dict[Any, Any] = pstats.Stats(self.prof).stats  # type: ignore[attr-defined]
+        if resume:
+            self.prof.enable()
+        out: dict[str, float] = {}
+        for (filename, _, name), (_, _, _, cumulative, _) in stats.items():
+            path = Path(filename)
+            rel = path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else ""
+            label = SPLIT.get((rel, name))
+            if label is not None:
+                out[label] = out.get(label, 0.0) + cumulative
+        return out
 
 
 def main() -> None:
@@ -90,8 +91,8 @@ def main() -> None:
     from benchmarks.run import CORPUS_OF, FULL, build_items, corpus_passages, open_search
     from nest_core import NestConfig, NestDecoder, load_model
     from nest_core.config import default_config
-    from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
+    from nest_core.stores.datastore import SpanDatastore
 
     torch.set_num_threads(args.threads)
     plan = FULL.__class__(**{**vars(FULL), "tasks": ("docqa",), "split": "dev",
@@ -105,42 +106,39 @@ def main() -> None:
     for dec in decoders.values():
         dec.generate("Hello", max_new_tokens=2)  # one-off set-up, untimed
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in decoders}
-    acc: dict[str, float] = collections.defaultdict(float)
-    with timed(acc):
-        for n, item in enumerate(items):
-            acc.clear()
+    for n, item in enumerate(items):
+        with Profiled() as prof:
             found = search.search(item.query, plan.num_passages)
-            searched = {"search (total)": found.seconds, **acc}
-            decoders["default"].prepare(found.passages)  # warm span datastore
-            for name in (list(decoders) if n % 2 == 0 else list(decoders)[::-1]):
-                acc.clear()
-                rec = _answer(decoders[name], item.prompt,
-                              found.passages if name == "default" else None,
-                              plan.tokens("docqa"), acc)
-                if name == "default":
-                    rec.update(searched)
-                    rec["first text"] += found.seconds
-                rows[name].append(rec)
+        searched = {"search (total)": found.seconds, **prof.seconds(resume=False)}
+        decoders["default"].prepare(found.passages)  # warm span datastore
+        for name in (list(decoders) if n % 2 == 0 else list(decoders)[::-1]):
+            rec = _answer(decoders[name], item.prompt,
+                          found.passages if name == "default" else None,
+                          plan.tokens("docqa"))
+            if name == "default":
+                rec.update(searched)
+                rec["first text"] += found.seconds
+            rows[name].append(rec)
     for name, rs in rows.items():
         _report(name, rs)
 
 
-def _answer(dec: Any, prompt: str, passages: Any, tokens: int, acc: dict[str, float]
-            ) -> dict[str, float]:
+def _answer(dec: Any, prompt: str, passages: Any, tokens: int) -> dict[str, float]:
     t0 = time.perf_counter()
     rec: dict[str, float] = {}
-    for chunk in dec.stream(prompt, passages, max_new_tokens=tokens):
-        if chunk.text and "first text" not in rec:
-            rec["first text"] = time.perf_counter() - t0
-            rec.update({f"to first text: {k}": v for k, v in acc.items()})
-        if chunk.result is not None:
-            st = chunk.result.stats
-            rec["first text"] = rec.get("first text", st.total_seconds)
-            rec.update(forwards=st.lm_forwards, knn=st.knn_seconds, other=st.other_seconds,
-                       datastore=st.datastore_seconds,
-                       prompt_read=st.prompt_tokens - st.prefix_reused_tokens,
-                       prompt_reused=st.prefix_reused_tokens)
-    rec.update(acc)
+    with Profiled() as prof:
+        for chunk in dec.stream(prompt, passages, max_new_tokens=tokens):
+            if chunk.text and "first text" not in rec:
+                rec["first text"] = time.perf_counter() - t0
+                rec.update({f"to first text: {k}": v for k, v in prof.seconds().items()})
+            if chunk.result is not None:
+                st = chunk.result.stats
+                rec["first text"] = rec.get("first text", st.total_seconds)
+                rec.update(forwards=st.lm_forwards, knn=st.knn_seconds,
+                           other=st.other_seconds, datastore=st.datastore_seconds,
+                           prompt_read=st.prompt_tokens - st.prefix_reused_tokens,
+                           prompt_reused=st.prefix_reused_tokens)
+    rec.update(prof.seconds(resume=False))
     return rec
 
 

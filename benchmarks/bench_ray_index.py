@@ -57,7 +57,7 @@ def corpus(n: int, offset: int = 2000) -> tuple[str, list[Any]]:
 
     if DICT_FILE.is_file():
         return "foldoc", list(load_passages()[offset:offset + n])
-    from nest_core.ingest import Document, chunk_document
+    from nest_core.stores.ingest import Document, chunk_document
     from nest_core.types import Passage
 
     base = [p for f in sorted(HANDBOOK.glob("*.md"))
@@ -72,12 +72,12 @@ def span_files(path: Path) -> dict[str, bytes]:
 
 
 def encode_single(threads: int) -> Callable[..., Any]:
-    """One process, ``threads`` torch threads: :func:`nest_core.ingest.precompute`."""
+    """One process, ``threads`` torch threads: :func:`nest_core.stores.ingest.precompute`."""
 
     def run(passages: Sequence[Any], lm: Any, store: Any) -> None:
         import torch
 
-        from nest_core.ingest import precompute
+        from nest_core.stores.ingest import precompute
 
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -94,7 +94,7 @@ def encode_ray(workers: int, load: Callable[[], Any] | None = None) -> Callable[
     the call, as ``nest index --ray --ray-workers N`` does."""
 
     def run(passages: Sequence[Any], lm: Any, store: Any) -> None:
-        from nest_core.ray_index import RayOptions, precompute_on_ray
+        from nest_core.stores.ray_index import RayOptions, precompute_on_ray
 
         precompute_on_ray(passages, lm, datastore=store, progress=False,
                           options=RayOptions(workers=workers), load=load)
@@ -106,7 +106,7 @@ def measure(passages: Sequence[Any], lm: Any, systems: Sequence[tuple[str, int, 
             small: int, workdir: Path) -> list[Row]:
     """Time every ``(name, workers, threads, run)`` on ``passages`` and on the first
     ``small`` of them, each into a fresh datastore; the first system is the reference."""
-    from nest_core.datastore import SpanDatastore
+    from nest_core.stores.datastore import SpanDatastore
 
     rows: list[Row] = []
     reference: dict[str, bytes] | None = None

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nest_core.sources.faiss_store import INDEX_FILE, SIDECAR_FILE, FaissStore
+from nest_core.stores.sources.faiss_store import INDEX_FILE, SIDECAR_FILE, FaissStore
 from nest_core.types import Passage
 
 WORDS = ["compiler", "kernel", "packet", "protocol", "memory", "cache", "register", "thread",

@@ -125,8 +125,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from benchmarks.run import open_search
     from nest_core import load_model
-    from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
+    from nest_core.stores.datastore import SpanDatastore
 
     search = open_search(load_passages())["faiss"]
     lm = load_model()

@@ -1,5 +1,5 @@
 """From per-item :class:`~benchmarks.systems.RunRecord` s to the summary: aggregation,
-markdown table, README region and the quality-vs-speed plot.
+markdown table, the marked region of ``docs/benchmarks.md`` and the quality-vs-speed plot.
 
 Speed is summarised robustly because the benchmark machine is shared: tokens/s is the median
 over items, and the speed ratio is the median over items of (system tokens/s / base tokens/s
@@ -17,7 +17,9 @@ from typing import Any
 from benchmarks.systems import LABELS, SYSTEMS, RunRecord
 from benchmarks.tasks import TASKS
 
-README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+# The region of docs/benchmarks.md a full run rewrites (the README names the command and
+# links there; it is never written by a run)
+BENCH_START, BENCH_END = "<!-- bench:start -->", "<!-- bench:end -->"
 TASK_TITLES = {"completion": "FOLDOC completion", "qa": "FOLDOC acronym QA",
                "docqa": "iso-codes document QA"}
 
@@ -157,16 +159,16 @@ def docqa_table(rows: Sequence[SystemSummary]) -> str:
     return "\n".join(lines)
 
 
-def replace_readme_region(readme: Path, body: str) -> None:
-    """Rewrite only the text between the bench markers (appending them if missing); the file
-    is read fresh just before writing because other people edit the rest of it."""
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
-    if README_START not in text or README_END not in text:
-        text = text.rstrip("\n") + f"\n\n{README_START}\n{README_END}\n"
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    readme.write_text(f"{head}{README_START}\n{body.strip()}\n{README_END}{tail}",
-                      encoding="utf-8")
+def replace_marked_region(doc: Path, body: str) -> None:
+    """Rewrite only the text between the bench markers of ``doc`` (appending them if
+    missing); the file is read fresh just before writing because other people edit the rest
+    of it."""
+    text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+    if BENCH_START not in text or BENCH_END not in text:
+        text = text.rstrip("\n") + f"\n\n{BENCH_START}\n{BENCH_END}\n"
+    head, rest = text.split(BENCH_START, 1)
+    _, tail = rest.split(BENCH_END, 1)
+    doc.write_text(f"{head}{BENCH_START}\n{body.strip()}\n{BENCH_END}{tail}", encoding="utf-8")
 
 
 def plot(rows: Sequence[SystemSummary], path: Path) -> None:

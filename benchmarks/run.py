@@ -4,9 +4,10 @@
 Runs every system on the same test items, interleaved item by item (the system order rotates
 per item, so drift in machine load hits every system alike), with a warm span datastore, then
 writes ``benchmarks/results/bench[_quick].json``, ``summary.md``, ``quality_vs_speed.png`` and
-(full runs of every task on the test split only) the README table between the ``bench``
-markers. Tasks: FOLDOC completion and acronym QA (``dict-foldoc``), document QA over the
-iso-codes tables (``iso-codes``).
+(full runs of every task on the test split only) the tables between the ``bench`` markers of
+``docs/benchmarks.md`` (never README.md: it names this command and links there). Tasks: FOLDOC
+completion and acronym QA (``dict-foldoc``), document QA over the iso-codes tables
+(``iso-codes``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from benchmarks.report import (
     docqa_table,
     markdown_table,
     plot,
-    replace_readme_region,
+    replace_marked_region,
     summarise,
     targets_markdown,
 )
@@ -49,7 +50,7 @@ from nest_core.config import BUNDLED_MODEL, MODEL_DEFAULTS
 
 logger = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parent.parent / "README.md"
+BENCH_DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"  # its bench region
 
 # The core's defaults for the bundled SmolLM2-135M, calibrated on the dev split
 # (benchmarks/calibrate.py, results/calibration.json; the paper's values started that sweep).
@@ -156,12 +157,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tasks", default=",".join(TASKS),
                     help=f"comma-separated subset of {','.join(TASKS)} (default: all)")
     ap.add_argument("--systems", default=",".join(SYSTEMS))
-    ap.add_argument("--no-readme", action="store_true", help="do not touch README.md")
+    ap.add_argument("--no-docs", "--no-readme", dest="no_docs", action="store_true",
+                    help="do not touch docs/benchmarks.md (--no-readme: the old name)")
     ap.add_argument("--items", type=int, nargs="+", metavar="N",
                     help="items per task: one number for every task, or one per selected "
                          "task in the order completion, qa, docqa")
     ap.add_argument("--split", choices=("test", "dev"), default="test",
-                    help="test (the table's) or dev (for checks; never written to README)")
+                    help="test (the table's) or dev (for checks; never written to docs/)")
     ap.add_argument("--passages", type=int, default=NUM_PASSAGES, help="passages per query (b)")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default; 1 is faster on a crowded machine)")
@@ -195,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from nest_core import load_model
-    from nest_core.datastore import SpanDatastore
     from nest_core.models import cache_dir
+    from nest_core.stores.datastore import SpanDatastore
 
     corpora = list(dict.fromkeys(CORPUS_OF[t] for t in tasks))
     passages = {c: corpus_passages(c) for c in corpora}
@@ -230,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "date": time.strftime("%Y-%m-%d %H:%M"),
             "command": " ".join(["python -m benchmarks.run", *(argv if argv is not None
                                                                else sys.argv[1:])])}
-    write_outputs(rows, records, meta, quick=args.quick, readme=not args.no_readme)
+    write_outputs(rows, records, meta, quick=args.quick, docs=not args.no_docs)
 
 
 def output_suffix(plan: dict[str, Any], quick: bool) -> str:
@@ -259,7 +261,7 @@ def caption_for(meta: dict[str, Any]) -> str:
 
 
 def write_outputs(rows: Any, records: Sequence[RunRecord], meta: dict[str, Any], *,
-                  quick: bool, readme: bool) -> None:
+                  quick: bool, docs: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = output_suffix(meta["plan"], quick)
     name = f"bench{suffix}"
@@ -279,10 +281,12 @@ def write_outputs(rows: Any, records: Sequence[RunRecord], meta: dict[str, Any],
         f"## Targets (issue 6)\n\n{targets_markdown(targets)}\n", encoding="utf-8")
     if not quick:
         plot(rows, RESULTS / f"quality_vs_speed{suffix}.png")
-        if readme and not suffix:
-            replace_readme_region(README, f"### Benchmark (FOLDOC, iso-codes)\n\n{caption}\n\n"
+        if docs and not suffix:
+            # the plot's path as the doc links it, relative to the doc's folder
+            png = Path(os.path.relpath(RESULTS / "quality_vs_speed.png", BENCH_DOC.parent))
+            replace_marked_region(BENCH_DOC, f"### Benchmark (FOLDOC, iso-codes)\n\n{caption}\n\n"
                                   f"{table}\n\n{doc_section}"
-                                  "![quality vs speed](benchmarks/results/quality_vs_speed.png)")
+                                  f"![quality vs speed]({png.as_posix()})")
     print(table)
     if doc_table:
         print(f"\n{doc_table}")

@@ -4,11 +4,12 @@ stores (FAISS, Chroma).
 The corpus vectors are computed once with the bundled all-MiniLM-L6-v2 and cached under
 ``<nest cache>/bench/<corpus>-minilm-<hash>.npy`` (keyed by a hash of the passage texts).
 :func:`open_stores` ingests the passages into a FAISS flat store and an embedded Chroma
-collection through :func:`nest_core.ingest.ingest` (idempotent: later runs write nothing),
+collection through :func:`nest_core.stores.ingest.ingest` (idempotent: later runs write nothing),
 under ``<nest cache>/bench/stores-<hash>``, serving the cached vectors instead of
 re-embedding. Queries then go through the real
-:class:`~nest_core.sources.FaissSource` / :class:`~nest_core.sources.ChromaSource`, and
-their time (query embedding + vector search) is the "passage search" of the latency split.
+:class:`~nest_core.stores.sources.FaissSource` /
+:class:`~nest_core.stores.sources.ChromaSource`, and their time (query embedding + vector
+search) is the "passage search" of the latency split.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from nest_core import Passage
-from nest_core.embeddings import default_embedding_function, embed_texts
 from nest_core.models import cache_dir
+from nest_core.stores.embeddings import default_embedding_function, embed_texts
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,9 @@ def open_stores(passages: Sequence[Passage], root: Path | None = None, corpus: s
                 ) -> dict[str, SourceSearch]:
     """``passages`` (of the named ``corpus``) in a FAISS flat store and a Chroma collection,
     ingested on first use; the stores' directory is keyed by the passages' hash."""
-    from nest_core.ingest import Document, ingest, open_chroma_collection, open_faiss_store
-    from nest_core.sources import ChromaSource, FaissSource
-    from nest_core.sources.rerank import LexicalRerank
+    from nest_core.stores.ingest import Document, ingest, open_chroma_collection, open_faiss_store
+    from nest_core.stores.sources import ChromaSource, FaissSource
+    from nest_core.stores.sources.rerank import LexicalRerank
 
     root = root or cache_dir() / "bench" / f"stores-{corpus_digest(passages)}"
     embed = CachedEmbeddings(passages, corpus_vectors(passages, corpus))

@@ -85,7 +85,7 @@ def exact_answer_recall(prediction: str, answers: Sequence[str]) -> float:
 
 def is_gold_passage(passage: Any, gold_id: str) -> bool:
     """The store returns the corpus passage ``gold_id`` as ``gold_id`` itself or as its one
-    chunk (``nest_core.ingest`` ids chunks ``"<doc id>#<n>"`` and keeps ``doc_id``)."""
+    chunk (``nest_core.stores.ingest`` ids chunks ``"<doc id>#<n>"`` and keeps ``doc_id``)."""
     return bool(gold_id) and (passage.id == gold_id
                               or passage.metadata.get("doc_id") == gold_id)
 

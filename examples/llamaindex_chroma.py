@@ -89,7 +89,7 @@ def main() -> None:
 
     from llama_index.core.postprocessor import SimilarityPostprocessor
 
-    from nest_core.datastore import datastore_dir_for
+    from nest_core.stores.datastore import datastore_dir_for
     from nest_integrations.llama_index import NestQueryEngine, bundled_embedding
 
     embed_model = bundled_embedding()  # explicit: LlamaIndex would default to OpenAI

@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args()
 
-    from nest_core.datastore import datastore_dir_for
+    from nest_core.stores.datastore import datastore_dir_for
     from nest_integrations.llama_index import NestQueryEngine, bundled_embedding
 
     embed_model = bundled_embedding()  # explicit: LlamaIndex would default to OpenAI

@@ -18,9 +18,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from nest_core import NestDecoder, load_model
 from nest_core.app.render import render_terminal, stats_line, use_color
-from nest_core.datastore import SpanDatastore
-from nest_core.ingest import Document, chunk_document
-from nest_core.sources import InMemorySource
+from nest_core.stores.datastore import SpanDatastore
+from nest_core.stores.ingest import Document, chunk_document
+from nest_core.stores.sources import InMemorySource
 
 DATA = Path(__file__).parent / "data"
 

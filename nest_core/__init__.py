@@ -14,21 +14,24 @@ __version__ = "0.1.0"
 
 _EXPORTS: dict[str, str] = {
     "NestConfig": "config",
-    "SpanDatastore": "datastore", "clear_cache": "datastore",
     "NestDecoder": "decoder",
-    "HashingEmbeddings": "embeddings", "SentenceTransformerEmbeddings": "embeddings",
-    "default_embedding_function": "embeddings",
     "EncodedPassage": "encoding", "KeyCache": "encoding", "MemoryKeyCache": "encoding",
     "PassageEncoder": "encoding",
-    "Document": "ingest", "chunk_document": "ingest", "ingest": "ingest",
-    "open_chroma_collection": "ingest", "open_faiss_store": "ingest",
     "LanguageModel": "lm",
     "match_spans": "matching",
     "cache_dir": "models", "default_gguf_path": "models", "load_model": "models",
-    "ChromaSource": "sources", "EmptyStoreError": "sources", "FaissSource": "sources",
-    "FaissStore": "sources", "InMemorySource": "sources", "PassageSource": "sources",
     "DecodeStats": "types", "NestChunk": "types", "NestResult": "types", "Passage": "types",
     "Span": "types",
+    # the stores wing
+    "SpanDatastore": "stores.datastore", "clear_cache": "stores.datastore",
+    "HashingEmbeddings": "stores.embeddings",
+    "SentenceTransformerEmbeddings": "stores.embeddings",
+    "default_embedding_function": "stores.embeddings",
+    "Document": "stores.ingest", "chunk_document": "stores.ingest", "ingest": "stores.ingest",
+    "open_chroma_collection": "stores.ingest", "open_faiss_store": "stores.ingest",
+    "ChromaSource": "stores.sources", "EmptyStoreError": "stores.sources",
+    "FaissSource": "stores.sources", "FaissStore": "stores.sources",
+    "InMemorySource": "stores.sources", "PassageSource": "stores.sources",
 }
 
 __all__ = [
@@ -84,25 +87,25 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from nest_core.config import NestConfig
-    from nest_core.datastore import SpanDatastore, clear_cache
     from nest_core.decoder import NestDecoder
-    from nest_core.embeddings import (
+    from nest_core.encoding import EncodedPassage, KeyCache, MemoryKeyCache, PassageEncoder
+    from nest_core.lm import LanguageModel
+    from nest_core.matching import match_spans
+    from nest_core.models import cache_dir, default_gguf_path, load_model
+    from nest_core.stores.datastore import SpanDatastore, clear_cache
+    from nest_core.stores.embeddings import (
         HashingEmbeddings,
         SentenceTransformerEmbeddings,
         default_embedding_function,
     )
-    from nest_core.encoding import EncodedPassage, KeyCache, MemoryKeyCache, PassageEncoder
-    from nest_core.ingest import (
+    from nest_core.stores.ingest import (
         Document,
         chunk_document,
         ingest,
         open_chroma_collection,
         open_faiss_store,
     )
-    from nest_core.lm import LanguageModel
-    from nest_core.matching import match_spans
-    from nest_core.models import cache_dir, default_gguf_path, load_model
-    from nest_core.sources import (
+    from nest_core.stores.sources import (
         ChromaSource,
         EmptyStoreError,
         FaissSource,

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Mode = Literal["nest", "knn-lm", "base"]
 ConfidenceReference = Literal["farthest", "norm"]
 VerifyAgainst = Literal["mixture", "lm"]
-MODES: tuple[str, ...] = ("nest", "knn-lm", "base")
+MODES: tuple[str, ...] = get_args(Mode)  # NestConfig.mode: the decoder's algorithm
 
 
 @dataclass(frozen=True)

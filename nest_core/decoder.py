@@ -8,9 +8,9 @@ import time
 from collections.abc import Iterator, Sequence
 
 from nest_core.config import NestConfig, default_config
-from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.decoding.loop import Generation
-from nest_core.decoding.policy import Shortcuts, context
+from nest_core.decoding.policy import FAST, Shortcuts, context
+from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
 from nest_core.prompts import fit_context, question_of
@@ -34,7 +34,7 @@ class NestDecoder:
     """
 
     def __init__(self, lm: LanguageModel, config: NestConfig | None = None, *,
-                 key_cache: KeyCache | None = None, shortcuts: Shortcuts = Shortcuts()
+                 key_cache: KeyCache | None = None, shortcuts: Shortcuts = FAST
                  ) -> None:
         if not isinstance(lm, LanguageModel):
             msg = (f"lm must be a nest_core.LanguageModel (use nest_core.load_model()), "

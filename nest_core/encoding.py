@@ -2,7 +2,7 @@
 
 Keys do not depend on the query, so an :class:`EncodedPassage` can be cached and reused
 across queries (see :class:`KeyCache`; the persistent store is
-:class:`nest_core.datastore.SpanDatastore`).
+:class:`nest_core.stores.datastore.SpanDatastore`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nest_core.lm import Message
 from nest_core.types import Passage
@@ -51,10 +52,12 @@ def with_background(prompt: str | Sequence[Message], passages: Sequence[Passage]
 
 
 def question_of(prompt: str | Sequence[Message]) -> str:
-    """What the user asked: the prompt string, or the last user message's content."""
+    """What the user asked: the prompt string, or the last user message with text ("" when
+    no user message has any)."""
     if isinstance(prompt, str):
         return prompt
-    return next((str(m["content"]) for m in reversed(prompt) if m["role"] == "user"), "")
+    return next((str(m["content"]) for m in reversed(prompt)
+                 if m["role"] == "user" and str(m["content"]).strip()), "")
 
 
 # "Question: ...", "Query: ...", "User question: ..." on a line of its own (the labels of the
@@ -65,13 +68,14 @@ _ANY_LABEL = re.compile(r"^[ \t]*[A-Za-z][\w ]{0,30}:", re.MULTILINE)
 STUFFED_MIN_CONTEXT = 80  # characters around the question that make a prompt "stuffed"
 
 
-def stuffed_question(text: str) -> str | None:
+def stuffed_question(text: str, min_context: int = STUFFED_MIN_CONTEXT) -> str | None:
     """The question inside a prompt template that also holds retrieved context
     ("Context: ... Question: ... Answer:"), or None when ``text`` is not such a prompt.
 
     Retrieving (and focusing) on the whole stuffed prompt searches for the context itself,
     not for what the user asked. The question is the rest of the last labelled line, or the
-    lines after a bare label up to a blank line or the next label.
+    lines after a bare label up to a blank line or the next label; ``text`` is a template
+    only with at least ``min_context`` characters besides the question.
     """
     found = list(_QUESTION_LABEL.finditer(text))
     if not found:
@@ -86,9 +90,31 @@ def stuffed_question(text: str) -> str | None:
                 break
             lines.append(line.strip())
         question = " ".join(lines)
-    if not question or len(text) - len(question) < STUFFED_MIN_CONTEXT:
+    if not question or len(text) - len(question) < min_context:
         return None
     return question
+
+
+@dataclass(frozen=True)
+class Question:
+    """Which part of a prompt is the question (:func:`find_question`)."""
+
+    asked: str  # what the user asked: the prompt string, or the last user message with text
+    stuffed: str | None  # the question a RAG template inside ``asked`` labels; None: no template
+
+    @property
+    def text(self) -> str:
+        """What retrieval and the focus look for: the labelled question, else ``asked``."""
+        return self.asked if self.stuffed is None else self.stuffed
+
+
+def find_question(prompt: str | Sequence[Message],
+                  min_context: int = STUFFED_MIN_CONTEXT) -> Question:
+    """The one place that decides which part of a prompt is the question: the message
+    (:func:`question_of`), then the question inside a stuffed template
+    (:func:`stuffed_question`; ``min_context=0``: any labelled question counts)."""
+    asked = question_of(prompt)
+    return Question(asked, stuffed_question(asked, min_context))
 
 
 def with_question(prompt: str | Sequence[Message], question: str) -> str | list[Message]:

@@ -3,7 +3,6 @@ and the real bundled SmolLM2 (integration tests, loaded once per session)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import socket

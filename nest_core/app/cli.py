@@ -22,10 +22,10 @@ from typing import Any
 from nest_core.app.common import (
     DEFAULT_K,
     DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MODE,
+    DEFAULT_PRESET,
     DTYPE,
-    MODE_HELP,
-    MODES,
+    PRESET_HELP,
+    PRESETS,
     STORE_KINDS,
     answer,
     build_store,
@@ -70,7 +70,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     files = collect_files(args.paths)
     embed = None
     if args.embedding:
-        from nest_core.embeddings import load_embedding
+        from nest_core.stores.embeddings import load_embedding
 
         embed = load_embedding(args.embedding)
     ray = ray_options(args)
@@ -113,7 +113,7 @@ def ray_options(args: argparse.Namespace) -> Any:
     if args.no_precompute:
         msg = "--ray encodes the span datastore, which --no-precompute skips; drop one"
         raise CliError(msg)
-    from nest_core.ray_index import RayOptions, import_ray
+    from nest_core.stores.ray_index import RayOptions, import_ray
 
     import_ray()
     return RayOptions(workers=args.ray_workers or 2, address=args.ray_address)
@@ -187,7 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     from nest_core.app.demo import demo_dir
-    from nest_core.datastore import clear_cache, default_datastore_dir
+    from nest_core.stores.datastore import clear_cache, default_datastore_dir
 
     if args.store:
         detect_store(args.store)
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=passage_count, default=DEFAULT_K,
                    help=f"passages to retrieve (1-{MAX_K})")
     p.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
+    p.add_argument("--mode", choices=PRESETS, default=DEFAULT_PRESET, help=PRESET_HELP)
     color_option(p)
     dtype_option(p)
     p.set_defaults(func=cmd_ask)
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="plain model vs Nest on a sample company handbook")
     p.add_argument("--store", choices=STORE_KINDS, default="faiss")
     p.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
+    p.add_argument("--mode", choices=PRESETS, default=DEFAULT_PRESET, help=PRESET_HELP)
     p.add_argument("--rebuild", action="store_true", help="rebuild the demo store")
     color_option(p)
     dtype_option(p)
@@ -289,7 +289,7 @@ def _service_options(p: argparse.ArgumentParser) -> None:
     store_options(p)
     p.add_argument("--k", type=passage_count, default=DEFAULT_K,
                    help=f"passages to retrieve per question (1-{MAX_K})")
-    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE, help=MODE_HELP)
+    p.add_argument("--mode", choices=PRESETS, default=DEFAULT_PRESET, help=PRESET_HELP)
     dtype_option(p)
 
 
@@ -312,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _expected(err: Exception) -> bool:
-    from nest_core.embeddings import EmbeddingDimensionError
-    from nest_core.sources.base import EmptyStoreError, UnsafeStoreError
+    from nest_core.stores.embeddings import EmbeddingDimensionError
+    from nest_core.stores.sources.base import EmptyStoreError, UnsafeStoreError
 
     return isinstance(err, (CliError, EmptyStoreError, FileNotFoundError, ImportError,
                             ConnectionError, FileExistsError, EmbeddingDimensionError,

@@ -17,11 +17,12 @@ STORE_KINDS = ("chroma", "faiss")  # what `nest index` writes; `nest ask` reads 
 DEFAULT_K = 8  # passages per question: enough to hold the answer, few keys to search
 MIN_PROMPT_ROOM = 512  # context tokens kept for the question and its passages
 DEFAULT_MAX_NEW_TOKENS = 64
-MODES = ("default", "nest", "ra-nest")
-DEFAULT_MODE = "default"
-MODE_HELP = ("default: the measured best (top passage in the prompt, spans verified by the "
-             "LM, answers that end); nest / ra-nest: the paper's algorithm without / with "
-             "passages in the prompt")
+# `--mode`: named decoder settings (nest_config), not NestConfig.mode (nest_core.config.MODES)
+PRESETS = ("default", "nest", "ra-nest")
+DEFAULT_PRESET = "default"
+PRESET_HELP = ("default: the measured best (top passage in the prompt, spans verified by the "
+               "LM, answers that end); nest / ra-nest: the paper's algorithm without / with "
+               "passages in the prompt")
 
 
 def nest_config(mode: str, model_name: str | None = None) -> Any:
@@ -31,8 +32,8 @@ def nest_config(mode: str, model_name: str | None = None) -> Any:
     model's calibrated numbers, passages only as the copy datastore or also in the prompt."""
     from nest_core.config import default_config, paper_config
 
-    if mode not in MODES:
-        msg = f"mode={mode!r} is not one of {MODES}"
+    if mode not in PRESETS:
+        msg = f"mode={mode!r} is not one of {PRESETS}"
         raise ValueError(msg)
     if mode == "default":
         return default_config(model_name)
@@ -41,9 +42,9 @@ def nest_config(mode: str, model_name: str | None = None) -> Any:
 
 # --- stores ----------------------------------------------------------------------------------
 def detect_store(path: str | os.PathLike[str], collection: str | None = None) -> str:
-    """The kind of store in ``path`` (:func:`nest_core.sources.detect_store_kind`: nest's,
+    """The kind of store in ``path`` (:func:`nest_core.stores.sources.detect_store_kind`: nest's,
     Chroma, a LlamaIndex persist directory, LangChain FAISS); a clear error otherwise."""
-    from nest_core.sources.open import detect_store_kind
+    from nest_core.stores.sources.open import detect_store_kind
 
     p = Path(path).expanduser()
     kind = detect_store_kind(p)
@@ -66,11 +67,11 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     """Chunk, embed and write ``files`` into a ``kind`` store at ``out``, and precompute the
     span datastore inside it, so ``nest ask`` runs no LM over passages. ``folders``: the
     folders indexed whole; what the store holds from them that ``files`` lacks (deleted
-    files) is removed. ``ray``: :class:`~nest_core.ray_index.RayOptions` to encode the
+    files) is removed. ``ray``: :class:`~nest_core.stores.ray_index.RayOptions` to encode the
     datastore on Ray workers (same files)."""
-    from nest_core.datastore import SpanDatastore
-    from nest_core.ingest import ingest, open_chroma_collection, open_faiss_store
-    from nest_core.sources.chroma import DEFAULT_COLLECTION, ChromaSource
+    from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.ingest import ingest, open_chroma_collection, open_faiss_store
+    from nest_core.stores.sources.chroma import DEFAULT_COLLECTION, ChromaSource
 
     docs = read_documents(files)
     quiet_transformers()
@@ -80,7 +81,7 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
              open_chroma_collection(out, embed=embed, name=collection or DEFAULT_COLLECTION))
     lm = load_quietly(progress) if precompute else None
     # the key layer and window must be the ones `nest ask` decodes with, or every key misses
-    config = nest_config(DEFAULT_MODE, lm.name) if lm is not None else None
+    config = nest_config(DEFAULT_PRESET, lm.name) if lm is not None else None
     encode = ray_precompute(ray)
     report = ingest(docs, store, embed=embed, progress=progress, lm=lm, config=config,
                     datastore=SpanDatastore.for_store(out) if precompute else None,
@@ -103,8 +104,8 @@ def prune_span_files(store: str | os.PathLike[str], lm: Any, config: Any,
     (all it holds) need under ``lm`` (files of an older model, another dtype or of deleted
     passages go: they would stay until the size bound evicts them); returns how many were
     removed."""
-    from nest_core.datastore import SpanDatastore
     from nest_core.encoding import PassageEncoder
+    from nest_core.stores.datastore import SpanDatastore
 
     encoder = PassageEncoder(lm, key_layer=config.key_layer,
                              max_passage_tokens=config.max_passage_tokens)
@@ -116,11 +117,11 @@ def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
                 embedding: str | None = None, allow_dangerous_deserialization: bool = False,
                 rerank: bool = True) -> Any:
     """The passage source of the store at ``path``, whoever wrote it
-    (:func:`nest_core.sources.open_store`), queried with the ``--embedding`` model; with
+    (:func:`nest_core.stores.sources.open_store`), queried with the ``--embedding`` model; with
     ``rerank``, a wider pool re-ranked by the question's words
-    (:class:`~nest_core.sources.rerank.LexicalRerank`), as every question is answered."""
-    from nest_core.embeddings import load_embedding
-    from nest_core.sources.open import open_store
+    (:class:`~nest_core.stores.sources.rerank.LexicalRerank`), as every question is answered."""
+    from nest_core.stores.embeddings import load_embedding
+    from nest_core.stores.sources.open import open_store
 
     detect_store(path, collection)
     quiet_transformers()
@@ -129,7 +130,7 @@ def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
                         allow_dangerous_deserialization=allow_dangerous_deserialization)
     if getattr(source, "note", None):
         note(source.note)
-    from nest_core.ingest import unfinished
+    from nest_core.stores.ingest import unfinished
 
     info = unfinished(source)
     if info is not None:
@@ -137,7 +138,7 @@ def open_source(path: str | os.PathLike[str], *, collection: str | None = None,
              f"{info.get('passages')} passages, started {info.get('started')}): answers may "
              f"miss documents; run the same `nest index` command again to resume")
     if rerank:
-        from nest_core.sources.rerank import LexicalRerank
+        from nest_core.stores.sources.rerank import LexicalRerank
 
         return LexicalRerank(source)
     return source
@@ -147,12 +148,12 @@ def precompute_existing(path: str | os.PathLike[str], *, collection: str | None 
                         allow_dangerous_deserialization: bool = False,
                         progress: bool = True, ray: Any = None) -> tuple[int, int, Path]:
     """Encode every passage of the store at ``path`` into its span datastore
-    (:func:`nest_core.sources.span_datastore_dir`: inside the store when writable, else the
-    user cache), on Ray workers with ``ray`` (:class:`~nest_core.ray_index.RayOptions`);
+    (:func:`nest_core.stores.sources.span_datastore_dir`: inside the store when writable, else the
+    user cache), on Ray workers with ``ray`` (:class:`~nest_core.stores.ray_index.RayOptions`);
     returns ``(passages, rows, datastore dir)``."""
-    from nest_core.datastore import SpanDatastore
-    from nest_core.ingest import precompute
-    from nest_core.sources.open import span_datastore_dir
+    from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.ingest import precompute
+    from nest_core.stores.sources.open import span_datastore_dir
 
     source = open_source(path, collection=collection, rerank=False,
                          allow_dangerous_deserialization=allow_dangerous_deserialization)
@@ -164,17 +165,17 @@ def precompute_existing(path: str | os.PathLike[str], *, collection: str | None 
     where = span_datastore_dir(path)
     encode = ray_precompute(ray)
     rows = (encode or precompute)(passages, lm, datastore=SpanDatastore(where),
-                                  config=nest_config(DEFAULT_MODE, lm.name), progress=progress)
+                                  config=nest_config(DEFAULT_PRESET, lm.name), progress=progress)
     _note_ray(encode)
     return len(passages), rows, where
 
 
 def ray_precompute(options: Any) -> Any:
-    """A :class:`~nest_core.ray_index.RayPrecompute` for ``options`` (``None``: none, the
+    """A :class:`~nest_core.stores.ray_index.RayPrecompute` for ``options`` (``None``: none, the
     datastore is encoded in this process)."""
     if options is None:
         return None
-    from nest_core.ray_index import RayPrecompute
+    from nest_core.stores.ray_index import RayPrecompute
 
     return RayPrecompute(options)
 
@@ -208,13 +209,13 @@ def load_quietly(progress: bool = True) -> Any:
 
 
 def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_tokens: int,
-           compare: bool, mode: str = DEFAULT_MODE, collection: str | None = None,
+           compare: bool, mode: str = DEFAULT_PRESET, collection: str | None = None,
            embedding: str | None = None, allow_dangerous_deserialization: bool = False
            ) -> tuple[Any, Any | None]:
     """Retrieve, then decode with Nest (and the plain model when ``compare``)."""
     from nest_core import NestConfig, NestDecoder
-    from nest_core.datastore import SpanDatastore
-    from nest_core.sources.open import span_datastore_dir
+    from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.sources.open import span_datastore_dir
 
     source = open_source(store, collection=collection, embedding=embedding,
                          allow_dangerous_deserialization=allow_dangerous_deserialization)
@@ -239,14 +240,14 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
     return result, base
 
 
-def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str = DEFAULT_MODE,
+def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str = DEFAULT_PRESET,
                  collection: str | None = None, embedding: str | None = None,
                  allow_dangerous_deserialization: bool = False) -> Any:
     """The :class:`~nest_core.app.service.AnswerService` of ``nest serve`` / ``nest mcp``:
     the store opened, the model loaded and the span datastore found once, for every request."""
     from nest_core.app.service import AnswerService
-    from nest_core.datastore import SpanDatastore
-    from nest_core.sources.open import span_datastore_dir
+    from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.sources.open import span_datastore_dir
 
     detect_store(store, collection)
     source = open_source(store, collection=collection, embedding=embedding,

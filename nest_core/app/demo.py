@@ -47,7 +47,7 @@ def run_demo(*, store_kind: str = "faiss", max_new_tokens: int = 64, mode: str =
     from nest_core import NestConfig, NestDecoder
     from nest_core.app.common import build_store, load_quietly, nest_config, open_source
     from nest_core.app.files import CliError, collect_files
-    from nest_core.datastore import SpanDatastore
+    from nest_core.stores.datastore import SpanDatastore
 
     data = corpus_dir()
     if not data.is_dir():

@@ -99,10 +99,10 @@ def _folder_files(path: Path) -> tuple[list[Path], list[Path], list[str]]:
 
 
 def read_documents(files: Sequence[tuple[Path, str]]) -> list[Any]:
-    """Files as :class:`~nest_core.ingest.Document` (title: a leading markdown heading, else
+    """Files as :class:`~nest_core.stores.ingest.Document` (title: a leading markdown heading, else
     the file name); empty files, and files that cannot be read (not UTF-8, a damaged PDF, no
     permission), are skipped with a note saying why: one bad file never aborts a folder."""
-    from nest_core.ingest import Document
+    from nest_core.stores.ingest import Document
 
     docs = []
     unreadable = 0

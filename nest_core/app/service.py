@@ -9,12 +9,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nest_core.app.openai_api import ChatRequest
-from nest_core.prompts import stuffed_question, with_question
+from nest_core.prompts import find_question, with_question
 from nest_core.types import NestChunk, NestResult, Passage
 
 if TYPE_CHECKING:
     from nest_core.lm import LanguageModel
-    from nest_core.sources.base import PassageSource
+    from nest_core.stores.sources.base import PassageSource
 
 logger = logging.getLogger(__name__)
 
@@ -43,21 +43,19 @@ class AnswerService:
         """Retrieve for the request's question, then a (lazy) stream of the answer. A
         question in a stuffed RAG prompt is found and answered as such (as ChatNest does);
         no passages means a plain LM answer with no citations."""
-        asked = next(m["content"] for m in reversed(request.messages)
-                     if m["role"] == "user" and m["content"].strip())
-        question = stuffed_question(asked)
-        passages = self.retrieve(question or asked, self.k)
-        messages = (with_question(request.messages, question)
-                    if question is not None and passages else request.messages)
+        found = find_question(request.messages)
+        passages = self.retrieve(found.text, self.k)
+        messages = (with_question(request.messages, found.stuffed)
+                    if found.stuffed is not None and passages else request.messages)
         pieces = self.decoder.stream(messages, passages or None,
                                      max_new_tokens=request.max_tokens,
-                                     stop=request.stop or None, question=question)
+                                     stop=request.stop or None, question=found.stuffed)
         return passages, pieces
 
     def retrieve(self, query: str, k: int) -> list[Passage]:
         """The store's best ``k`` passages; none from an empty store (the answer is then the
         plain LM's, with no citations, rather than an error for every request)."""
-        from nest_core.sources.base import EmptyStoreError
+        from nest_core.stores.sources.base import EmptyStoreError
 
         with self._retrieval:
             try:

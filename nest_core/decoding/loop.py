@@ -17,7 +17,7 @@ from nest_core.config import NestConfig
 from nest_core.decoding.beliefs import Belief
 from nest_core.decoding.drafters import Draft
 from nest_core.decoding.output import Output
-from nest_core.decoding.policy import Shortcuts, plan
+from nest_core.decoding.policy import FAST, Shortcuts, plan
 from nest_core.decoding.stops import StopStrings
 from nest_core.lm import LanguageModel
 from nest_core.token_index import TokenIndex
@@ -59,7 +59,7 @@ class Generation:
                  passages: Sequence[Passage], index: TokenIndex | None, *,
                  max_new_tokens: int, stop: Sequence[str], stats: DecodeStats,
                  started: float, prompt_truncated: bool,
-                 span_starts: torch.Tensor | None = None, shortcuts: Shortcuts = Shortcuts(),
+                 span_starts: torch.Tensor | None = None, shortcuts: Shortcuts = FAST,
                  trace: Trace | None = None) -> None:
         self.lm, self.index, self.stats = lm, index, stats
         self.prompt_ids, self.passages = prompt_ids, list(passages)

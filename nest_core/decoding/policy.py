@@ -14,10 +14,22 @@ from dataclasses import dataclass
 import torch
 
 from nest_core.config import NestConfig
-from nest_core.decoding.drafters import Drafter, Drafters, PassageLookup, PromptLookup, \
-    RetrievedSpans
-from nest_core.decoding.judges import Confidence, FixedLambda, Judge, LazyLMJudge, LMJudge, \
-    MixtureJudge, RelativeConfidence
+from nest_core.decoding.drafters import (
+    Drafter,
+    Drafters,
+    PassageLookup,
+    PromptLookup,
+    RetrievedSpans,
+)
+from nest_core.decoding.judges import (
+    Confidence,
+    FixedLambda,
+    Judge,
+    LazyLMJudge,
+    LMJudge,
+    MixtureJudge,
+    RelativeConfidence,
+)
 from nest_core.decoding.stops import EndOfSequence, RepetitionStop, TokenStop
 from nest_core.focus import Sentence, best_sentences, continues_passage, focus_passages
 from nest_core.lm import LanguageModel, Message
@@ -41,6 +53,7 @@ class Shortcuts:
     early_first_token: bool = True
 
 
+FAST = Shortcuts()  # what every surface uses
 REFERENCE = Shortcuts(lazy_search=False, early_first_token=False)
 
 
@@ -81,7 +94,7 @@ class Plan:
 
 def plan(lm: LanguageModel, config: NestConfig, index: TokenIndex | None,
          prompt_ids: list[int], stats: DecodeStats, *, span_starts: torch.Tensor | None = None,
-         shortcuts: Shortcuts = Shortcuts()) -> Plan:
+         shortcuts: Shortcuts = FAST) -> Plan:
     """Choose the judge, the drafters and the stops of one generation from ``config``.
 
     ``span_starts``: bool ``(N,)``, the index rows a span may start at (the focus

@@ -22,9 +22,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nest_core.embeddings import EmbeddingFunction, embed_texts, embedding_name, resolve_embedding
-from nest_core.sources.base import drop_empty, embedding_text
-from nest_core.sources.chroma import (
+from nest_core.stores.embeddings import (
+    EmbeddingFunction,
+    embed_texts,
+    embedding_name,
+    resolve_embedding,
+)
+from nest_core.stores.sources.base import drop_empty, embedding_text
+from nest_core.stores.sources.chroma import (
     DEFAULT_COLLECTION,
     DIM_KEY,
     EMBEDDING_KEY,
@@ -34,7 +39,7 @@ from nest_core.sources.chroma import (
     persistent_client,
     translate_chroma_error,
 )
-from nest_core.sources.faiss_store import FaissStore, IndexKind
+from nest_core.stores.sources.faiss_store import FaissStore, IndexKind
 from nest_core.types import Passage
 
 if TYPE_CHECKING:
@@ -74,7 +79,7 @@ class Document:
 
 class Precompute(Protocol):
     """What encodes the span datastore for :func:`ingest`: :func:`precompute` (this process)
-    or :class:`nest_core.ray_index.RayPrecompute` (Ray workers), interchangeable because
+    or :class:`nest_core.stores.ray_index.RayPrecompute` (Ray workers), interchangeable because
     both write the same files. Returns the key rows the passages have in the datastore."""
 
     def __call__(self, passages: Sequence[Passage], lm: LanguageModel, *,
@@ -139,7 +144,7 @@ def ingest(documents: Iterable[Document], store: Any, *,
     With ``lm``, also precompute the span datastore (``datastore``, default: the one inside a
     FAISS store's directory) with the key layer and window of ``config``, so queries over
     these passages run no LM on them. ``precompute_with`` encodes it elsewhere (default
-    :func:`precompute`; :class:`nest_core.ray_index.RayPrecompute` for Ray workers).
+    :func:`precompute`; :class:`nest_core.stores.ray_index.RayPrecompute` for Ray workers).
 
     With ``progress``, an ingest of :data:`LARGE_INGEST` passages or more says how long it
     will take (embedding and span encoding timed on its first batch) before the rest.
@@ -268,8 +273,8 @@ def precompute(passages: Sequence[Passage], lm: LanguageModel, *, datastore: Key
     """Encode ``passages`` into ``datastore`` (default: :func:`default_datastore_dir`) with the
     decoder's key layer and window; cached ones cost a file read. Returns rows stored."""
     from nest_core.config import NestConfig
-    from nest_core.datastore import SpanDatastore
     from nest_core.encoding import PassageEncoder
+    from nest_core.stores.datastore import SpanDatastore
 
     cfg = config or NestConfig()
     encoder = PassageEncoder(lm, key_layer=cfg.key_layer,
@@ -290,13 +295,13 @@ def precompute(passages: Sequence[Passage], lm: LanguageModel, *, datastore: Key
 def precompute_source(source: Any, lm: LanguageModel, *, datastore: KeyCache | None,
                       config: NestConfig | None = None, progress: bool = True) -> tuple[int, int]:
     """:func:`precompute` for a store nest did not write (or one indexed without it): every
-    passage of an opened source (``nest_core.sources.open_store(path)``; anything with a
+    passage of an opened source (``nest_core.stores.sources.open_store(path)``; anything with a
     ``passages()`` method) goes into ``datastore``, so queries over it run no LM on passages.
     Returns ``(passages, rows stored)``."""
     read_all = getattr(source, "passages", None)
     if not callable(read_all):
         msg = (f"{type(source).__name__} cannot list its passages; open the store with "
-               f"nest_core.sources.open_store(path)")
+               f"nest_core.stores.sources.open_store(path)")
         raise TypeError(msg)
     passages = drop_empty(list(read_all()), "precompute")
     return len(passages), precompute(passages, lm, datastore=datastore, config=config,
@@ -346,7 +351,7 @@ class _FaissWriter:
         (self.store.path / MARKER_FILE).unlink(missing_ok=True)
 
     def datastore(self) -> KeyCache:
-        from nest_core.datastore import SpanDatastore
+        from nest_core.stores.datastore import SpanDatastore
 
         return SpanDatastore.for_store(self.store.path)
 
@@ -427,7 +432,7 @@ class _ChromaWriter:
         self._mark(None)
 
     def datastore(self) -> KeyCache:
-        from nest_core.datastore import SpanDatastore
+        from nest_core.stores.datastore import SpanDatastore
 
         return SpanDatastore()  # a collection does not reveal its directory
 

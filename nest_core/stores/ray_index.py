@@ -4,7 +4,7 @@ Encoding is the expensive part of indexing (an LM pass over every passage token,
 per token on one CPU process); it is embarrassingly parallel, so a pool of Ray actors, each
 holding the model once, encodes groups of passages while the driver writes the files.
 
-Three choices keep the result *the same datastore* as :func:`nest_core.ingest.precompute`:
+Three choices keep the result *the same datastore* as :func:`nest_core.stores.ingest.precompute`:
 
 - The driver plans the groups exactly as one process would batch them
   (:func:`plan_groups`: slices of ``PRECOMPUTE_BATCH`` passages, their cache misses in
@@ -111,12 +111,12 @@ def plan_groups(keys: Sequence[str], cache: KeyCache, *,
                 slice_size: int | None = None, group_size: int = BATCH_SIZE) -> EncodePlan:
     """The forward batches one process would run for passages with these cache ``keys``.
 
-    Mirrors :func:`nest_core.ingest.precompute` over
+    Mirrors :func:`nest_core.stores.ingest.precompute` over
     :meth:`~nest_core.encoding.PassageEncoder.encode`: per slice of ``slice_size`` passages,
     the cache misses, in order, in groups of ``group_size``; a key met in an earlier slice
     is a hit (that process has put it by then), duplicates inside one slice are both encoded.
     """
-    from nest_core.ingest import PRECOMPUTE_BATCH
+    from nest_core.stores.ingest import PRECOMPUTE_BATCH
 
     size = PRECOMPUTE_BATCH if slice_size is None else slice_size
     plan = EncodePlan(groups=[])
@@ -149,8 +149,8 @@ def plan_groups(keys: Sequence[str], cache: KeyCache, *,
 
 
 class RayPrecompute:
-    """A :class:`nest_core.ingest.Precompute` that encodes on Ray workers; pass it to
-    :func:`nest_core.ingest.ingest` as ``precompute_with``. ``load`` builds the workers'
+    """A :class:`nest_core.stores.ingest.Precompute` that encodes on Ray workers; pass it to
+    :func:`nest_core.stores.ingest.ingest` as ``precompute_with``. ``load`` builds the workers'
     model (default: :func:`nest_core.models.load_model` with the driver model's name and
     dtype); ``last_report`` holds what the latest call did."""
 
@@ -174,10 +174,10 @@ def precompute_on_ray(passages: Sequence[Passage], lm: LanguageModel, *,
                       progress: bool = True, options: RayOptions | None = None,
                       load: ModelLoader | None = None) -> RayIndexReport:
     """Encode ``passages`` into ``datastore`` on Ray workers; the files are the ones
-    :func:`nest_core.ingest.precompute` writes. ``lm`` is the driver's model: its
+    :func:`nest_core.stores.ingest.precompute` writes. ``lm`` is the driver's model: its
     fingerprint names the cache keys (the workers must load the very same weights)."""
     from nest_core.config import NestConfig
-    from nest_core.datastore import SpanDatastore
+    from nest_core.stores.datastore import SpanDatastore
 
     opts = options or RayOptions()
     cfg = config or NestConfig()

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.vectorstores import VectorStore
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from nest_core.config import NestConfig
-from nest_core.prompts import stuffed_question, with_question
+from nest_core.prompts import find_question, with_question
 from nest_core.types import NestChunk, NestResult, Passage
 from nest_integrations.langchain.documents import documents_to_passages
 
@@ -248,7 +249,7 @@ class NestParams(BaseModel):
         """The question inside a stuffed prompt (what the retriever and the focus must see),
         None for a plain question. Warns once when a stuffed prompt comes with no passages
         at all: it is decoded as a plain LM, and the user should know what to change."""
-        question = stuffed_question(asked)
+        question = find_question(asked).stuffed
         has_source = (opts.documents is not None or bool(given)
                       or self.retriever is not None or self.vectorstore is not None)
         if question is not None and not has_source:
@@ -368,17 +369,18 @@ def _key_cache(lm: LanguageModel, datastore_dir: str | None) -> KeyCache:
 
                 cache = MemoryKeyCache()
             else:
-                from nest_core.datastore import SpanDatastore
+                from nest_core.stores.datastore import SpanDatastore
 
                 cache = SpanDatastore(datastore_dir)
             _KEY_CACHES[key] = cache
         return cache
 
 
-def usage(result: NestResult) -> dict[str, int]:
+def usage(result: NestResult) -> UsageMetadata:
     prompt = int(result.stats.prompt_tokens)
     output = len(result.token_ids)
-    return {"input_tokens": prompt, "output_tokens": output, "total_tokens": prompt + output}
+    return UsageMetadata(input_tokens=prompt, output_tokens=output,
+                         total_tokens=prompt + output)
 
 
 def nest_metadata(result: NestResult) -> dict[str, Any]:

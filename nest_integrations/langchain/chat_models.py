@@ -43,6 +43,7 @@ from langchain_core.messages.content import Citation, TextContentBlock, create_t
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
 from nest_core.async_iter import aiter_in_thread
+from nest_core.prompts import question_of
 from nest_core.types import NestChunk, NestResult, Span
 from nest_integrations.langchain._shared import (
     PROVIDER,
@@ -56,6 +57,7 @@ from nest_integrations.langchain.documents import (
     result_citations,
     span_to_citation,
 )
+from nest_integrations.langchain.tools import create_nest_tool
 
 BLOCK_INDEX = 0  # the answer is always one text block
 
@@ -151,8 +153,6 @@ class ChatNest(NestParams, BaseChatModel):
             msg = ("ChatNest.as_tool takes one string, the question: pass only name= and "
                    "description= (or use create_nest_tool)")
             raise ValueError(msg)
-        from nest_integrations.langchain.tools import create_nest_tool
-
         return create_nest_tool(self, name=name, description=description)
 
 
@@ -215,16 +215,19 @@ def _joined(first: Span, then: Span, output: str) -> Span:
 
 
 def _text_block(text: str, annotations: list[Citation] | None = None) -> TextContentBlock:
-    block = create_text_block(text, annotations=annotations, index=BLOCK_INDEX)
+    block = create_text_block(text, index=BLOCK_INDEX,
+                              annotations=None if annotations is None else [*annotations])
     # create_text_block invents a random id; chunks merge by index, and a random id would
     # make a streamed answer differ from the invoked one. The id is optional: drop it.
     block.pop("id", None)
     return block
 
 
+# The ignores below: langchain-core types message content as ``list[str | dict]``, and mypy
+# does not count its own standard blocks (TypedDicts, plain dicts at runtime) as ``dict``.
 def _text_chunk(text: str, annotations: list[Citation] | None = None) -> ChatGenerationChunk:
-    return ChatGenerationChunk(
-        message=AIMessageChunk(content=[_text_block(text, annotations or None)]))
+    block = _text_block(text, annotations or None)
+    return ChatGenerationChunk(message=AIMessageChunk(content=[block]))  # type: ignore[list-item]
 
 
 def _last_chunk(result: NestResult, sources: list[Document], opts: CallOptions,
@@ -232,7 +235,7 @@ def _last_chunk(result: NestResult, sources: list[Document], opts: CallOptions,
     """The citations still due, usage and metadata: sent once, at the end, so merging
     cannot mangle them."""
     message = AIMessageChunk(
-        content=[_text_block("", annotations or None)],
+        content=[_text_block("", annotations or None)],  # type: ignore[list-item]
         usage_metadata=usage(result),
         response_metadata={
             "model_name": opts.model_name,
@@ -274,8 +277,6 @@ def message_documents(messages: Sequence[BaseMessage]) -> list[Document]:
 
 
 def retrieval_query(messages: Sequence[BaseMessage]) -> str:
-    """The last human message (what the user asked); the last message if there is none."""
-    for m in reversed(messages):
-        if isinstance(m, HumanMessage):
-            return m.text
-    return messages[-1].text if messages else ""
+    """What the user asked (:func:`~nest_core.prompts.question_of`: the last user message
+    with text); the last message's text if there is none."""
+    return question_of(messages_to_prompt(messages)) or (messages[-1].text if messages else "")

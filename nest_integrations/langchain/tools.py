@@ -13,12 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import BaseMessage, HumanMessage
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool, StructuredTool
 from langchain_core.vectorstores import VectorStore
 from pydantic import BaseModel, Field
 
+from nest_integrations.langchain._shared import NestParams
 from nest_integrations.langchain.documents import format_citations
 
 DEFAULT_NAME = "answer_from_documents"
@@ -43,9 +45,7 @@ def create_nest_tool(chat: Any, retriever: BaseRetriever | VectorStore | None = 
     The artifact is a dict: ``answer`` (text), ``citations`` (standard ``Citation`` dicts,
     copied and matched), ``source_documents`` (``Document``) and ``nest`` (spans and stats).
     """
-    from nest_integrations.langchain.chat_models import ChatNest
-
-    if not isinstance(chat, ChatNest):
+    if not (isinstance(chat, NestParams) and isinstance(chat, BaseChatModel)):  # a ChatNest
         msg = f"create_nest_tool needs a ChatNest, got {type(chat).__name__}"
         raise TypeError(msg)
     if isinstance(retriever, VectorStore):

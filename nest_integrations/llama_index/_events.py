@@ -10,7 +10,7 @@ it emits the LLM pair here: once around the decoding, closing when the text is c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 import llama_index.core.instrumentation as instrument
@@ -26,7 +26,8 @@ dispatcher = instrument.get_dispatcher(__name__)
 
 
 def llm_events(pieces: Iterator[str], *, callback_manager: CallbackManager, prompt: str,
-               model_name: str, metadata: Callable[[], dict[str, Any]]) -> Iterator[str]:
+               model_name: str, metadata: Callable[[], dict[str, Any]]
+               ) -> Generator[str, None, None]:
     """Yield ``pieces`` unchanged between an LLM start and end event.
 
     ``metadata`` is read at the end (the spans are known then) and becomes the end event's

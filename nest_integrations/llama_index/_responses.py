@@ -5,7 +5,7 @@ piece generator driven from a thread for ``AsyncStreamingResponse``."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 from typing import Any
 
 from llama_index.core.base.response.schema import (
@@ -46,9 +46,13 @@ def empty_answer(text: str, streaming: bool, use_async: bool,
     if use_async:
         return AsyncStreamingResponse(response_gen=agen_of(text), source_nodes=sources,
                                       metadata=metadata)
-    return StreamingResponse(response_gen=iter([text]), source_nodes=sources,
+    return StreamingResponse(response_gen=gen_of(text), source_nodes=sources,
                              metadata=metadata)
 
 
-async def agen_of(text: str) -> AsyncIterator[str]:
+def gen_of(text: str) -> Generator[str, None, None]:
+    yield text
+
+
+async def agen_of(text: str) -> AsyncGenerator[str, None]:
     yield text

@@ -55,7 +55,7 @@ class LazyDecoder:
         if self._key_cache is not None:
             return self._key_cache
         if self._datastore_dir is not None:
-            from nest_core.datastore import SpanDatastore
+            from nest_core.stores.datastore import SpanDatastore
 
             return SpanDatastore(self._datastore_dir)
         return None  # the decoder's own in-memory default

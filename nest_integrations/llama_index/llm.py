@@ -40,6 +40,7 @@ from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.schema import NodeWithScore
 
 from nest_core.config import NestConfig
+from nest_core.prompts import find_question
 from nest_integrations.llama_index import span_bridge
 from nest_integrations.llama_index._runtime import LazyDecoder, decode_pieces
 from nest_integrations.llama_index.nodes import nodes_to_passages, response_metadata
@@ -49,14 +50,13 @@ logger = logging.getLogger(__name__)
 
 
 def retrieval_query(prompt: str) -> str:
-    """The question inside a stock QA prompt, else the prompt itself."""
+    """The question inside a stock QA prompt, else the labelled question of any other
+    template (:func:`~nest_core.prompts.find_question`: a ``Query: ...`` or ``Question: ...``
+    line), else the prompt itself."""
     parsed = parse_stock_prompt(prompt)
     if parsed is not None:
         return parsed.question
-    tail = prompt.rsplit("Query:", 1)
-    if len(tail) == 2 and (question := tail[1].split("\nAnswer:", 1)[0].strip()):
-        return question
-    return prompt
+    return find_question(prompt, min_context=0).text
 
 
 @dataclass

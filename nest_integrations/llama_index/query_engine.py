@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -356,7 +356,8 @@ class NestQueryEngine(CustomQueryEngine):
                 {"role": "user", "content": query_str}]
 
     def _pieces(self, decoder: Any, query_str: str, passages: list[Passage],
-                kept: list[NodeWithScore], metadata: dict[str, Any]) -> Iterator[str]:
+                kept: list[NodeWithScore], metadata: dict[str, Any]
+                ) -> Generator[str, None, None]:
         prompt = self._prompt(query_str)
         pieces = decode_pieces(decoder, prompt, passages, kept, metadata,
                                max_new_tokens=self.max_new_tokens, stop=self.stop,

@@ -140,7 +140,7 @@ def test_bad_arguments_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_ask_an_empty_store_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from nest_core.sources import FaissStore
+    from nest_core.stores.sources import FaissStore
 
     FaissStore.create(tmp_path / "empty", dim=384, embedding="all-MiniLM-L6-v2").save()
     code, err = run_main(capsys, "ask", QUESTION, "--store", str(tmp_path / "empty"))
@@ -308,7 +308,7 @@ def test_questions_retrieve_through_the_lexical_rerank(faiss_store: Path) -> Non
     """`nest ask`/serve/mcp/demo retrieve a wider pool re-ranked by the question's words;
     `nest index --from-store` reads the store itself (no rerank wrapper)."""
     from nest_core.app.common import open_source
-    from nest_core.sources.rerank import LexicalRerank
+    from nest_core.stores.sources.rerank import LexicalRerank
 
     source = open_source(faiss_store)
     assert isinstance(source, LexicalRerank)

@@ -44,7 +44,7 @@ MAX_NEW = "24"
 # --- the two embedding models and the stores, each written by its framework ------------------
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
-    from nest_core.embeddings import default_embedding_model_dir
+    from nest_core.stores.embeddings import default_embedding_model_dir
 
     return default_embedding_model_dir()
 
@@ -292,10 +292,10 @@ def test_a_nest_store_names_the_model_it_was_built_with(capsys, tmp_path, small_
 def test_index_from_store_precomputes_every_passage(capsys, llama_faiss, small_dir, tmp_path):
     from nest_core import NestDecoder
     from nest_core.app.common import nest_config
-    from nest_core.datastore import SpanDatastore
-    from nest_core.embeddings import load_embedding
     from nest_core.models import load_model
-    from nest_core.sources import open_store, span_datastore_dir
+    from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.embeddings import load_embedding
+    from nest_core.stores.sources import open_store, span_datastore_dir
 
     store = tmp_path / "store"
     shutil.copytree(llama_faiss, store, ignore=shutil.ignore_patterns("nest_spans"))
@@ -334,8 +334,8 @@ def test_embedding_by_name_from_the_local_hugging_face_cache(llama_faiss, small_
     shutil.copytree(small_dir, repo / "snapshots" / revision)
     script = (
         "import sys\n"
-        "from nest_core.embeddings import load_embedding\n"
-        "from nest_core.sources import open_store\n"
+        "from nest_core.stores.embeddings import load_embedding\n"
+        "from nest_core.stores.sources import open_store\n"
         "embed = load_embedding('local/zephyr-128')\n"
         "hit = open_store(sys.argv[1], embed=embed).retrieve(sys.argv[2], 1)[0]\n"
         "print(embed.name, hit.metadata['source'])\n"

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Late
-from conftest import Reference as SlowPath
 
 from nest_core import NestDecoder, Passage
 from nest_core.config import default_config
-from nest_core.generation import Generation
+from nest_core.decoding.policy import FAST, REFERENCE, Shortcuts
 from nest_core.lm import LanguageModel
 
 pytestmark = pytest.mark.integration
@@ -29,26 +27,20 @@ QUESTIONS = [
 ]
 
 
-class Reference(Late, SlowPath):
-    """The slow path of tests/unit/test_fast_paths.py, every draft token also waiting for
-    the draft's forward."""
-
-
-def _answers(lm: LanguageModel, cls: type[Generation], monkeypatch) -> list[list[int]]:
-    """Each question answered by the decoder's own stream with ``cls`` as its Generation."""
-    monkeypatch.setattr("nest_core.decoder.Generation", cls)
-    dec = NestDecoder(lm, default_config(lm.name))
+def _answers(lm: LanguageModel, shortcuts: Shortcuts) -> list[list[int]]:
+    """Each question answered by the decoder's own stream, taking ``shortcuts``."""
+    dec = NestDecoder(lm, default_config(lm.name), shortcuts=shortcuts)
     return [dec.generate(q, PASSAGES, max_new_tokens=32).token_ids for q in QUESTIONS]
 
 
-def test_shortcuts_and_prefix_cache_keep_the_token_ids(smollm, monkeypatch):
+def test_shortcuts_and_prefix_cache_keep_the_token_ids(smollm):
     # caught (as in the unit tests): a wrong λ shortcut, a wrong span-starter set, a
     # prefix reused one token too far
     cold = LanguageModel(smollm.model, smollm.tokenizer, name=smollm.name,
                          prefix_cache_bytes=0)
     warm = LanguageModel(smollm.model, smollm.tokenizer, name=smollm.name)
-    slow = _answers(cold, Reference, monkeypatch)
-    fast = _answers(warm, Generation, monkeypatch)
+    slow = _answers(cold, REFERENCE)  # the slow path, every draft token also waiting
+    fast = _answers(warm, FAST)
     assert fast == slow
     assert all(slow), "the answers must not be empty"
     again = NestDecoder(warm, default_config(warm.name)).generate(QUESTIONS[0], PASSAGES,

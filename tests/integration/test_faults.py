@@ -38,8 +38,8 @@ import pytest
 import torch
 
 from nest_core.app.cli import main
-from nest_core.ingest import Document, ingest, open_chroma_collection, unfinished
-from nest_core.sources import ChromaSource, open_store
+from nest_core.stores.ingest import Document, ingest, open_chroma_collection, unfinished
+from nest_core.stores.sources import ChromaSource, open_store
 from tests.integration.test_cli import FACT, POLICY, QUESTION
 from tests.integration.test_cli import HANDBOOK as HISTORY
 
@@ -201,10 +201,10 @@ def test_case_02_a_model_changed_deep_in_its_weights_gets_its_own_keys(
     values of the first 4 tensors, so SmolLM2 with `down_proj` of layers 10+ scaled by 1.5
     (another greedy output) was served the original model's keys. After: every weight is
     hashed, so the changed model misses the store's span files and encodes its own keys."""
-    from nest_core.app.common import DEFAULT_MODE, nest_config
-    from nest_core.datastore import SpanDatastore
+    from nest_core.app.common import DEFAULT_PRESET, nest_config
     from nest_core.encoding import PassageEncoder
     from nest_core.lm import LanguageModel
+    from nest_core.stores.datastore import SpanDatastore
 
     changed = copy.deepcopy(smollm.model)  # the session model itself is never touched
     with torch.no_grad():
@@ -216,7 +216,7 @@ def test_case_02_a_model_changed_deep_in_its_weights_gets_its_own_keys(
     store = tmp_path / "store"
     shutil.copytree(faiss_store, store)
     passages = open_store(store).passages()
-    config = nest_config(DEFAULT_MODE, smollm.name)
+    config = nest_config(DEFAULT_PRESET, smollm.name)
 
     def encode(lm: Any) -> tuple[Any, Any]:
         spans = SpanDatastore.for_store(store)
@@ -264,7 +264,7 @@ def test_case_04_another_embedding_of_the_same_dimension_is_refused(
     """Case 4, a second embedding model. Before: `nest index --embedding OTHER` into a store
     built with all-MiniLM-L6-v2 mixed the vectors of two 384-d models without a word (the
     store still named the first). After: refused before anything is written, naming both."""
-    from nest_core.embeddings import default_embedding_model_dir
+    from nest_core.stores.embeddings import default_embedding_model_dir
 
     store = tmp_path / "store"
     options = ("--store", kind, "--out", str(store), "--no-precompute", "-q")
@@ -354,7 +354,7 @@ class _Embedding:
     passages is embedded (one-text calls are the store's dimension probe and queries)."""
 
     def __init__(self, before_batch: Any) -> None:
-        from nest_core.embeddings import default_embedding_function
+        from nest_core.stores.embeddings import default_embedding_function
 
         self.model = default_embedding_function()
         self.name = self.model.name
@@ -370,7 +370,7 @@ class _Embedding:
 
 def with_embedding(monkeypatch: pytest.MonkeyPatch, embedding: _Embedding) -> None:
     """Make ``embedding`` what `nest index` uses by default."""
-    import nest_core.embeddings as embeddings
+    import nest_core.stores.embeddings as embeddings
 
     monkeypatch.setattr(embeddings, "_DEFAULT", embedding)
 
@@ -451,7 +451,7 @@ def test_case_08_a_frozen_chroma_server_times_out_with_a_clear_error(
     answering blocked for ever (150 s and counting). After: connecting and every query give
     up after the configured timeout with a TimeoutError naming the server; once it runs
     again, the same source is served."""
-    from nest_core.embeddings import HashingEmbeddings
+    from nest_core.stores.embeddings import HashingEmbeddings
 
     host, port, _, proc = chroma_server
     embed = HashingEmbeddings(32)
@@ -539,7 +539,7 @@ def test_case_11_a_large_index_says_how_long_before_the_bulk_of_the_work(
     the passage count and progress bars, no time. After: once its first batch is timed, and
     before the spans of the whole store are encoded, `nest index` says "N passages: about A
     to embed, about B to encode spans", and how to stop and resume."""
-    import nest_core.ingest as ingest_module
+    import nest_core.stores.ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "LARGE_INGEST", 10)
     seen_before_bulk: list[str] = []  # stderr when the span encoding of every passage began
@@ -568,7 +568,7 @@ def test_case_11_embedded_work_is_on_disk_while_a_large_index_runs(
     was killed (kill -9, a crash, a closed laptop) lost everything it had embedded. After:
     the store is saved every `CHECKPOINT_SECONDS` (0 here), so what a kill would leave
     behind mid-run holds the batches already embedded, marked incomplete."""
-    import nest_core.ingest as ingest_module
+    import nest_core.stores.ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "CHECKPOINT_SECONDS", 0.0)
     store = tmp_path / "store"
@@ -607,8 +607,8 @@ def test_case_12_reindexing_removes_span_files_no_passage_needs(
     stayed in a store until its size bound evicted them. After: `nest index` keeps only the
     files the store's passages need under the current model, and says how many it removed.
     (`-q` hiding the one-time conversion bar: test_cli.py.)"""
-    from nest_core.datastore import SpanDatastore
     from nest_core.encoding import EncodedPassage
+    from nest_core.stores.datastore import SpanDatastore
 
     folder = tmp_path / "handbook"
     shutil.copytree(corpus, folder)

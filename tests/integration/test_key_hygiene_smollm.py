@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from nest_core import NestConfig, Passage
+from nest_core.decoding.mixture import norm_reference, retrieval_confidence
 from nest_core.encoding import MemoryKeyCache, PassageEncoder, _windows, passage_string
-from nest_core.ingest import Document, chunk_document
-from nest_core.mixture import norm_reference, retrieval_confidence
+from nest_core.stores.ingest import Document, chunk_document
 from nest_core.token_index import TokenIndex
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nest_core.datastore import SpanDatastore, decode_entry
+from nest_core.stores.datastore import SpanDatastore, decode_entry
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")

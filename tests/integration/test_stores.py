@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 from conftest import free_port
 
-from nest_core.datastore import SpanDatastore
-from nest_core.ingest import Document, ingest, open_chroma_collection, open_faiss_store
-from nest_core.sources import ChromaSource, FaissSource, FaissStore
+from nest_core.stores.datastore import SpanDatastore
+from nest_core.stores.ingest import Document, ingest, open_chroma_collection, open_faiss_store
+from nest_core.stores.sources import ChromaSource, FaissSource, FaissStore
 
 pytestmark = pytest.mark.integration
 
@@ -29,7 +29,7 @@ DOCS = [
 
 @pytest.fixture(scope="module")
 def minilm():
-    from nest_core.embeddings import default_embedding_function
+    from nest_core.stores.embeddings import default_embedding_function
 
     embed = default_embedding_function()
     assert embed.dimension == 384

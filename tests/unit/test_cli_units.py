@@ -210,7 +210,7 @@ def test_symlinked_folders_loops_and_unreadable_folders_are_noted(tmp_path, caps
 
 def test_index_from_an_empty_store_says_so_before_loading_a_model(tmp_path, capsys):
     from nest_core.app.cli import main
-    from nest_core.sources.chroma import persistent_client
+    from nest_core.stores.sources.chroma import persistent_client
 
     persistent_client(tmp_path).create_collection("langchain", embedding_function=None)
     assert main(["index", "--from-store", str(tmp_path)]) == 1

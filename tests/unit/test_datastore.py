@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nest_core.datastore import (
+from nest_core.encoding import EncodedPassage, PassageEncoder
+from nest_core.lm import LanguageModel
+from nest_core.stores.datastore import (
     DATASTORE_DIRNAME,
     SpanDatastore,
     clear_cache,
@@ -17,8 +19,6 @@ from nest_core.datastore import (
     decode_entry,
     encode_entry,
 )
-from nest_core.encoding import EncodedPassage, PassageEncoder
-from nest_core.lm import LanguageModel
 from nest_core.types import Passage
 
 
@@ -336,23 +336,76 @@ def test_a_read_only_store_is_served_and_never_written(tmp_path, monkeypatch, ca
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
-def test_a_store_without_write_permission_is_served(tmp_path):
-    SpanDatastore(tmp_path).put("k", _entry())
-    dirs = [tmp_path, *[p for p in tmp_path.rglob("*") if p.is_dir()]]
-    for p in tmp_path.rglob("*"):
-        if p.is_file():
-            p.chmod(0o444)
-    for d in dirs:
-        d.chmod(0o555)
+# Run in a child process as the current user or, when that is root (which ignores file
+# permissions), as nobody: the child drops to it itself, after its imports, because the
+# interpreter and the venv may live where nobody cannot read (here: under /root).
+_UNPRIVILEGED = 65534  # nobody / nogroup
+_CANNOT_DROP = 77  # the child's exit status when it may not drop root (no CAP_SETUID)
+_SERVE_READ_ONLY = """
+import json, os, sys
+import torch
+from nest_core import EncodedPassage, SpanDatastore
+
+new = EncodedPassage(keys=torch.ones(3, 4), values=torch.arange(3),
+                     char_spans=torch.zeros(3, 2, dtype=torch.int32))
+if len(sys.argv) > 2:
     try:
-        store = SpanDatastore(tmp_path)
-        assert store.get("k") is not None
-        store.put("new", _entry(seed=1))
-        assert store.stats.unwritable == 1
-    finally:
+        os.setgroups([])
+        os.setgid(int(sys.argv[2]))
+        os.setuid(int(sys.argv[2]))
+    except PermissionError as err:
+        print(err, file=sys.stderr)
+        sys.exit(77)
+store = SpanDatastore(sys.argv[1])
+got = store.get("k")
+store.put("new", new)
+kept = store.get("new")
+print(json.dumps({"uid": os.geteuid(), "got": None if got is None else got.values.tolist(),
+                  "kept": None if kept is None else kept.values.tolist(),
+                  "unwritable": store.stats.unwritable, "writes": store.stats.writes}))
+"""
+
+
+def test_a_store_without_write_permission_is_served():
+    # caught (as an unprivileged user): get failing on the mtime touch of a file it cannot
+    # write, put raising PermissionError instead of serving the store and keeping the key
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    import nest_core
+
+    as_root = os.geteuid() == 0
+    with tempfile.TemporaryDirectory() as base:  # not tmp_path: its parents are root's 0700
+        root = Path(base) / "store"
+        SpanDatastore(root).put("k", _entry())
+        files = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+        dirs = [root, *[p for p in root.rglob("*") if p.is_dir()]]
+        for p in files:
+            p.chmod(0o444)
         for d in dirs:
-            d.chmod(0o755)
+            d.chmod(0o555)
+        Path(base).chmod(0o755)  # traversable by the child, writable only by its owner
+        try:
+            child = subprocess.run(
+                [sys.executable, "-c", _SERVE_READ_ONLY, str(root),
+                 *([str(_UNPRIVILEGED)] if as_root else [])],
+                capture_output=True, text=True, timeout=120, cwd=base, check=False,
+                env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+                     "PYTHONPATH": str(Path(nest_core.__file__).resolve().parents[1])})
+        finally:
+            for d in dirs:
+                d.chmod(0o755)
+        if as_root and child.returncode == _CANNOT_DROP:
+            pytest.skip(f"cannot drop to uid {_UNPRIVILEGED}: {child.stderr.strip()}")
+        assert child.returncode == 0, child.stderr
+        result = json.loads(child.stdout.strip().splitlines()[-1])
+        assert result["uid"] == (_UNPRIVILEGED if as_root else os.geteuid())
+        assert result["got"] == _entry().values.tolist()  # the store is served
+        assert result["kept"] == [0, 1, 2]  # the new key is kept in memory
+        assert (result["unwritable"], result["writes"]) == (1, 0)
+        assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == files
 
 
 def test_span_files_are_readable_as_the_umask_allows(tmp_path):

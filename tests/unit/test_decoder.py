@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
 import torch
 from conftest import PASSAGES, PROMPT
 
-from nest_core import NestConfig, NestDecoder, Passage
+from nest_core import EncodedPassage, NestConfig, NestDecoder, Passage, Span
 from nest_core.app.render import stats_line
+from nest_core.attribution import NO_SOURCE, OutputText, build_spans, runs
 from nest_core.lm import LanguageModel
+from nest_core.token_index import TokenIndex
 
 # α = 1 makes λ < δ whenever ρ < 1 and a tiny γ accepts nearly every draft token: the
 # random model then copies a lot, which exercises spans, streaming and masking.
@@ -54,13 +57,40 @@ def test_every_copied_token_is_the_passage_token_it_cites(tiny_lm):
     assert 0 < res.attribution_ratio <= 1
 
 
-def test_spans_are_maximal_and_ordered(tiny_lm):
-    res = NestDecoder(tiny_lm, COPY_HEAVY).generate(PROMPT, PASSAGES, max_new_tokens=40)
-    for a, b in zip(res.spans, res.spans[1:], strict=False):
+def _assert_maximal_and_ordered(spans: list[Span]) -> None:
+    for a, b in itertools.pairwise(spans):
         assert a.token_end <= b.token_start
         contiguous = a.token_end == b.token_start and a.passage.id == b.passage.id \
             and b.source_row == a.source_row + a.num_tokens
         assert not contiguous, "adjacent runs from the same passage must be one span"
+
+
+def test_spans_are_maximal_and_ordered(tiny_lm):
+    res = NestDecoder(tiny_lm, COPY_HEAVY).generate(PROMPT, PASSAGES, max_new_tokens=40)
+    assert len(res.spans) >= 2, "the check below compares neighbouring spans: it needs two"
+    _assert_maximal_and_ordered(res.spans)
+
+
+def test_copied_runs_split_exactly_where_the_source_stops_running_on():
+    # Passages "abcdef" (rows 0-5) and "uvwxyz" (rows 6-11), one character per token, so
+    # the output text is the copied characters and every boundary below is decided by
+    # runs() alone: a skipped row, a passage change between consecutive global rows (5, 6)
+    # and a generated token between consecutive rows (7, 8) each end a run; nothing else.
+    passages = [Passage("p", "abcdef"), Passage("q", "uvwxyz")]
+    encoded = [EncodedPassage(keys=torch.zeros(6, 2), values=torch.tensor([ord(c) for c in p.text]),
+                              char_spans=torch.tensor([[i, i + 1] for i in range(6)],
+                                                      dtype=torch.int32))
+               for p in passages]
+    index = TokenIndex(passages, encoded, vocab_size=256)
+    rows = [0, 1, 2, 4, 5, 6, 7, NO_SOURCE, 8, 9]
+    ids = [int(index.values[r]) if r != NO_SOURCE else ord("!") for r in rows]
+    text = "".join(map(chr, ids))
+    assert text == "abcefuv!wx"
+    assert runs(rows, index) == [(0, 3), (3, 5), (5, 7), (8, 10)]
+    spans = build_spans(text, ids, rows, index, OutputText(lambda t: "".join(map(chr, t))))
+    assert [(s.text, s.passage.id, s.source_row) for s in spans] == [
+        ("abc", "p", 0), ("ef", "p", 4), ("uv", "q", 0), ("wx", "q", 2)]
+    _assert_maximal_and_ordered(spans)
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 3, 7, 16])

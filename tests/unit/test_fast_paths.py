@@ -1,6 +1,6 @@
 """The decoder's shortcuts are lossless: the same token ids, rows and spans as the slow path.
 
-Each shortcut is checked against a :class:`Reference` generation that takes the slow path
+Each shortcut is checked against a generation with ``SLOW_SEARCH`` shortcuts, the slow path
 (every fed position searched, λ from the sorted top-k), over settings that make both paths
 differ in work: ``verify_against="lm"`` (drafts judged by p_LM), r below and above the
 number of rows, λ on either side of δ.
@@ -15,13 +15,16 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT, TINY_CORPUS, Late, Reference
+from conftest import LATE, PASSAGES, PROMPT, SLOW_SEARCH, TINY_CORPUS
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.config import default_config
-from nest_core.generation import Generation
+from nest_core.decoding.beliefs import Belief
+from nest_core.decoding.loop import Generation
+from nest_core.decoding.output import Output
+from nest_core.decoding.policy import FAST, Shortcuts
+from nest_core.decoding.stops import RepetitionStop, StopStrings
 from nest_core.lm import LanguageModel
-from nest_core.proposer import Belief
 from nest_core.types import DecodeStats, NestResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,39 +49,47 @@ CONFIGS = {
 }
 
 
-class Counting(Generation):
-    """The real path, counting the searches that skipped the sorted top-k, and those
-    not run at all."""
+@dataclasses.dataclass
+class Searches:
+    """The real index, counting its distance scans and sorted top-k searches."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.unsorted = 0
-        self.searched = 0
-        if self.index is not None:
-            distances = self.index.distances
+    scans: int = 0
+    sorted: int = 0
 
-            def counted(queries: torch.Tensor) -> torch.Tensor:
-                self.searched += 1
-                return distances(queries)
-
-            self.index.distances = counted  # type: ignore[method-assign]
-
-    def fast_confidence(self, d2: torch.Tensor) -> torch.Tensor | None:
-        lam = super().fast_confidence(d2)
-        self.unsorted += lam is not None and bool((lam >= self.cfg.span_threshold).all())
-        return lam
+    @property
+    def unsorted(self) -> int:
+        """Scans whose λ said no span can start: no sorted top-k was needed."""
+        return self.scans - self.sorted
 
 
-def run(lm: LanguageModel, config: NestConfig, prompt: str, cls: type[Generation]
-        ) -> tuple[Generation, NestResult]:
+def count_searches(index: Any) -> Searches:
+    counts = Searches()
+    distances, nearest = index.distances, index.nearest
+
+    def counted_distances(queries: torch.Tensor) -> torch.Tensor:
+        counts.scans += 1
+        return distances(queries)
+
+    def counted_nearest(*args: Any, **kwargs: Any) -> Any:
+        counts.sorted += 1
+        return nearest(*args, **kwargs)
+
+    index.distances, index.nearest = counted_distances, counted_nearest
+    return counts
+
+
+def run(lm: LanguageModel, config: NestConfig, prompt: str,
+        shortcuts: Shortcuts = FAST) -> tuple[Generation, NestResult, Searches]:
     dec = NestDecoder(lm, config)
     stats = DecodeStats()
     index = dec._index(MORE, stats)
-    gen = cls(lm, config, lm.prompt_ids(prompt), MORE, index, max_new_tokens=40, stop=[],
-              stats=stats, started=time.perf_counter(), prompt_truncated=False)
+    counts = count_searches(index)
+    gen = Generation(lm, config, lm.prompt_ids(prompt), MORE, index, max_new_tokens=40,
+                     stop=[], stats=stats, started=time.perf_counter(),
+                     prompt_truncated=False, shortcuts=shortcuts)
     result = list(gen.run())[-1].result
     assert result is not None
-    return gen, result
+    return gen, result, counts
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -88,10 +99,10 @@ def test_shortcuts_give_the_reference_output(tiny_lm, name):
     # span starters missing the rows of a top passage, or a focus row
     config = CONFIGS[name]
     for prompt in PROMPTS:
-        gen, fast = run(tiny_lm, config, prompt, Counting)
-        ref, slow = run(tiny_lm, config, prompt, Reference)
+        gen, fast, _ = run(tiny_lm, config, prompt)
+        ref, slow, _ = run(tiny_lm, config, prompt, SLOW_SEARCH)
         assert fast.token_ids == slow.token_ids, (name, prompt)
-        assert gen.rows == ref.rows, (name, prompt)
+        assert gen.out.rows == ref.out.rows, (name, prompt)
         assert fast.spans == slow.spans
         assert fast.stats.lm_forwards == slow.stats.lm_forwards
         assert fast.finish_reason == slow.finish_reason
@@ -99,11 +110,15 @@ def test_shortcuts_give_the_reference_output(tiny_lm, name):
 
 def test_the_shortcuts_are_taken(tiny_lm):
     # the equality above must compare two different computations
-    gens = [run(tiny_lm, CONFIGS[name], p, Counting)[0]
-            for name in ("default", "default-r8") for p in PROMPTS]
-    assert sum(g.unsorted for g in gens) > 5  # λ ≥ δ without a top-k
+    runs = [run(tiny_lm, CONFIGS[name], p) for name in ("default", "default-r8")
+            for p in PROMPTS]
+    assert sum(c.unsorted for _, _, c in runs) > 5  # λ ≥ δ without a top-k
     # no search where no span may start with the LM's choice: fewer than one per forward
-    assert sum(g.searched for g in gens) < 0.8 * sum(g.stats.lm_forwards for g in gens)
+    assert sum(c.scans for _, _, c in runs) < 0.8 * sum(r.stats.lm_forwards
+                                                        for _, r, _ in runs)
+    # the reference path takes none of them
+    slow = [run(tiny_lm, CONFIGS["default"], p, SLOW_SEARCH)[2] for p in PROMPTS]
+    assert sum(c.unsorted for c in slow) == 0
 
 
 @pytest.mark.parametrize("k", [1, 3, 7, 1000])
@@ -121,15 +136,16 @@ def test_fast_lambda_equals_lambda_of_the_sorted_neighbours(tiny_lm, k):
     d2 = index.distances(hidden)  # [T, N]
     found = index.nearest(d2, k)
     assert found is not None
-    fast = gen.fast_confidence(d2)
+    confidence = gen.judge.confidence  # type: ignore[attr-defined]
+    fast = confidence.quick(d2)
     assert fast is not None
-    assert torch.equal(fast, gen.confidence(hidden, found))
+    assert torch.equal(fast, confidence.of(hidden, found))
     assert k == 1 or fast.max() - fast.min() > 0.05, "λ must vary over the positions"
 
 
 def test_row_max_is_torch_max_with_first_index_on_ties():
     # caught: the last tied index (numpy on the reversed row), the max of another row
-    from nest_core.mixture import row_max
+    from nest_core.decoding.mixture import row_max
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(5, 300, generator=gen)
@@ -158,7 +174,7 @@ def test_span_starters_are_the_tokens_the_proposer_can_start_a_span_with(tiny_lm
     index.mask([int(r) for r in starts.nonzero()[:3, 0]])
     gen = Generation(tiny_lm, config, [], MORE, index, span_starts=starts, max_new_tokens=4,
                      stop=[], stats=DecodeStats(), started=0.0, prompt_truncated=False)
-    assert gen.proposer is not None
+    spans = gen.drafters.drafters[0]
     found = index.search(torch.zeros(1, index.dim), k=index.num_rows)
     assert found is not None
     can_start = set()
@@ -167,9 +183,9 @@ def test_span_starters_are_the_tokens_the_proposer_can_start_a_span_with(tiny_lm
                         scaled_logits=torch.zeros(1), lse=None, weights=None,
                         values=index.values[found.rows[0]], logits=torch.zeros(1),
                         hidden=torch.zeros(index.dim))
-        if gen.proposer.propose(belief, None, 1):
+        if spans.rows(belief, None, 1):  # type: ignore[attr-defined]
             can_start.add(token)
-    assert gen.starters == can_start
+    assert gen.judge.starters == can_start  # type: ignore[attr-defined]
     assert 0 < len(can_start) < len(set(index.values.tolist()))
 
 
@@ -177,7 +193,7 @@ def test_span_starters_are_the_tokens_the_proposer_can_start_a_span_with(tiny_lm
 def test_scaled_row_max_is_row_max_of_the_divided_rows(temperature):
     # caught: the raw argmax kept where rounding ties an earlier, smaller logit with the
     # max; the raw max returned unscaled; a tie checked on the float above the max
-    from nest_core.mixture import row_max, scaled_row_max
+    from nest_core.decoding.mixture import row_max, scaled_row_max
 
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(40, 300, generator=gen)
@@ -225,19 +241,19 @@ def test_streaming_a_drafts_first_token_early_changes_no_output(tiny_lm):
             for budget in (1, 3, 40):
                 dec = NestDecoder(tiny_lm, config)
                 out = {}
-                for cls in (Generation, Late):
+                for shortcuts in (FAST, LATE):
                     stats = DecodeStats()
-                    gen = cls(tiny_lm, config, tiny_lm.prompt_ids(prompt), MORE,
-                              dec._index(MORE, stats), max_new_tokens=budget, stop=[],
-                              stats=stats, started=time.perf_counter(),
-                              prompt_truncated=False)
+                    gen = Generation(tiny_lm, config, tiny_lm.prompt_ids(prompt), MORE,
+                                     dec._index(MORE, stats), max_new_tokens=budget, stop=[],
+                                     stats=stats, started=time.perf_counter(),
+                                     prompt_truncated=False, shortcuts=shortcuts)
                     chunks, first = [], None
                     for chunk in gen.run():
                         if chunk.text and first is None:
                             first = stats.lm_forwards  # forwards run before the first text
                         chunks.append(chunk)
-                    out[cls] = (chunks, first, gen)
-                (fast, f_first, f_gen), (slow, s_first, s_gen) = out[Generation], out[Late]
+                    out[shortcuts] = (chunks, first, gen)
+                (fast, f_first, f_gen), (slow, s_first, s_gen) = out[FAST], out[LATE]
                 res, ref = fast[-1].result, slow[-1].result
                 assert res is not None
                 assert ref is not None
@@ -245,7 +261,7 @@ def test_streaming_a_drafts_first_token_early_changes_no_output(tiny_lm):
                 assert (res.text, res.spans, res.finish_reason) == (
                     ref.text, ref.spans, ref.finish_reason)
                 assert [t for c in fast for t in c.token_ids] == res.token_ids
-                assert f_gen.rows == s_gen.rows
+                assert f_gen.out.rows == s_gen.out.rows
                 assert torch.equal(f_gen.index.active, s_gen.index.active)
                 if f_first is not None and s_first is not None:
                     assert f_first <= s_first
@@ -257,11 +273,11 @@ def test_streaming_a_drafts_first_token_early_changes_no_output(tiny_lm):
 def test_a_drafts_first_token_waits_when_the_draft_repeats_the_output_from_it(tiny_lm):
     # caught: streams_first always true (the repetition cut would then keep a token the
     # whole-draft cut drops)
-    config = NestConfig(repetition_stop=3)
-    gen = Generation(tiny_lm, config, [], [], None, max_new_tokens=40, stop=[],
-                     stats=DecodeStats(), started=0.0, prompt_truncated=False)
-    gen.ids = [1, 2, 3, 4, 5]
-    assert gen.repeat_cut([3, 4, 5]) == 0
-    assert not gen.streams_first([3, 4, 5])  # the repeat 3 4 5 starts at the first token
-    assert gen.streams_first([9, 3, 4, 5])  # it starts after it: the first token is kept
-    assert gen.streams_first([4, 5, 1])  # no repeat
+    stop = RepetitionStop(3)
+    out = Output(tiny_lm.decode, None, token_stops=[stop], stop_strings=StopStrings([]),
+                 max_new_tokens=40, stats=DecodeStats(), started=0.0)
+    out.ids = [1, 2, 3, 4, 5]
+    assert stop.keep(out.ids, [3, 4, 5]) == 0
+    assert not out.streams_first([3, 4, 5])  # the repeat 3 4 5 starts at the first token
+    assert out.streams_first([9, 3, 4, 5])  # it starts after it: the first token is kept
+    assert out.streams_first([4, 5, 1])  # no repeat

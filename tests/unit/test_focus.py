@@ -13,6 +13,7 @@ from conftest import PASSAGES
 from test_rules import CountingLM, _toy_belief, _toy_index
 
 from nest_core import NestConfig, NestDecoder, Passage
+from nest_core.decoding.drafters import SHORT_DRAFT, PromptLookup, RetrievedSpans
 from nest_core.focus import (
     NAME_WEIGHT,
     best_sentences,
@@ -22,7 +23,7 @@ from nest_core.focus import (
     split_sentences,
 )
 from nest_core.prompts import BACKGROUND_INSTRUCTION, format_background, with_background
-from nest_core.proposer import SHORT_DRAFT, PromptLookup, RetrievedSpanProposer
+from nest_core.token_index import TokenIndex
 
 DATA = Path(__file__).resolve().parents[2] / "examples" / "data"
 
@@ -107,16 +108,20 @@ def test_rows_within_marks_the_rows_of_a_sentence():
     assert mask.tolist() == [False, False, False, False, True, True, False]
 
 
+def _spans(index: TokenIndex, start_rows: torch.Tensor | None = None) -> RetrievedSpans:
+    return RetrievedSpans(index, 0.5, initial_length=1, max_length=1, start_rows=start_rows)
+
+
 def test_spans_start_only_at_allowed_rows():
     # caught: start_rows ignored; carriers filtered by the wrong rows
     index = _toy_index()
     belief = _toy_belief(index, query=0.0, top_token=7, lam=0.1)
     # carriers of 7 by distance: row 5 (passage 2), row 3 (passage 1), row 1 (passage 0)
-    assert RetrievedSpanProposer(index, 0.5).propose(belief, None, 1) == [5]
+    assert _spans(index).rows(belief, None, 1) == [5]
     only_p0 = torch.tensor([True, True, True, False, False, False, False])
-    assert RetrievedSpanProposer(index, 0.5, start_rows=only_p0).propose(belief, None, 1) == [1]
+    assert _spans(index, only_p0).rows(belief, None, 1) == [1]
     none = torch.zeros(7, dtype=torch.bool)
-    assert RetrievedSpanProposer(index, 0.5, start_rows=none).propose(belief, None, 1) == []
+    assert _spans(index, none).rows(belief, None, 1) == []
 
 
 def test_prompt_lookup_drafts_what_follows_the_latest_longest_match():
@@ -124,18 +129,18 @@ def test_prompt_lookup_drafts_what_follows_the_latest_longest_match():
     # taken mid-answer, the latest for the first token; a match of the picked token alone
     # drafting full length mid-answer
     q = [5, 6, 7, 8, 6, 7, 9, 4, 2]
-    look = PromptLookup(q)
-    assert look.propose([1, 6], 7, 3) == [7, 9, 4]  # "6 7" last seen before 9
-    assert look.propose([7, 8], 6, 3) == [6, 7, 9]
-    assert look.propose([3], 2, 4) == []  # at the prompt's end: nothing follows
-    assert look.propose([3], 1, 4) == []  # not in the prompt
-    assert look.propose([7], 8, 9) == [8, 6, 7, 9, 4, 2]  # "7 8": as long as asked
-    assert look.propose([3], 8, 9) == [8, 6, 7, 9][:SHORT_DRAFT]  # "8" alone: short
-    assert look.propose([], 8, 9) == [8, 6, 7, 9, 4, 2]  # the answer's first token
+    look = PromptLookup(q, 64)
+    assert look.tokens([1, 6], 7, 3) == [7, 9, 4]  # "6 7" last seen before 9
+    assert look.tokens([7, 8], 6, 3) == [6, 7, 9]
+    assert look.tokens([3], 2, 4) == []  # at the prompt's end: nothing follows
+    assert look.tokens([3], 1, 4) == []  # not in the prompt
+    assert look.tokens([7], 8, 9) == [8, 6, 7, 9, 4, 2]  # "7 8": as long as asked
+    assert look.tokens([3], 8, 9) == [8, 6, 7, 9][:SHORT_DRAFT]  # "8" alone: short
+    assert look.tokens([], 8, 9) == [8, 6, 7, 9, 4, 2]  # the answer's first token
     # the answer's first token drafts from its earliest occurrence (a restatement follows
     # the question from its start), a later token from its latest
-    assert look.propose([], 6, 3) == [6, 7, 8]
-    assert look.propose([3], 6, 3) == [6, 7, 9]
+    assert look.tokens([], 6, 3) == [6, 7, 8]
+    assert look.tokens([3], 6, 3) == [6, 7, 9]
 
 
 def test_prompt_lookup_matches_words_across_case_and_a_leading_space(tiny_lm):
@@ -144,10 +149,10 @@ def test_prompt_lookup_matches_words_across_case_and_a_leading_space(tiny_lm):
     the = tiny_lm.tokenizer.encode("The", add_special_tokens=False)
     assert len(the) == 1
     assert the[0] not in q
-    look = PromptLookup(q, key=tiny_lm.token_word)
+    look = PromptLookup(q, 64, key=tiny_lm.token_word)
     after = q[q.index(tiny_lm.tokenizer.encode(" the", add_special_tokens=False)[0]) + 1:]
-    assert look.propose([], the[0], 4) == [the[0], *after[:3]]
-    assert PromptLookup(q).propose([], the[0], 4) == []
+    assert look.tokens([], the[0], 4) == [the[0], *after[:3]]
+    assert PromptLookup(q, 64).tokens([], the[0], 4) == []
 
 
 FOCUS = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,

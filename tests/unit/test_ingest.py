@@ -9,16 +9,16 @@ import re
 import pytest
 
 from nest_core.config import NestConfig
-from nest_core.datastore import SpanDatastore
-from nest_core.embeddings import EmbeddingDimensionError, HashingEmbeddings
-from nest_core.ingest import (
+from nest_core.stores.datastore import SpanDatastore
+from nest_core.stores.embeddings import EmbeddingDimensionError, HashingEmbeddings
+from nest_core.stores.ingest import (
     Document,
     chunk_document,
     ingest,
     open_chroma_collection,
     open_faiss_store,
 )
-from nest_core.sources import ChromaSource, FaissSource, FaissStore
+from nest_core.stores.sources import ChromaSource, FaissSource, FaissStore
 
 EMBED = HashingEmbeddings(64)
 SENTENCE = "Word{i} is a term in the glossary of computing and it has a meaning."  # 14 words
@@ -179,9 +179,9 @@ def test_precompute_source_covers_a_store_nest_did_not_write(tiny_lm, tmp_path):
     ``documents``, metadata with ``source``), no nest metadata: after precompute_source the
     decoder encodes none of its passages."""
     from nest_core.decoder import NestDecoder
-    from nest_core.ingest import precompute_source
-    from nest_core.sources import open_store
-    from nest_core.sources.chroma import persistent_client
+    from nest_core.stores.ingest import precompute_source
+    from nest_core.stores.sources import open_store
+    from nest_core.stores.sources.chroma import persistent_client
 
     texts = [d.text for d in DOCS]
     persistent_client(tmp_path).create_collection("langchain", embedding_function=None).add(
@@ -226,8 +226,8 @@ def test_an_interrupted_ingest_is_marked_and_the_same_call_resumes(tmp_path, kin
                                                                    monkeypatch):
     # caught: Ctrl-C left a half-updated store with no marker; FAISS saved only at the end,
     # so a killed run lost everything (issue 14, cases 7 and 11)
-    import nest_core.ingest as ingest_module
-    from nest_core.ingest import unfinished
+    import nest_core.stores.ingest as ingest_module
+    from nest_core.stores.ingest import unfinished
 
     monkeypatch.setattr(ingest_module, "CHECKPOINT_SECONDS", 0.0)  # save after every batch
     docs = [Document(text=SENTENCE.format(i=i), id=f"notes/{i}.md") for i in range(10)]
@@ -259,7 +259,7 @@ def test_a_large_ingest_says_how_long_it_will_take_before_the_work_is_done(tiny_
                                                                           monkeypatch, capsys):
     # caught: only the passage count and the bars' ETA; no time said up front (issue 14,
     # case 11). The estimate must be out while most of the work is still to do.
-    import nest_core.ingest as ingest_module
+    import nest_core.stores.ingest as ingest_module
 
     monkeypatch.setattr(ingest_module, "LARGE_INGEST", 3)
     docs = [Document(text=SENTENCE.format(i=i), id=f"n/{i}.md") for i in range(6)]
@@ -284,7 +284,7 @@ def test_a_large_ingest_says_how_long_it_will_take_before_the_work_is_done(tiny_
 
 
 def test_durations_are_said_to_an_estimates_precision():
-    from nest_core.ingest import _duration
+    from nest_core.stores.ingest import _duration
 
     assert [_duration(s) for s in (0, 59, 60, 61, 3599, 3600, 3 * 3600 + 5 * 60)] == [
         "under 1 min", "under 1 min", "about 1 min", "about 2 min", "about 1 h", "about 1 h",

@@ -288,5 +288,5 @@ def test_messages_to_prompt_and_query() -> None:
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "first?"},
         {"role": "assistant", "content": "yes"}, {"role": "user", "content": "second?"},
     ]
-    assert retrieval_query(messages) == "first?"
+    assert retrieval_query(messages) == "second?"  # the question the prompt ends with
     assert retrieval_query([HumanMessage("a"), HumanMessage("b"), AIMessage("c")]) == "b"

@@ -21,7 +21,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ValidationError
 
-from nest_core.prompts import stuffed_question
+from nest_core.prompts import find_question, stuffed_question
 from nest_integrations.langchain import ChatNest, NestLLM, create_nest_tool, documents_to_blocks
 from tests.conftest import TINY_CORPUS
 from tests.unit.test_langchain_models import assert_citations_exact
@@ -122,6 +122,18 @@ def test_a_block_without_inline_text_is_refused(chat: ChatNest) -> None:
 ])
 def test_stuffed_question(prompt: str, question: str | None) -> None:
     assert stuffed_question(prompt) == question
+
+
+def test_find_question_picks_the_message_then_the_labelled_question() -> None:
+    stuffed = RAG_PROMPT.format(question=QUESTION, context=" ".join(TINY_CORPUS))
+    found = find_question([{"role": "user", "content": "earlier?"},
+                           {"role": "assistant", "content": "yes"},
+                           {"role": "user", "content": stuffed},
+                           {"role": "user", "content": "  "}])  # a blank message asks nothing
+    assert (found.asked, found.stuffed, found.text) == (stuffed, QUESTION, QUESTION)
+    assert find_question([{"role": "system", "content": "be brief"}]).text == ""
+    assert find_question("Query: where?\nAnswer: ").stuffed is None  # no context around it
+    assert find_question("Query: where?\nAnswer: ", min_context=0).text == "where?"
 
 
 def test_a_retriever_in_a_stuffed_chain_searches_the_question(tiny_lm: Any) -> None:
@@ -254,7 +266,7 @@ class Hashing(Embeddings):
     """A real (hashing) embedding model of a given dimension."""
 
     def __init__(self, dim: int) -> None:
-        from nest_core.embeddings import HashingEmbeddings
+        from nest_core.stores.embeddings import HashingEmbeddings
 
         self.embed = HashingEmbeddings(dim)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from nest_core import mixture
+from nest_core.decoding import mixture
 
 
 def test_knn_weights_use_inverse_sqrt_dim_temperature():

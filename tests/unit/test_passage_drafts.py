@@ -8,8 +8,8 @@ from test_focus import ScriptedLM
 
 from nest_core import DecodeStats, NestDecoder, Passage
 from nest_core.config import default_config
+from nest_core.decoding.drafters import SHORT_DRAFT, PassageLookup
 from nest_core.encoding import EncodedPassage
-from nest_core.proposer import SHORT_DRAFT, PassageLookup
 from nest_core.token_index import TokenIndex
 
 
@@ -28,16 +28,16 @@ def test_the_lookup_starts_where_the_output_repeats_the_passage():
     # boundary, masked rows proposed, the allowed rows ignored, full length on a weak match
     index = _index([5, 7, 8, 1, 2, 3, 9], [7, 6], [9, 7, 4])  # rows 0-6, 7-8, 9-11
     everywhere = torch.ones(index.num_rows, dtype=torch.bool)
-    look = PassageLookup(index, everywhere)
-    assert look.propose([], 7, 9) == [1, 2, 3, 4, 5, 6]  # the answer's start: first 7
-    assert look.propose([5], 7, 9) == [1, 2, 3, 4, 5, 6]  # "5 7"
-    assert look.propose([9], 7, 9) == [10, 11]  # "9 7" in p2, not p0's 9 before p1's 7
-    assert look.propose([3], 7, 9) == [1, 2, 3, 4][:SHORT_DRAFT]  # "7" alone: short
-    assert look.propose([5], 7, 2) == [1, 2]
-    assert look.propose([], 0, 9) == []
-    assert PassageLookup(index, everywhere & (index.passage_of > 0)).propose([5], 7, 9) == [7, 8]
+    look = PassageLookup(index, everywhere, 64)
+    assert look.rows([], 7, 9) == [1, 2, 3, 4, 5, 6]  # the answer's start: first 7
+    assert look.rows([5], 7, 9) == [1, 2, 3, 4, 5, 6]  # "5 7"
+    assert look.rows([9], 7, 9) == [10, 11]  # "9 7" in p2, not p0's 9 before p1's 7
+    assert look.rows([3], 7, 9) == [1, 2, 3, 4][:SHORT_DRAFT]  # "7" alone: short
+    assert look.rows([5], 7, 2) == [1, 2]
+    assert look.rows([], 0, 9) == []
+    assert PassageLookup(index, everywhere & (index.passage_of > 0), 64).rows([5], 7, 9) == [7, 8]
     index.mask([10])
-    assert look.propose([9], 7, 9) == [1, 2, 3, 4]  # p2's 7 was copied: "7" alone
+    assert look.rows([9], 7, 9) == [1, 2, 3, 4]  # p2's 7 was copied: "7" alone
 
 
 def test_the_decoder_copies_and_cites_the_passage_words_the_lm_writes(tiny_lm):

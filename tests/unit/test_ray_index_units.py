@@ -1,6 +1,6 @@
-"""nest_core.ray_index on the tiny random Llama: the plan is the batching one process runs,
+"""nest_core.stores.ray_index on the tiny random Llama: the plan is the batching one process runs,
 arrays travel bit-exact, and on a real local Ray cluster the span files are byte for byte
-those :func:`nest_core.ingest.precompute` writes (fresh, partly cached, duplicated passages).
+those :func:`nest_core.stores.ingest.precompute` writes (fresh, partly cached, duplicated passages).
 
 The Ray tests start a 2-CPU local cluster once for the module and skip where Ray is not
 installed; the others need no Ray.
@@ -18,11 +18,11 @@ from conftest import TINY_CORPUS, make_tiny_model
 
 from nest_core.app.cli import main
 from nest_core.config import NestConfig
-from nest_core.datastore import SpanDatastore
 from nest_core.encoding import EncodedPassage, PassageEncoder
-from nest_core.ingest import precompute
 from nest_core.lm import LanguageModel
-from nest_core.ray_index import (
+from nest_core.stores.datastore import SpanDatastore
+from nest_core.stores.ingest import precompute
+from nest_core.stores.ray_index import (
     RAY_INSTALL,
     RayOptions,
     RayPrecompute,

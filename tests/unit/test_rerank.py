@@ -1,4 +1,4 @@
-"""Hybrid retrieval (:mod:`nest_core.sources.rerank`): a wider pool from the store, re-ranked
+"""Hybrid retrieval (:mod:`nest_core.stores.sources.rerank`): a wider pool from the store, re-ranked
 by the question's words, with an embedding that cannot tell the passages apart (so the store's
 order is known and the lexical step alone must find the passage)."""
 
@@ -10,8 +10,8 @@ import pytest
 
 from nest_core import Passage
 from nest_core.focus import rank_passages
-from nest_core.sources import InMemorySource
-from nest_core.sources.rerank import LexicalRerank
+from nest_core.stores.sources import InMemorySource
+from nest_core.stores.sources.rerank import LexicalRerank
 
 LANGUAGES = [Passage(id=f"lang-{i}", text=f"{name}: code {code} (individual language).",
                      title="ISO 639-3 language codes")

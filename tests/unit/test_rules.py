@@ -3,9 +3,9 @@ beyond it, each pinned on the tiny random Llama (float32, CPU) or on hand-made t
 
 Each test fails under a one-line mutation of its rule in ``nest_core`` (checked when the
 file was written; the mutation is named in each test's comment). The decoding loop is
-observed, not mocked: :class:`TracedGeneration` is the real :class:`Generation` recording
-what it proposes, feeds and emits; :class:`CountingLM` is the real tiny LM recording its
-forwards.
+observed, not mocked: :class:`Tracer` watches the real :class:`Generation` (its ``trace``
+argument) and records what it proposes, feeds and emits; :class:`CountingLM` is the real
+tiny LM recording its forwards.
 
 1. a span starts at the nearest neighbour whose value is argmax p_M (Eq. 5);
 2. λ ≥ δ: a single token, no draft (Eq. 6);
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,12 @@ from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.attribution import NO_SOURCE
+from nest_core.config import NestConfig as Config
+from nest_core.decoding.beliefs import Belief
+from nest_core.decoding.drafters import Draft, RetrievedSpans
+from nest_core.decoding.loop import Generation
 from nest_core.encoding import EncodedPassage, PassageEncoder, _windows
-from nest_core.generation import Generation
 from nest_core.lm import LanguageModel, LMOutput
-from nest_core.proposer import Belief, RetrievedSpanProposer
 from nest_core.token_index import TokenIndex
 from nest_core.types import DecodeStats, NestResult
 
@@ -127,68 +129,96 @@ class Step:
         return self.stream_row is not None and bool(self.continuation)
 
 
-class RecordingProposer(RetrievedSpanProposer):
-    def __init__(self, gen: TracedGeneration, inner: RetrievedSpanProposer) -> None:
-        super().__init__(inner.index, inner.span_threshold, inner.span_passages)
-        self.gen = gen
-
-    def propose(self, belief: Belief, stream_row: int | None, length: int) -> list[int]:
-        gen = self.gen
-        inactive = set((~self.index.active).nonzero()[:, 0].tolist())
-        cont = self.index.continuation(stream_row, length) if stream_row is not None else []
-        rows = super().propose(belief, stream_row, length)
-        step = Step(belief=belief, stream_row=stream_row, length=length, rows=list(rows),
-                    inactive_before=inactive, ids_before=list(gen.ids),
-                    rows_before=list(gen.rows), lm_calls_before=len(gen.lm.calls),
-                    continuation=cont, draft=self.index.values[rows].tolist() if rows else [])
-        gen.steps.append(step)
-        return rows
+def _spans(index: TokenIndex, span_passages: int | None = None) -> RetrievedSpans:
+    """The paper's span proposer with δ = 0.5 (single-row drafts: the start is the rule)."""
+    return RetrievedSpans(index, 0.5, initial_length=1, max_length=1,
+                          span_passages=span_passages)
 
 
-class TracedGeneration(Generation):
-    """The real decoding loop, recording each step (propose -> forward -> accept)."""
+class Tracer:
+    """Records each step of a real generation (propose -> forward -> accept)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self) -> None:
         self.steps: list[Step] = []
-        assert self.proposer is not None
-        self.proposer = RecordingProposer(self, self.proposer)
 
-    def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
-        beliefs = super().forward(ids, last_only=last_only)
+    def proposed(self, gen: Generation, belief: Belief, draft: Draft | None) -> None:
+        spans = gen.drafters.drafters[0]
+        assert isinstance(spans, RetrievedSpans)
+        assert gen.index is not None
+        length = min(spans.length, gen.out.budget)
+        stream_row = spans.stream_row
+        cont = gen.index.continuation(stream_row, length) if stream_row is not None else []
+        lm = gen.lm
+        assert isinstance(lm, CountingLM)
+        self.steps.append(Step(
+            belief=belief, stream_row=stream_row, length=length,
+            rows=list(draft.rows) if draft else [],
+            inactive_before=set((~gen.index.active).nonzero()[:, 0].tolist()),
+            ids_before=list(gen.out.ids), rows_before=list(gen.out.rows),
+            lm_calls_before=len(lm.calls), continuation=cont,
+            draft=list(draft.tokens) if draft else []))
+
+    def fed(self, gen: Generation, ids: Sequence[int], beliefs: list[Belief]) -> None:
         step = self.steps[-1] if self.steps else None
         # the draft's forward: its first token may have been accepted already
         if step is not None and step.draft and not step.draft_forwards \
                 and list(ids) == step.draft:
             step.draft_forwards.append((list(ids), beliefs))
-        return beliefs
 
-    def accept(self, tokens: list[int], rows: list[int]) -> Iterator[Any]:
+    def accepted(self, gen: Generation, tokens: list[int], rows: list[int]) -> None:
         step = self.steps[-1]  # a draft's first token may be accepted before the rest
         step.tokens = [*(step.tokens or []), *tokens]
         step.out_rows = [*(step.out_rows or []), *rows]
-        yield from super().accept(tokens, rows)
+
+
+@dataclass
+class Traced:
+    """A finished generation and its recorded steps."""
+
+    gen: Generation
+    steps: list[Step]
+    cfg: Config
+
+    @property
+    def index(self) -> TokenIndex | None:
+        return self.gen.index
+
+    @property
+    def rows(self) -> list[int]:
+        return self.gen.out.rows
+
+    @property
+    def ids(self) -> list[int]:
+        return self.gen.out.ids
+
+    @property
+    def lm(self) -> Any:
+        return self.gen.lm
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.gen.prompt_ids
 
 
 def traced(lm: CountingLM, config: NestConfig, passages: Sequence[Passage] = PASSAGES,
-           prompt: str = PROMPT, max_new_tokens: int = 40
-           ) -> tuple[TracedGeneration, NestResult]:
+           prompt: str = PROMPT, max_new_tokens: int = 40) -> tuple[Traced, NestResult]:
     dec = NestDecoder(lm, config)
     stats = DecodeStats()
     index = dec._index(list(passages), stats)
-    gen = TracedGeneration(lm, config, lm.prompt_ids(prompt), passages, index,
-                           max_new_tokens=max_new_tokens, stop=[], stats=stats,
-                           started=time.perf_counter(), prompt_truncated=False)
+    tracer = Tracer()
+    gen = Generation(lm, config, lm.prompt_ids(prompt), passages, index,
+                     max_new_tokens=max_new_tokens, stop=[], stats=stats,
+                     started=time.perf_counter(), prompt_truncated=False, trace=tracer)
     chunks = list(gen.run())
     result = chunks[-1].result
     assert result is not None
-    return gen, result
+    return Traced(gen, tracer.steps, config), result
 
 
-_RUNS: dict[tuple[int, str], tuple[TracedGeneration, NestResult]] = {}
+_RUNS: dict[tuple[int, str], tuple[Traced, NestResult]] = {}
 
 
-def cached_run(tiny_lm: LanguageModel, name: str) -> tuple[TracedGeneration, NestResult]:
+def cached_run(tiny_lm: LanguageModel, name: str) -> tuple[Traced, NestResult]:
     """One traced 40-token answer per named config, shared by the tests of this module."""
     key = (id(tiny_lm), name)
     if key not in _RUNS:
@@ -259,11 +289,11 @@ def test_rule1_span_starts_at_the_nearest_neighbour_carrying_argmax_p_m():
     # and not a farther carrier.
     assert belief.neighbors is not None
     assert belief.neighbors.rows[0, :4].tolist() == [0, 5, 3, 1]
-    rows = RetrievedSpanProposer(index, 0.5).propose(belief, None, 4)
+    rows = _spans(index).rows(belief, None, 4)
     assert rows == [5, 6]  # start, then the rest of passage 2
     assert index.values[rows[0]] == 7
     # no retrieved row carries the mixture's choice: nothing to copy
-    assert RetrievedSpanProposer(index, 0.5).propose(
+    assert _spans(index).rows(
         _toy_belief(index, 0.0, top_token=4, lam=0.1), None, 4) == []
 
 
@@ -286,7 +316,7 @@ def test_rule1_every_proposed_span_starts_at_the_nearest_carrier_of_argmax_p_m(t
 def test_rule2_a_single_token_when_lambda_reaches_delta(lam, drafts):
     # caught: `λ >= δ` -> `λ > δ` (λ = δ exactly), or drafting whatever λ
     index = _toy_index()
-    rows = RetrievedSpanProposer(index, span_threshold=0.5).propose(
+    rows = _spans(index).rows(
         _toy_belief(index, 0.0, top_token=7, lam=lam), None, 4)
     assert bool(rows) is drafts
 
@@ -304,7 +334,7 @@ def test_rule2_no_draft_is_proposed_where_lambda_reaches_delta(tiny_lm):
 # --- 3: λ = sigmoid((ρ - α) / τ) ----------------------------------------------------------------
 def test_rule3_alpha_offsets_and_tau_scales_rho(tiny_lm):
     # caught: (ρ - τ)/α in the formula, τ dropped, α and τ swapped where the decoder calls it
-    from nest_core import mixture
+    from nest_core.decoding import mixture
 
     d2 = torch.tensor([[1.0, 2.0, 4.0]])  # ρ = 0.25
     lam = float(mixture.retrieval_confidence(d2, 0.45, 0.08)[0])
@@ -324,7 +354,7 @@ def test_rule3_alpha_offsets_and_tau_scales_rho(tiny_lm):
 
 
 # --- 4, 5, 6: masking, rescoring, streaming -------------------------------------------------------
-def _kinds(gen: TracedGeneration) -> dict[str, int]:
+def _kinds(gen: Traced) -> dict[str, int]:
     out: dict[str, int] = {}
     for s in gen.steps:
         out[s.kind] = out.get(s.kind, 0) + 1
@@ -379,7 +409,7 @@ def test_rule6_streaming_continues_from_the_last_copied_row(tiny_lm):
 
 
 # --- 7: the replacement token -------------------------------------------------------------------
-def _accepted(judge: Belief, token: int, gen: TracedGeneration) -> bool:
+def _accepted(judge: Belief, token: int, gen: Traced) -> bool:
     p = dense_mixture(judge, gen.index, gen.cfg)
     return bool(p[token] > 0.5 * gen.cfg.relaxation * p.max())
 
@@ -467,7 +497,7 @@ def test_rule9_norm_reference_lambda_ignores_far_rows(tiny_lm):
         index = TokenIndex(passages, near + (far if with_far else []), tiny_lm.vocab_size)
         gen = Generation(tiny_lm, cfg, [], passages, index, max_new_tokens=4, stop=[],
                          stats=DecodeStats(), started=0.0, prompt_truncated=False)
-        beliefs = gen.beliefs(out.logits, out.hidden)
+        beliefs = gen.judge.beliefs(out.logits, out.hidden)
         if with_far:  # the far rows are retrieved, and they are the farthest
             assert all(int(b.neighbors.rows[0, -1]) >= sum(e.num_rows for e in near)
                        for b in beliefs)
@@ -491,12 +521,12 @@ def test_rule10_spans_start_only_in_the_top_m_passages():
     index = _toy_index()
     belief = _toy_belief(index, query=0.0, top_token=7, lam=0.1)
     # carriers of 7 by distance: row 5 (passage 2), row 3 (passage 1), row 1 (passage 0)
-    assert RetrievedSpanProposer(index, 0.5, span_passages=3).propose(belief, None, 1) == [5]
-    assert RetrievedSpanProposer(index, 0.5, span_passages=2).propose(belief, None, 1) == [3]
-    assert RetrievedSpanProposer(index, 0.5, span_passages=1).propose(belief, None, 1) == [1]
+    assert _spans(index, span_passages=3).rows(belief, None, 1) == [5]
+    assert _spans(index, span_passages=2).rows(belief, None, 1) == [3]
+    assert _spans(index, span_passages=1).rows(belief, None, 1) == [1]
     only_p2 = _toy_belief(index, query=6.0, top_token=6, lam=0.1)  # 6: only in passage 2
-    assert RetrievedSpanProposer(index, 0.5, span_passages=3).propose(only_p2, None, 1) == [6]
-    assert RetrievedSpanProposer(index, 0.5, span_passages=2).propose(only_p2, None, 1) == []
+    assert _spans(index, span_passages=3).rows(only_p2, None, 1) == [6]
+    assert _spans(index, span_passages=2).rows(only_p2, None, 1) == []
 
 
 @pytest.mark.parametrize("m", [1, 2])

@@ -19,8 +19,8 @@ from nest_core.app.openai_api import ApiError
 from nest_core.app.serve import Gate, ServeLimits, create_app
 from nest_core.app.service import AnswerService
 from nest_core.config import default_config
-from nest_core.embeddings import HashingEmbeddings
-from nest_core.sources.memory import InMemorySource
+from nest_core.stores.embeddings import HashingEmbeddings
+from nest_core.stores.sources.memory import InMemorySource
 from nest_core.types import Passage
 from tests.conftest import TINY_CORPUS
 

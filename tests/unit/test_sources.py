@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import free_port
 
-from nest_core.embeddings import EmbeddingDimensionError, HashingEmbeddings, embed_texts
-from nest_core.sources import (
+from nest_core.stores.embeddings import EmbeddingDimensionError, HashingEmbeddings, embed_texts
+from nest_core.stores.sources import (
     ChromaSource,
     EmptyStoreError,
     FaissSource,
@@ -20,8 +20,8 @@ from nest_core.sources import (
     InMemorySource,
     PassageSource,
 )
-from nest_core.sources.chroma import get_collection, http_client
-from nest_core.sources.faiss_store import INDEX_FILE, META_FILE, SIDECAR_FILE
+from nest_core.stores.sources.chroma import get_collection, http_client
+from nest_core.stores.sources.faiss_store import INDEX_FILE, META_FILE, SIDECAR_FILE
 from nest_core.types import Passage
 
 EMBED = HashingEmbeddings(64)
@@ -260,7 +260,7 @@ def test_chroma_server_not_running_names_the_command():
 
 
 def test_public_names():
-    import nest_core.sources as sources
+    import nest_core.stores.sources as sources
 
     assert sorted(sources.__all__) == [
         "ChromaSource", "EmbeddingDimensionError", "EmptyStoreError", "FaissSource",
@@ -363,7 +363,7 @@ def llama_index_faiss_dir(path):
 
 
 def test_a_llamaindex_faiss_persist_dir_opens_without_pickle(tmp_path):
-    from nest_core.sources import LlamaIndexSource, detect_store_kind, open_store
+    from nest_core.stores.sources import LlamaIndexSource, detect_store_kind, open_store
 
     path = llama_index_faiss_dir(tmp_path / "llama")
     assert detect_store_kind(path) == "llama-index"
@@ -387,7 +387,7 @@ def test_a_llamaindex_default_simple_vector_store_opens_too(tmp_path):
     """``VectorStoreIndex(nodes)`` with no vector store given: JSON vectors, cosine."""
     from llama_index.core import VectorStoreIndex
 
-    from nest_core.sources import open_store
+    from nest_core.stores.sources import open_store
 
     index = VectorStoreIndex(llama_nodes(), embed_model=llama_hashing())
     index.storage_context.persist(persist_dir=str(tmp_path))
@@ -402,7 +402,7 @@ def test_a_llamaindex_default_simple_vector_store_opens_too(tmp_path):
 
 
 def test_a_llamaindex_dir_with_bad_vectors_or_missing_files_is_named(tmp_path):
-    from nest_core.sources import LlamaIndexSource
+    from nest_core.stores.sources import LlamaIndexSource
 
     path = llama_index_faiss_dir(tmp_path / "llama")
     (path / "default__vector_store.json").write_text('{"embedding_dict": {}}')
@@ -433,7 +433,7 @@ def test_a_langchain_save_local_pickle_is_never_loaded_without_the_opt_in(tmp_pa
 
     import faiss
 
-    from nest_core.sources import LangChainFaissSource, UnsafeStoreError, open_store
+    from nest_core.stores.sources import LangChainFaissSource, UnsafeStoreError, open_store
 
     path, marker = tmp_path / "lc", tmp_path / "ran"
     path.mkdir()
@@ -457,7 +457,7 @@ def test_a_langchain_save_local_dir_opens_with_the_opt_in(tmp_path):
     pytest.importorskip("langchain_community")
     from langchain_community.vectorstores import FAISS
 
-    from nest_core.sources import LangChainFaissSource, detect_store_kind, open_store
+    from nest_core.stores.sources import LangChainFaissSource, detect_store_kind, open_store
 
     FAISS.from_texts([p.text for p in PASSAGES], langchain_hashing(),
                      metadatas=[dict(p.metadata) for p in PASSAGES],
@@ -473,7 +473,7 @@ def test_a_langchain_save_local_dir_opens_with_the_opt_in(tmp_path):
 
 
 def test_chroma_collection_is_chosen_by_name_or_as_the_only_one(tmp_path):
-    from nest_core.sources.chroma import choose_collection, persistent_client
+    from nest_core.stores.sources.chroma import choose_collection, persistent_client
 
     client = persistent_client(tmp_path)
     with pytest.raises(EmptyStoreError, match="holds no Chroma collections"):
@@ -499,8 +499,8 @@ def test_chroma_collection_is_chosen_by_name_or_as_the_only_one(tmp_path):
 def test_span_datastore_lives_inside_a_writable_store_else_in_the_user_cache(tmp_path):
     import os
 
-    from nest_core.datastore import default_datastore_dir
-    from nest_core.sources import span_datastore_dir
+    from nest_core.stores.datastore import default_datastore_dir
+    from nest_core.stores.sources import span_datastore_dir
 
     assert span_datastore_dir(tmp_path) == tmp_path / "nest_spans"
     shared = tmp_path / "shared"
@@ -520,7 +520,7 @@ def test_span_datastore_lives_inside_a_writable_store_else_in_the_user_cache(tmp
 
 
 def test_load_embedding_finds_models_locally_or_names_the_fix(tmp_path):
-    from nest_core.embeddings import default_embedding_function, load_embedding
+    from nest_core.stores.embeddings import default_embedding_function, load_embedding
 
     assert load_embedding(None) is default_embedding_function()
     assert load_embedding("all-MiniLM-L6-v2") is default_embedding_function()

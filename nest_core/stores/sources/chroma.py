@@ -19,14 +19,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from nest_core.embeddings import (
+from nest_core.stores.embeddings import (
     EmbeddingDimensionError,
     EmbeddingFunction,
     embed_texts,
     embedding_name,
     resolve_embedding,
 )
-from nest_core.sources.base import (
+from nest_core.stores.sources.base import (
     EmptyStoreError,
     SyncPassageSource,
     check_query,
@@ -114,7 +114,7 @@ def get_collection(client: Any, name: str = DEFAULT_COLLECTION, *, create: bool 
             known = collection_names(client)
             msg = (f"Chroma collection {name!r} does not exist (collections: {known}); name "
                    f"one of those (--collection NAME, collection= in Python), or ingest "
-                   f"documents into {name!r} first (nest_core.ingest or `nest index`)")
+                   f"documents into {name!r} first (nest_core.stores.ingest or `nest index`)")
             raise EmptyStoreError(msg) from err
     metadata: dict[str, Any] = {"hnsw:space": "cosine"}
     if embed is not None:
@@ -143,7 +143,7 @@ def choose_collection(client: Any, name: str | None, where: str = "the Chroma da
         return names[0], f"using the only Chroma collection in {where}: {names[0]!r}"
     if not names:
         msg = (f"{where} holds no Chroma collections; ingest documents first "
-               f"(nest_core.ingest or `nest index`)")
+               f"(nest_core.stores.ingest or `nest index`)")
         raise EmptyStoreError(msg)
     msg = (f"{where} holds {len(names)} Chroma collections {names}; name one with "
            f"--collection NAME (collection= in Python)")
@@ -257,7 +257,8 @@ class ChromaSource(SyncPassageSource):
         if not ids:
             if self.collection.count() == 0:
                 msg = (f"Chroma collection {self.collection.name!r} is empty; ingest documents "
-                       f"first (nest_core.ingest.ingest(documents, collection) or `nest index`)")
+                       f"first (nest_core.stores.ingest.ingest(documents, collection) or "
+                       f"`nest index`)")
                 raise EmptyStoreError(msg)
             return []
         docs, metas, dists = res["documents"][0], res["metadatas"][0], res["distances"][0]

@@ -6,7 +6,7 @@ Directory layout (``FaissStore.open(path)`` reads it, ``save()`` writes it atomi
     index.faiss       the FAISS index (faiss.write_index); row r is the r-th vector added
     passages.jsonl    one JSON object per row: {"row", "id", "text", "title", "metadata"}
                       (a replaced passage keeps its row as {"row", "id", "deleted": true})
-    nest_spans/       the span datastore kept next to the store (see nest_core.datastore)
+    nest_spans/       the span datastore kept next to the store (see nest_core.stores.datastore)
 
 Flat (exact), IVF (``nlist`` cells, ``nprobe`` searched) and HNSW (graph) indexes share one
 code path; rows are never renumbered, because HNSW cannot remove vectors. Re-adding a passage
@@ -28,14 +28,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from nest_core.embeddings import (
+from nest_core.stores.embeddings import (
     EmbeddingDimensionError,
     EmbeddingFunction,
     embed_texts,
     embedding_name,
     resolve_embedding,
 )
-from nest_core.sources.base import EmptyStoreError, SyncPassageSource, check_query
+from nest_core.stores.sources.base import EmptyStoreError, SyncPassageSource, check_query
 from nest_core.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class FaissStore:
         with self._lock:
             if not self._by_id:
                 msg = (f"the FAISS store at {self.path} is empty; ingest documents first "
-                       f"(nest_core.ingest.ingest(documents, store) or `nest index`)")
+                       f"(nest_core.stores.ingest.ingest(documents, store) or `nest index`)")
                 raise EmptyStoreError(msg)
             self._set_search_params()
             # Replaced rows still sit in the index: over-fetch until k live ones are found.
@@ -310,7 +310,7 @@ class FaissSource(SyncPassageSource):
         check_query(query, k)
         if len(self.store) == 0:
             msg = (f"the FAISS store at {self.store.path} is empty; ingest documents first "
-                   f"(nest_core.ingest.ingest(documents, store) or `nest index`)")
+                   f"(nest_core.stores.ingest.ingest(documents, store) or `nest index`)")
             raise EmptyStoreError(msg)
         vectors = embed_texts(self.embed, [query], self.store.dim,
                               store=f"the FAISS store at {self.store.path}",

@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from nest_core.embeddings import EmbeddingFunction, embed_texts, resolve_embedding
-from nest_core.sources.base import (
+from nest_core.stores.embeddings import EmbeddingFunction, embed_texts, resolve_embedding
+from nest_core.stores.sources.base import (
     EmptyStoreError,
     SyncPassageSource,
     UnsafeStoreError,
@@ -281,6 +281,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _faiss() -> Any:
-    from nest_core.sources.faiss_store import _faiss as load
+    from nest_core.stores.sources.faiss_store import _faiss as load
 
     return load()

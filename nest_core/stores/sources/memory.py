@@ -11,8 +11,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from nest_core.embeddings import EmbeddingFunction, embed_texts, resolve_embedding
-from nest_core.sources.base import (
+from nest_core.stores.embeddings import EmbeddingFunction, embed_texts, resolve_embedding
+from nest_core.stores.sources.base import (
     EmptyStoreError,
     SyncPassageSource,
     check_query,

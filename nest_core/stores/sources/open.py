@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nest_core.embeddings import EmbeddingFunction
-from nest_core.sources.framework_faiss import (
+from nest_core.stores.embeddings import EmbeddingFunction
+from nest_core.stores.sources.framework_faiss import (
     LANGCHAIN_INDEX,
     LANGCHAIN_PICKLE,
     LLAMA_DOCSTORE,
@@ -36,7 +36,7 @@ CHROMA_FILE = "chroma.sqlite3"
 
 def detect_store_kind(path: str | os.PathLike[str]) -> str | None:
     """One of :data:`STORE_KINDS` from the files in ``path``, or ``None``."""
-    from nest_core.sources.faiss_store import META_FILE
+    from nest_core.stores.sources.faiss_store import META_FILE
 
     p = Path(path).expanduser()
     if (p / META_FILE).is_file():
@@ -58,13 +58,13 @@ def open_store(path: str | os.PathLike[str], *, collection: str | None = None,
     ``collection``: the Chroma collection (default ``nest``, else the only one there is).
     ``embed``: the query embedding; it must be the model the store was built with (default:
     the bundled all-MiniLM-L6-v2); a dimension mismatch raises
-    :class:`~nest_core.embeddings.EmbeddingDimensionError` on the first query.
+    :class:`~nest_core.stores.embeddings.EmbeddingDimensionError` on the first query.
     ``allow_dangerous_deserialization``: needed, and honoured, only for a LangChain
     ``save_local`` directory, whose docstore is a pickle.
     """
-    from nest_core.sources.chroma import ChromaSource
-    from nest_core.sources.faiss_store import FaissSource
-    from nest_core.sources.framework_faiss import LangChainFaissSource, LlamaIndexSource
+    from nest_core.stores.sources.chroma import ChromaSource
+    from nest_core.stores.sources.faiss_store import FaissSource
+    from nest_core.stores.sources.framework_faiss import LangChainFaissSource, LlamaIndexSource
 
     p = Path(path).expanduser()
     kind = detect_store_kind(p)
@@ -88,7 +88,7 @@ def open_store(path: str | os.PathLike[str], *, collection: str | None = None,
 
 def span_datastore_dir(path: str | os.PathLike[str]) -> Path:
     """Where the span datastore of the store at ``path`` lives (see the module doc)."""
-    from nest_core.datastore import datastore_dir_for, default_datastore_dir
+    from nest_core.stores.datastore import datastore_dir_for, default_datastore_dir
 
     store = Path(path).expanduser()
     inside = datastore_dir_for(store)

@@ -12,14 +12,14 @@ kept ``k`` are encoded into the span datastore, so the pool costs milliseconds.
 from __future__ import annotations
 
 from nest_core.focus import rank_passages
-from nest_core.sources.base import PassageSource, check_query
+from nest_core.stores.sources.base import PassageSource, check_query
 from nest_core.types import Passage
 
 DEFAULT_POOL = 200  # passages asked of the store per query (dev: gold in the top 10 82% -> 96%)
 
 
 class LexicalRerank:
-    """A :class:`~nest_core.sources.base.PassageSource` over ``source``: ``retrieve(q, k)``
+    """A :class:`~nest_core.stores.sources.base.PassageSource` over ``source``: ``retrieve(q, k)``
     takes the store's top ``max(k, pool)`` and returns the ``k`` best re-ranked."""
 
     def __init__(self, source: PassageSource, pool: int = DEFAULT_POOL) -> None:
