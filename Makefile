@@ -21,7 +21,9 @@ demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/nest demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests collected: check the test paths" >&2; exit 1; fi; \
+	exit $$rc
 
 lint: install
 	$(VENV)/bin/ruff check nest_core nest_integrations tests benchmarks examples

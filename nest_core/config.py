@@ -65,6 +65,13 @@ class NestConfig:
     question_drafts: bool = False  # draft the prompt's own words (prompt lookup)
     passage_drafts: bool = False  # spans also start where the output repeats a passage
     repeat_question: bool = False  # the prompt: request, background, request again
+    # abstention (nest_core.grounding): say ``abstention`` instead of answering when the
+    # best passage holds less than this share of the question's weighted terms (0: never)
+    abstain_below: float = 0.0
+    # ... or when the answer's new content words are less than this share in the context
+    # shown (0: never; the answer is then held back until it is complete)
+    support_below: float = 0.0
+    abstention: str = "The documents do not say."
     # how a prompt that ends with a passage's own words (it asks to continue that passage)
     # is decoded; None: like any other prompt
     continuation: NestConfig | None = None
@@ -78,6 +85,11 @@ class NestConfig:
         _check_range("relaxation", self.relaxation, low=0.0, high=1.0, low_open=True)
         _check_range("lm_temperature", self.lm_temperature, low=0.0, low_open=True)
         _check_range("knn_lambda", self.knn_lambda, low=0.0, high=1.0)
+        _check_range("abstain_below", self.abstain_below, low=0.0, high=1.0)
+        _check_range("support_below", self.support_below, low=0.0, high=1.0)
+        if not isinstance(self.abstention, str) or not self.abstention.strip():
+            msg = f"abstention={self.abstention!r} must be a non-empty sentence"
+            raise ValueError(msg)
         for name in ("span_length", "initial_span_length", "num_neighbors", "num_passages",
                      "max_passage_tokens"):
             value = getattr(self, name)

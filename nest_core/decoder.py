@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 from nest_core.config import NestConfig, default_config
 from nest_core.decoding.loop import Generation
-from nest_core.decoding.policy import FAST, Shortcuts, context
+from nest_core.decoding.policy import FAST, Shortcuts, context, unsupported
 from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
@@ -91,6 +91,9 @@ class NestDecoder:
             raise TypeError(msg)
         question = question_of(prompt) if question is None else question
         answer = context(self.config, prompt, question, passages)
+        if answer.abstain:
+            yield self._abstention(answer.config, passages, started)
+            return
         cfg = answer.config
         prompt_ids, truncated = fit_context(self.lm.prompt_ids(answer.prompt), max_new_tokens,
                                             self.lm.max_context)
@@ -102,13 +105,36 @@ class NestDecoder:
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
                          started=started, prompt_truncated=truncated,
                          shortcuts=self.shortcuts)
+        held: list[NestChunk] = []  # with support_below: the answer waits for its check
         for chunk in run.run():
-            if chunk.result is not None and chunk.result.passages:
-                result = chunk.result
+            if chunk.result is None:
+                if cfg.support_below and answer.shown:
+                    held.append(chunk)
+                else:
+                    yield chunk
+                continue
+            result = chunk.result
+            if unsupported(cfg, question, result.text, answer.shown):
+                yield self._abstention(cfg, passages, started, stats)
+                return
+            yield from held
+            if result.passages:
                 matches = match_spans(result.text, result.passages, result.spans)
                 chunk = dataclasses.replace(
                     chunk, result=dataclasses.replace(result, matches=matches))
             yield chunk
+
+    @staticmethod
+    def _abstention(cfg: NestConfig, passages: list[Passage], started: float,
+                    stats: DecodeStats | None = None) -> NestChunk:
+        """The configured sentence instead of an answer: no tokens, no citation."""
+        stats = stats or DecodeStats()
+        stats.generated_tokens = stats.copied_tokens = 0
+        stats.total_seconds = time.perf_counter() - started
+        stats.first_token_seconds = stats.total_seconds
+        result = NestResult(text=cfg.abstention, token_ids=[], spans=[], passages=passages,
+                            stats=stats, finish_reason="abstained")
+        return NestChunk(text=cfg.abstention, token_ids=[], span=None, result=result)
 
     def _index(self, passages: list[Passage], stats: DecodeStats) -> TokenIndex | None:
         if not passages:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-FinishReason = Literal["length", "eos", "stop", "repetition"]
+FinishReason = Literal["length", "eos", "stop", "repetition", "abstained"]
 SpanKind = Literal["copied", "matched"]
 
 
@@ -149,6 +149,12 @@ class NestResult:
     finish_reason: FinishReason
     prompt_truncated: bool = False
     matches: list[Span] = field(default_factory=list)
+
+    @property
+    def abstained(self) -> bool:
+        """The documents do not support an answer: ``text`` is the configured abstention
+        sentence, with no citation (``NestConfig.abstain_below``, ``support_below``)."""
+        return self.finish_reason == "abstained"
 
     @property
     def attribution_ratio(self) -> float:

@@ -32,6 +32,7 @@ from nest_core.decoding.judges import (
 )
 from nest_core.decoding.stops import EndOfSequence, RepetitionStop, TokenStop
 from nest_core.focus import Sentence, best_sentences, continues_passage, focus_passages
+from nest_core.grounding import answer_support, question_coverage
 from nest_core.lm import LanguageModel, Message
 from nest_core.prompts import with_background
 from nest_core.token_index import TokenIndex
@@ -64,6 +65,8 @@ class Context:
     config: NestConfig
     prompt: Prompt
     focus: list[Sentence]
+    shown: list[Passage]  # the background the prompt shows (none without passages_in_prompt)
+    abstain: bool  # the passages do not hold the question: answer with config.abstention
 
 
 def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Passage]
@@ -76,10 +79,21 @@ def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Pa
         config = config.continuation
     focus = (best_sentences(question, passages, config.focus_sentences)
              if config.focus_sentences is not None else [])
+    shown: list[Passage] = []
     if config.passages_in_prompt:
         shown = focus_passages(passages, focus) if focus else passages[:config.prompt_passages]
         prompt = with_background(prompt, shown, repeat_question=config.repeat_question)
-    return Context(config, prompt, focus)
+    abstain = bool(config.abstain_below) and bool(passages) \
+        and question_coverage(question, passages) < config.abstain_below
+    return Context(config, prompt, focus, shown, abstain)
+
+
+def unsupported(config: NestConfig, question: str, answer: str, shown: Sequence[Passage]
+                ) -> bool:
+    """Whether an answer adds words the context it was shown does not hold
+    (``support_below``): then the answer is withheld and ``config.abstention`` said."""
+    return bool(config.support_below) and bool(shown) \
+        and answer_support(question, answer, shown) < config.support_below
 
 
 @dataclass(frozen=True)
