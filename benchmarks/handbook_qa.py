@@ -219,7 +219,26 @@ def answer(system: str, decs: dict[str, Any], lookup: Any, q: Question,
                   right=is_right(q, text, abstained),
                   cited_right=is_right(q, text, abstained) and q.answerable
                   and is_cited_right(q, text, spans),
-                  abstained=abstained, seconds=seconds, tokens=tokens)
+                  abstained=abstained, seconds=seconds, tokens=tokens,
+                  extra=evidence(decs, system, q, text, passages))
+
+
+def evidence(decs: dict[str, Any], system: str, q: Question, text: str,
+             passages: list[Any]) -> dict[str, float]:
+    """The abstention evidence of :mod:`nest_core.grounding` for this answer (calibration
+    material): the question's coverage by the passages, the answer's support by the
+    context the system showed."""
+    from nest_core.decoding.policy import context
+    from nest_core.grounding import answer_support, question_coverage
+
+    if system == "base":
+        shown: list[Any] = []
+    elif system in decs:
+        shown = context(decs[system].config, q.question, q.question, passages).shown
+    else:
+        shown = passages[:3]
+    return {"coverage": question_coverage(q.question, passages),
+            "support": answer_support(q.question, text, shown) if shown else 0.0}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

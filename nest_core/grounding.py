@@ -16,8 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from nest_core.focus import question_weights, terms
+from nest_core.focus import question_weights, stem, terms
 from nest_core.types import Passage
+
+# Words an answer adds that say nothing about where it came from (stemmed as terms() does).
+FILLER = frozenset(stem(w) for w in (
+    "them", "him", "her", "his", "hers", "one", "also", "yes", "use", "used", "using",
+    "need", "needs", "like", "just", "only", "all", "any", "some", "more", "most", "other",
+    "such", "each", "both", "very", "here", "out", "up", "get", "make", "way", "thing",
+    "things", "however", "because", "so", "but", "then", "there", "following", "example"))
 
 
 def question_coverage(question: str, passages: Sequence[Passage]) -> float:
@@ -39,7 +46,7 @@ def answer_support(question: str, answer: str, passages: Sequence[Passage]) -> f
     """The share of the answer's new content words (not in the question) that the
     ``passages`` hold; 1.0 for an answer that adds no word to the question."""
     asked = terms(question)
-    new = [t for t in terms(answer) if t not in asked]
+    new = [t for t in terms(answer) if t not in asked and t not in FILLER]
     if not new:
         return 1.0
     context: set[str] = set()

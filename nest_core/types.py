@@ -108,6 +108,9 @@ class DecodeStats:
     prefix_cache_hits: int = 0
     prefix_cache_misses: int = 0
     prefix_reused_tokens: int = 0
+    # where the answer's tokens came from: "lm" (the LM's own choice), "knn" (retrieved
+    # spans, the paper's copy path), "passage" (passage lookup), "prompt" (prompt lookup)
+    tokens_by_source: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_forward(self) -> float:

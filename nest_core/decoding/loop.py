@@ -85,7 +85,7 @@ class Generation:
             if draft is None or not judge.verify([belief], draft.tokens[:1], draft.exact):
                 drafters.update(draft, 0)
                 token = belief.top_token  # argmax p_M (or p_LM): a token the LM wrote itself
-                yield from self.accept([token], [NO_SOURCE])
+                yield from self.accept([token], [NO_SOURCE], "lm")
                 if out.finish is None:
                     belief = self.forward([token])[-1]
                 continue
@@ -94,7 +94,7 @@ class Generation:
             # the first token is decided already: stream it before the draft's forward
             sent = int(self.shortcuts.early_first_token and out.streams_first(draft.tokens))
             if sent:
-                yield from self.accept(draft.tokens[:1], draft.rows[:1])
+                yield from self.accept(draft.tokens[:1], draft.rows[:1], draft.source)
                 if out.finish is not None:  # it ended the answer: no forward for the rest
                     self.keep(draft, 1)
                     continue
@@ -104,7 +104,7 @@ class Generation:
             drafters.update(draft, kept)
             if kept < len(draft.tokens):  # drop the KV of the rejected draft tokens
                 self.cache.crop(-(len(draft.tokens) - kept))
-            yield from self.accept(draft.tokens[sent:kept], draft.rows[sent:kept])
+            yield from self.accept(draft.tokens[sent:kept], draft.rows[sent:kept], draft.source)
             # The next step starts after the last kept token, rescored without the keys
             # just copied. On a rejection that is the rejected position: its choice (the
             # replacement) is decoded by the next step, alone or as a new draft's start.
@@ -142,6 +142,6 @@ class Generation:
         if self.index is not None:
             self.index.mask([r for r in draft.rows[:kept] if r != NO_SOURCE])
 
-    def accept(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:
+    def accept(self, tokens: list[int], rows: list[int], source: str) -> Iterator[NestChunk]:
         self.trace.accepted(self, tokens, rows)
-        yield from self.out.accept(tokens, rows)
+        yield from self.out.accept(tokens, rows, source)

@@ -4,6 +4,7 @@ and spans. :class:`Output` applies the stops and turns accepted tokens into chun
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
 from nest_core.attribution import NO_SOURCE, OutputText, make_span, runs
@@ -32,6 +33,7 @@ class Output:
         self.max_new_tokens, self.stats, self.started = max_new_tokens, stats, started
         self.ids: list[int] = []  # generated token ids
         self.rows: list[int] = []  # index row each token was copied from, or NO_SOURCE
+        self.sources: list[str] = []  # which part proposed each token (DecodeStats)
         self.offsets = OutputText(decode)
         self.text = ""
         self.sent = 0  # characters of text already streamed
@@ -51,8 +53,10 @@ class Output:
         return all(stop.keep(self.ids, draft) != 0
                    for stop in self.token_stops if stop.looks_ahead)
 
-    def accept(self, tokens: list[int], rows: list[int]) -> Iterator[NestChunk]:
-        """Append decided tokens as the stops allow, and stream the new text."""
+    def accept(self, tokens: list[int], rows: list[int], source: str = "lm"
+               ) -> Iterator[NestChunk]:
+        """Append decided tokens (proposed by ``source``) as the stops allow, and stream
+        the new text."""
         for stop in self.token_stops:
             keep = stop.keep(self.ids, tokens)
             if keep is not None:
@@ -60,6 +64,7 @@ class Output:
         tokens, rows = tokens[:self.budget], rows[:self.budget]
         self.ids += tokens
         self.rows += rows
+        self.sources += [source] * len(tokens)
         self.stats.generated_tokens = len(self.ids)
         self.text = self.decode(self.ids)
         self.offsets.remember(len(self.ids), self.text)
@@ -79,7 +84,7 @@ class Output:
 
     def keep_tokens(self, keep: int) -> None:
         """Truncate the output to its first ``keep`` tokens and their decoded text."""
-        del self.ids[keep:], self.rows[keep:]
+        del self.ids[keep:], self.rows[keep:], self.sources[keep:]
         self.offsets.truncate(keep)
         self.text = self.decode(self.ids)
         self.offsets.remember(keep, self.text)
@@ -162,6 +167,7 @@ class Output:
         spans = [s for s in (self.span_of(*r) for r in runs(self.rows, self.index))
                  if s is not None] if self.index is not None else []
         stats.copied_tokens = sum(s.num_tokens for s in spans)
+        stats.tokens_by_source = dict(Counter(self.sources))
         stats.total_seconds = time.perf_counter() - self.started
         stats.first_token_seconds = stats.first_token_seconds or stats.total_seconds
         result = NestResult(text=self.text, token_ids=list(self.ids), spans=spans,

@@ -706,3 +706,14 @@ def test_rule14_windowed_keys_all_have_context(tiny_lm):
         gaps = (last - enc.keys[j]).norm(dim=-1)
         assert float(gaps.min()) < 1e-4, f"key {j} is the state of no context with a token"
 
+
+
+def test_every_token_is_counted_under_the_part_that_proposed_it(tiny_lm):
+    # caught: a draft's tokens counted as the LM's; a token counted twice or after a cut
+    for name in RUNS:
+        gen, res = cached_run(tiny_lm, name)
+        by_source = res.stats.tokens_by_source
+        assert sum(by_source.values()) == len(res.token_ids)
+        assert set(by_source) <= {"lm", "knn"}  # the paper's loop: no lookups
+        # without lookups, the tokens with a source row are exactly the retrieved spans'
+        assert by_source.get("knn", 0) == sum(r != NO_SOURCE for r in gen.rows) > 0
