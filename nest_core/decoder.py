@@ -11,6 +11,7 @@ from nest_core.config import NestConfig, default_config
 from nest_core.decoding.loop import Generation
 from nest_core.decoding.policy import FAST, Shortcuts, context, unsupported
 from nest_core.encoding import KeyCache, PassageEncoder
+from nest_core.grounding import Embed
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
 from nest_core.prompts import fit_context, question_of
@@ -31,11 +32,17 @@ class NestDecoder:
     many threads: each call keeps its own cache and index; passage keys are shared through
     ``key_cache`` (in memory by default, or a persistent
     :class:`~nest_core.stores.datastore.SpanDatastore`).
+
+    ``shortcuts``: the lossless speed-ups (``nest_core.decoding.policy.REFERENCE`` is the
+    exact slow path they equal). ``embed`` (texts -> vectors, e.g. the bundled
+    ``nest_core.stores.embeddings.default_embedding_function()``): lets the decoder abstain
+    on a question far from every passage (``NestConfig.abstain_below``, calibrated for the
+    bundled all-MiniLM-L6-v2).
     """
 
     def __init__(self, lm: LanguageModel, config: NestConfig | None = None, *,
-                 key_cache: KeyCache | None = None, shortcuts: Shortcuts = FAST
-                 ) -> None:
+                 key_cache: KeyCache | None = None, shortcuts: Shortcuts = FAST,
+                 embed: Embed | None = None) -> None:
         if not isinstance(lm, LanguageModel):
             msg = (f"lm must be a nest_core.LanguageModel (use nest_core.load_model()), "
                    f"got {type(lm).__name__}")
@@ -43,7 +50,7 @@ class NestDecoder:
         if config is not None and not isinstance(config, NestConfig):
             msg = f"config must be a NestConfig, got {type(config).__name__}"
             raise TypeError(msg)
-        self.lm, self.shortcuts = lm, shortcuts
+        self.lm, self.shortcuts, self.embed = lm, shortcuts, embed
         # None: the defaults calibrated for this model, or the paper's for any other model
         self.config = config or default_config(lm.name)
         self.encoder = PassageEncoder(lm, key_layer=self.config.key_layer,
@@ -90,7 +97,7 @@ class NestDecoder:
             msg = f"question must be a str or None, got {type(question).__name__}"
             raise TypeError(msg)
         question = question_of(prompt) if question is None else question
-        answer = context(self.config, prompt, question, passages)
+        answer = context(self.config, prompt, question, passages, self.embed)
         if answer.abstain:
             yield self._abstention(answer.config, passages, started)
             return

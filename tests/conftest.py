@@ -168,11 +168,14 @@ def paper_prompt_layout(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     depends on every prompt token, and the surfaces' unit tests check how copied spans flow
     through them, which needs a prompt the random model copies after. ``repeat_question``
     itself is pinned in tests/unit/test_focus.py; integration tests run the real default
-    on SmolLM2."""
+    on SmolLM2. Abstention is off too: the surfaces' unit tests retrieve with mock
+    embeddings, so which passages come back is arbitrary; it is pinned in
+    tests/unit/test_grounding.py and runs on every surface in the integration tests."""
     if "unit" in request.node.path.parts:
         from nest_core.config import ANSWER_DEFAULTS
 
         monkeypatch.setitem(ANSWER_DEFAULTS, "repeat_question", False)
+        monkeypatch.setitem(ANSWER_DEFAULTS, "abstain_below", 0.0)
 
 
 # --- reference decoding paths (tests/unit/test_fast_paths.py, its SmolLM2 twin) ---------

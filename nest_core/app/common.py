@@ -215,6 +215,7 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
     """Retrieve, then decode with Nest (and the plain model when ``compare``)."""
     from nest_core import NestConfig, NestDecoder
     from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.embeddings import default_embedding_function
     from nest_core.stores.sources.open import span_datastore_dir
 
     source = open_source(store, collection=collection, embedding=embedding,
@@ -231,7 +232,8 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
                f"most {lm.max_context - MIN_PROMPT_ROOM}")
         raise CliError(msg)
     cache = SpanDatastore(span_datastore_dir(store))
-    result = NestDecoder(lm, nest_config(mode, lm.name), key_cache=cache).generate(
+    result = NestDecoder(lm, nest_config(mode, lm.name), key_cache=cache,
+                         embed=default_embedding_function()).generate(
         question, passages, max_new_tokens=max_new_tokens)
     base = None
     if compare:

@@ -48,6 +48,7 @@ def run_demo(*, store_kind: str = "faiss", max_new_tokens: int = 64, mode: str =
     from nest_core.app.common import build_store, load_quietly, nest_config, open_source
     from nest_core.app.files import CliError, collect_files
     from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.embeddings import default_embedding_function
 
     data = corpus_dir()
     if not data.is_dir():
@@ -63,7 +64,8 @@ def run_demo(*, store_kind: str = "faiss", max_new_tokens: int = 64, mode: str =
         (store / ".complete").touch()
     source = open_source(store)
     lm = load_quietly()
-    nest = NestDecoder(lm, nest_config(mode, lm.name), key_cache=SpanDatastore.for_store(store))
+    nest = NestDecoder(lm, nest_config(mode, lm.name), key_cache=SpanDatastore.for_store(store),
+                       embed=default_embedding_function())
     base = NestDecoder(lm, NestConfig(mode="base"))
     rule = "─" * width
     totals: dict[str, list[Any]] = {"base": [], "nest": []}

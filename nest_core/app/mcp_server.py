@@ -67,7 +67,8 @@ def answer(service: AnswerService, question: str, max_tokens: int = 128) -> dict
 
     nest = extension(result, retrieved)
     return {"answer": result.text, "cited_answer": render_markdown(result),
-            "citations": nest["citations"], "sources": nest["sources"]}
+            "abstained": result.abstained, "citations": nest["citations"],
+            "sources": nest["sources"]}
 
 
 def passages(service: AnswerService, query: str, k: int = 5) -> dict[str, Any]:

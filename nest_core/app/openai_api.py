@@ -197,6 +197,7 @@ def extension(result: NestResult, retrieved: list[Passage]) -> dict[str, Any]:
         "sources": [{"id": p.id, "title": p.title, "text": p.text,
                      "metadata": _jsonable(p.metadata)} for p in sources.values()],
         "retrieved": [p.id for p in retrieved],
+        "abstained": result.abstained,
         "attribution_ratio": result.attribution_ratio,
         "stats": result.stats.to_dict(),
     }

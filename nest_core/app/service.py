@@ -29,9 +29,11 @@ class AnswerService:
     def __init__(self, source: PassageSource, lm: LanguageModel, *, k: int = 8,
                  config: Any = None, key_cache: Any = None, name: str | None = None) -> None:
         from nest_core.decoder import NestDecoder
+        from nest_core.stores.embeddings import default_embedding_function
 
         self.source, self.lm, self.k = source, lm, k
-        self.decoder = NestDecoder(lm, config, key_cache=key_cache)
+        self.decoder = NestDecoder(lm, config, key_cache=key_cache,
+                                   embed=default_embedding_function())
         self.name = name or lm.name
         self._retrieval = threading.Lock()
 

@@ -32,7 +32,7 @@ from nest_core.decoding.judges import (
 )
 from nest_core.decoding.stops import EndOfSequence, RepetitionStop, TokenStop
 from nest_core.focus import Sentence, best_sentences, continues_passage, focus_passages
-from nest_core.grounding import answer_support, question_coverage
+from nest_core.grounding import Embed, answer_support, relevance
 from nest_core.lm import LanguageModel, Message
 from nest_core.prompts import with_background
 from nest_core.token_index import TokenIndex
@@ -69,8 +69,8 @@ class Context:
     abstain: bool  # the passages do not hold the question: answer with config.abstention
 
 
-def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Passage]
-            ) -> Context:
+def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Passage],
+            embed: Embed | None = None) -> Context:
     """The settings and prompt of one answer. A prompt that continues a passage gets
     ``config.continuation``; with ``focus_sentences`` the prompt shows the best sentences
     of all passages (or, when no sentence shares a word with the question, the top
@@ -83,8 +83,8 @@ def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Pa
     if config.passages_in_prompt:
         shown = focus_passages(passages, focus) if focus else passages[:config.prompt_passages]
         prompt = with_background(prompt, shown, repeat_question=config.repeat_question)
-    abstain = bool(config.abstain_below) and bool(passages) \
-        and question_coverage(question, passages) < config.abstain_below
+    abstain = bool(config.abstain_below) and embed is not None and bool(passages) \
+        and relevance(question, passages, embed) < config.abstain_below
     return Context(config, prompt, focus, shown, abstain)
 
 

@@ -237,10 +237,12 @@ class NestParams(BaseModel):
                         opts: CallOptions, question: str | None = None
                         ) -> Iterator[NestChunk]:
         from nest_core.decoder import NestDecoder
+        from nest_core.stores.embeddings import default_embedding_function
 
         lm = self._load_lm(opts.model)
         decoder = NestDecoder(lm, self.resolved_config(lm.name),
-                              key_cache=_key_cache(lm, self.datastore_dir))
+                              key_cache=_key_cache(lm, self.datastore_dir),
+                              embed=default_embedding_function())
         return decoder.stream(prompt, passages or None, max_new_tokens=opts.max_tokens,
                               stop=opts.stop, question=question)
 

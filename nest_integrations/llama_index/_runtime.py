@@ -45,10 +45,12 @@ class LazyDecoder:
             if self._decoder is None:
                 from nest_core.decoder import NestDecoder
                 from nest_core.models import load_model
+                from nest_core.stores.embeddings import default_embedding_function
 
                 lm = (self._lm if self._lm is not None
                       else load_model(self.model_name, dtype=self.dtype))
-                self._decoder = NestDecoder(lm, self.config, key_cache=self._cache())
+                self._decoder = NestDecoder(lm, self.config, key_cache=self._cache(),
+                                            embed=default_embedding_function())
             return self._decoder
 
     def _cache(self) -> Any:

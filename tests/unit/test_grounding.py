@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import PASSAGES
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.config import default_config
 from nest_core.decoding.policy import context
-from nest_core.grounding import answer_support, question_coverage
+from nest_core.grounding import answer_support, relevance
+from nest_core.stores.embeddings import HashingEmbeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,15 +20,18 @@ BOOK = [Passage("apt", "APT reads the list of package sources from /etc/apt/sour
                 title="Pinning")]
 
 
-def test_question_coverage_is_the_best_passages_share_of_the_question():
-    # caught: the sum over passages instead of the best one; names weighed like words
-    assert question_coverage("Where does APT read its package sources?", BOOK) == 1.0
-    # "price" is in no passage: 2 of the 3 content terms (read, APT, price) are held
-    partial = question_coverage("What price does APT read?", BOOK)
-    assert partial == pytest.approx((1.0 + 1.5) / (1.0 + 1.5 + 1.0))
-    assert question_coverage("What price?", BOOK) == 0.0
-    assert question_coverage("What is it?", BOOK) == 0.0  # no content word
-    assert question_coverage("Where does APT read?", []) == 0.0
+def test_relevance_is_the_best_cosine_between_question_and_passage():
+    # caught: the first passage instead of the best; the title left out; no normalising
+    embed = HashingEmbeddings(256)
+    q = "Where does APT read its package sources?"
+    vectors = np.asarray(embed([q, "APT\n" + BOOK[0].text, "Pinning\n" + BOOK[1].text]))
+    cosines = vectors[1:] @ vectors[0]  # HashingEmbeddings are unit vectors
+    assert relevance(q, BOOK, embed) == pytest.approx(float(cosines.max()))
+    assert relevance(q, BOOK[::-1], embed) == relevance(q, BOOK, embed)
+    assert relevance(q, BOOK, lambda texts: [[3 * x for x in v] for v in embed(texts)]) \
+        == pytest.approx(relevance(q, BOOK, embed))
+    assert relevance(q, [], embed) == 0.0
+    assert relevance("zebra giraffe", BOOK, embed) < relevance(q, BOOK, embed)
 
 
 def test_answer_support_counts_the_answers_new_words_the_context_holds():
@@ -43,24 +48,28 @@ def _decoder(tiny_lm, **overrides):
     return NestDecoder(tiny_lm, default_config("tiny", **overrides))
 
 
-def test_a_question_the_passages_do_not_hold_gets_the_abstention(tiny_lm):
-    # caught: the threshold compared the wrong way; the abstention carrying spans or tokens
-    dec = _decoder(tiny_lm, abstain_below=0.5, abstention="Not in the documents.")
-    res = dec.generate("What is the price of a Pomona robot?", PASSAGES, max_new_tokens=8)
+def test_a_question_far_from_every_passage_gets_the_abstention(tiny_lm):
+    # caught: the threshold compared the wrong way; the abstention carrying spans or tokens;
+    # abstaining without an embedder (the threshold is on its scale)
+    embed = HashingEmbeddings(256)
+    far, near = "What is the price of a Pomona robot?", "Who founded the Zephyr Widget Company?"
+    threshold = (relevance(far, PASSAGES, embed) + relevance(near, PASSAGES, embed)) / 2
+    config = default_config("tiny", abstain_below=threshold, abstention="Not in the documents.")
+    dec = NestDecoder(tiny_lm, config, embed=embed)
+    res = dec.generate(far, PASSAGES, max_new_tokens=8)
     assert res.abstained
     assert res.finish_reason == "abstained"
     assert res.text == "Not in the documents."
     assert (res.token_ids, res.spans, res.matches) == ([], [], [])
-    chunks = list(dec.stream("What is the price of a Pomona robot?", PASSAGES,
-                             max_new_tokens=8))
-    assert [c.text for c in chunks] == ["Not in the documents."]
-    answered = dec.generate("Who founded the Zephyr Widget Company?", PASSAGES,
-                            max_new_tokens=8)
+    assert [c.text for c in dec.stream(far, PASSAGES, max_new_tokens=8)] == [
+        "Not in the documents."]
+    answered = dec.generate(near, PASSAGES, max_new_tokens=8)
     assert not answered.abstained
     assert answered.token_ids
     # no passages: nothing to abstain against, the plain LM answers (documented fallback)
-    assert not dec.generate("What is the price of a Pomona robot?", None,
-                            max_new_tokens=4).abstained
+    assert not dec.generate(far, None, max_new_tokens=4).abstained
+    # no embedder: no scale for the threshold, no abstention
+    assert not NestDecoder(tiny_lm, config).generate(far, PASSAGES, max_new_tokens=4).abstained
 
 
 def test_an_answer_the_context_does_not_support_is_withheld(tiny_lm):
