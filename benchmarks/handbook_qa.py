@@ -9,7 +9,7 @@ nearest re-ranked by the question's words, as ``nest ask`` retrieves), greedy de
 the token budget, and run interleaved per question (the order rotates).
 
 Metrics, per system: **right** (answerable questions: every answer group found in the
-output as a whole token, yes/no: the output's first word), **cited-right** (right, and each
+output as a whole token, yes/no: its first "yes" or "no"), **cited-right** (right, and each
 answer group inside a copied or matched span of a gold passage; yes/no: a span of a gold
 passage), **abstained** on unanswerable and on answerable questions (the result's
 ``finish_reason == "abstained"``, or a baseline saying it does not know), seconds per answer.
@@ -103,8 +103,9 @@ def check_questions(questions: Sequence[Question], passages: Sequence[Any]) -> l
 
 
 # --- metrics --------------------------------------------------------------------------------
-def first_word(text: str) -> str:
-    m = re.search(r"[A-Za-z]+", text)
+def yes_or_no(text: str) -> str:
+    """The output's first "yes" or "no" (as a word), or ``""``."""
+    m = re.search(r"\b(yes|no)\b", text, re.IGNORECASE)
     return m.group(0).lower() if m else ""
 
 
@@ -114,7 +115,7 @@ def is_right(q: Question, text: str, abstained: bool) -> bool:
     if abstained:
         return False
     if q.shape == "yesno":
-        return first_word(text) == q.answers[0][0]
+        return yes_or_no(text) == q.answers[0][0]
     return all(any(answer_pattern(a).search(text) for a in group) for group in q.answers)
 
 
@@ -187,14 +188,24 @@ def table(summary: dict[str, Any]) -> str:
 
 # --- running ---------------------------------------------------------------------------------
 def decoders(lm: Any, key_cache: Any, systems: Sequence[str]) -> dict[str, Any]:
+    """A decoder per system; ``default:name=value,...`` is the default with overrides
+    (values as Python literals), for measuring a setting on dev."""
+    import ast
+
     from nest_core import NestConfig, NestDecoder
     from nest_core.config import default_config
+    from nest_core.stores.embeddings import default_embedding_function
 
     configs = {"base": NestConfig(mode="base"),
                "rag": NestConfig(mode="base", passages_in_prompt=True),
                "default": default_config(lm.name),
                "default-whole": default_config(lm.name, focus_sentences=None)}
-    return {s: NestDecoder(lm, configs[s], key_cache=key_cache) for s in systems
+    for s in systems:
+        if s.startswith("default:"):
+            pairs = (kv.split("=", 1) for kv in s.split(":", 1)[1].split(";"))
+            configs[s] = default_config(lm.name, **{k: ast.literal_eval(v) for k, v in pairs})
+    embed = default_embedding_function()  # the abstention's evidence, as every surface has
+    return {s: NestDecoder(lm, configs[s], key_cache=key_cache, embed=embed) for s in systems
             if s in configs}
 
 
@@ -226,10 +237,11 @@ def answer(system: str, decs: dict[str, Any], lookup: Any, q: Question,
 def evidence(decs: dict[str, Any], system: str, q: Question, text: str,
              passages: list[Any]) -> dict[str, float]:
     """The abstention evidence of :mod:`nest_core.grounding` for this answer (calibration
-    material): the question's coverage by the passages, the answer's support by the
+    material): the question's cosine to the best passage, the answer's support by the
     context the system showed."""
     from nest_core.decoding.policy import context
-    from nest_core.grounding import answer_support, question_coverage
+    from nest_core.grounding import answer_support, relevance
+    from nest_core.stores.embeddings import default_embedding_function
 
     if system == "base":
         shown: list[Any] = []
@@ -237,7 +249,7 @@ def evidence(decs: dict[str, Any], system: str, q: Question, text: str,
         shown = context(decs[system].config, q.question, q.question, passages).shown
     else:
         shown = passages[:3]
-    return {"coverage": question_coverage(q.question, passages),
+    return {"relevance": relevance(q.question, passages, default_embedding_function()),
             "support": answer_support(q.question, text, shown) if shown else 0.0}
 
 
@@ -245,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=("dev", "test"), default="test")
     ap.add_argument("--items", type=int, default=0, help="at most this many (0: all)")
-    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--systems", default=",".join(SYSTEMS),
+                    help="comma-separated; default:name=value;... measures an override")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="", help="results file stem (default: handbook-<split>)")
     args = ap.parse_args(argv)

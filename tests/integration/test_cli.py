@@ -315,3 +315,16 @@ def test_questions_retrieve_through_the_lexical_rerank(faiss_store: Path) -> Non
     found = source.retrieve("How many days of paid leave per year?", 1)
     assert "31 days of paid leave" in found[0].text
     assert not isinstance(open_source(faiss_store, rerank=False), LexicalRerank)
+
+
+def test_ask_abstains_on_a_question_the_files_do_not_answer(
+        faiss_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # the default abstains, without a citation, where no passage is near the question
+    from nest_core.app.cli import main
+
+    assert main(["ask", "What is the capital of France?", "--store", str(faiss_store),
+                 "--json", "--max-new-tokens", "16"]) == 0
+    result = json.loads(capsys.readouterr().out)["nest"]
+    assert result["finish_reason"] == "abstained", result["text"]
+    assert result["text"] == "The documents do not say."
+    assert result["spans"] == result["matches"] == []

@@ -164,3 +164,19 @@ def test_faiss_vectorstore_with_nest_llm(faiss_store: Any) -> None:
         src = STORED[s["passage_id"]][s["src_start"]:s["src_end"]]
         assert gen.text[s["out_start"]:s["out_end"]] == s["text"] == src
     assert "".join(llm.stream(QUESTION)) == gen.text
+
+
+def test_chat_and_llm_abstain_where_the_store_does_not_answer(chroma: Any,
+                                                              faiss_store: Any) -> None:
+    # the shipped default, as ChatNest and NestLLM users get it: no made-up, cited answer
+    off_topic = "What is the capital of France?"
+    message = ChatNest(vectorstore=chroma, k=2, max_tokens=MAX_TOKENS).invoke(off_topic)
+    (block,) = message.content
+    assert block["text"] == "The documents do not say."
+    assert not block.get("annotations")
+    assert message.response_metadata["finish_reason"] == "abstained"
+    out = NestLLM(vectorstore=faiss_store, k=2, max_tokens=MAX_TOKENS).generate([off_topic])
+    generation = out.generations[0][0]
+    assert generation.text == "The documents do not say."
+    assert generation.generation_info["finish_reason"] == "abstained"
+    assert generation.generation_info["spans"] == []

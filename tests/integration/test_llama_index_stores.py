@@ -228,3 +228,13 @@ def test_nest_llm_behind_a_stock_query_engine(chroma_dir, embed_model):
     assert direct.additional_kwargs["nest_spans"]
     for s in direct.additional_kwargs["nest_spans"]:
         assert direct.text[s["out_start"]:s["out_end"]] == s["cited_text"]
+
+
+def test_a_question_the_store_does_not_answer_gets_the_abstention(chroma_dir, embed_model):
+    engine = NestQueryEngine.from_vector_store(reopen_chroma(chroma_dir),
+                                               embed_model=embed_model, similarity_top_k=3,
+                                               max_new_tokens=MAX_NEW)
+    res = engine.query("What is the capital of France?")
+    assert res.response == "The documents do not say."
+    assert res.metadata["nest_finish_reason"] == "abstained"
+    assert res.metadata["nest_spans"] == []

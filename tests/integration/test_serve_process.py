@@ -207,3 +207,34 @@ def _structured(result: Any) -> dict[str, Any]:
 
 if sys.platform == "win32":  # pragma: no cover
     pytest.skip("loopback server tests run on POSIX", allow_module_level=True)
+
+
+def test_a_question_the_store_does_not_answer_gets_the_abstention(server: str,
+                                                                  store: Path) -> None:
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from openai import OpenAI
+
+    off_topic = "What is the capital of France?"
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(
+        model="nest", messages=[{"role": "user", "content": off_topic}], max_tokens=16)
+    message = completion.choices[0].message
+    assert message.content == "The documents do not say."
+    assert not message.annotations
+    assert completion.model_extra["nest"]["abstained"] is True
+    assert completion.model_extra["nest"]["citations"] == []
+
+    params = StdioServerParameters(
+        command=NEST[0], args=[*NEST[1:], "mcp", "--store", str(store)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    async def ask() -> Any:
+        async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+            await session.initialize()
+            return await session.call_tool("ask", {"question": off_topic, "max_tokens": 16})
+
+    result = _structured(asyncio.run(ask()))
+    assert result["abstained"] is True
+    assert result["answer"] == "The documents do not say."
+    assert result["citations"] == []
