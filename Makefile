@@ -29,24 +29,27 @@ lint: install
 	$(VENV)/bin/ruff check nest_core nest_integrations tests benchmarks examples
 	$(VENV)/bin/mypy
 
-# The benchmark corpora come from Debian: FOLDOC (dict-foldoc) and the ISO code tables
-# (iso-codes). Installed only when a file is missing; sudo only when not root.
+# The benchmark corpora come from Debian: FOLDOC (dict-foldoc), the ISO code tables
+# (iso-codes) and the Debian Administrator's Handbook (debian-handbook). Installed only when
+# a file is missing; sudo only when not root.
 BENCH_CORPUS_FILES := /usr/share/dictd/foldoc.index /usr/share/dictd/foldoc.dict.dz \
 	/usr/share/iso-codes/json/iso_3166-1.json /usr/share/iso-codes/json/iso_3166-2.json \
 	/usr/share/iso-codes/json/iso_4217.json /usr/share/iso-codes/json/iso_639-3.json \
-	/usr/share/iso-codes/json/iso_15924.json
+	/usr/share/iso-codes/json/iso_15924.json \
+	/usr/share/doc/debian-handbook/html/en-US/index.html
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 bench-corpora:
 	@missing=0; for f in $(BENCH_CORPUS_FILES); do [ -f "$$f" ] || missing=1; done; \
 	if [ $$missing = 1 ]; then \
-		echo "installing the benchmark corpora: apt-get install -y dict-foldoc iso-codes"; \
+		echo "installing the benchmark corpora: apt-get install -y dict-foldoc iso-codes debian-handbook"; \
 		$(SUDO) apt-get update && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y dict-foldoc iso-codes; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y dict-foldoc iso-codes debian-handbook; \
 	fi
 
 bench: install bench-corpora
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run
+	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.handbook_qa
 
 bench-quick: install bench-corpora
 	HF_HUB_OFFLINE=1 $(PY) -m benchmarks.run --quick
