@@ -226,22 +226,19 @@ def answer(system: str, decs: dict[str, Any], lookup: Any, q: Question,
         seconds = res.stats.total_seconds + (search_seconds if system != "base" else 0.0)
         tokens = res.stats.generated_tokens
     abstained = finish == "abstained" or bool(_DONT_KNOW.search(text))
-    return Record(system=system, id=q.id, shape=q.shape, text=text,
-                  right=is_right(q, text, abstained),
-                  cited_right=is_right(q, text, abstained) and q.answerable
-                  and is_cited_right(q, text, spans),
+    right = is_right(q, text, abstained)
+    return Record(system=system, id=q.id, shape=q.shape, text=text, right=right,
+                  cited_right=right and q.answerable and is_cited_right(q, text, spans),
                   abstained=abstained, seconds=seconds, tokens=tokens,
-                  extra=evidence(decs, system, q, text, passages))
+                  extra={"support": support(decs, system, q, text, passages)})
 
 
-def evidence(decs: dict[str, Any], system: str, q: Question, text: str,
-             passages: list[Any]) -> dict[str, float]:
-    """The abstention evidence of :mod:`nest_core.grounding` for this answer (calibration
-    material): the question's cosine to the best passage, the answer's support by the
-    context the system showed."""
+def support(decs: dict[str, Any], system: str, q: Question, text: str,
+            passages: list[Any]) -> float:
+    """The answer's support by the context the system showed
+    (:func:`nest_core.grounding.answer_support`; calibration material)."""
     from nest_core.decoding.policy import context
-    from nest_core.grounding import answer_support, relevance
-    from nest_core.stores.embeddings import default_embedding_function
+    from nest_core.grounding import answer_support
 
     if system == "base":
         shown: list[Any] = []
@@ -249,8 +246,7 @@ def evidence(decs: dict[str, Any], system: str, q: Question, text: str,
         shown = context(decs[system].config, q.question, q.question, passages).shown
     else:
         shown = passages[:3]
-    return {"relevance": relevance(q.question, passages, default_embedding_function()),
-            "support": answer_support(q.question, text, shown) if shown else 0.0}
+    return answer_support(q.question, text, shown) if shown else 0.0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -270,8 +266,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from benchmarks.search import open_stores
     from benchmarks.systems import PromptLookup
     from nest_core import load_model
+    from nest_core.grounding import relevance
     from nest_core.models import cache_dir
     from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.embeddings import default_embedding_function
 
     torch.set_num_threads(args.threads)
     passages = load_passages()
@@ -287,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     systems = [s for s in args.systems.split(",") if s]
     decs = decoders(lm, store, systems)
     lookup = PromptLookup(lm)
+    embed = default_embedding_function()
     for dec in decs.values():
         dec.generate("Hello", max_new_tokens=2)  # one-off set-up, untimed
     records: list[Record] = []
@@ -295,11 +294,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         found = search.search(q.question, NUM_PASSAGES)
         if "default" in decs:
             decs["default"].prepare(found.passages)  # a warm span datastore, untimed
+        # per question, the same for every system: the abstention's other evidence
+        shared = {"relevance": relevance(q.question, found.passages, embed),
+                  "gold_retrieved": any(is_gold_passage(p, g) for p in found.passages
+                                        for g in q.gold)}
         order = [systems[(n + k) % len(systems)] for k in range(len(systems))]
         for system in order:
             rec = answer(system, decs, lookup, q, list(found.passages), found.seconds)
-            rec.extra["gold_retrieved"] = any(is_gold_passage(p, g) for p in found.passages
-                                              for g in q.gold)
+            rec.extra.update(shared)
             records.append(rec)
         logger.info("%d/%d %s (%s, %.0fs): %s", n + 1, len(chosen), q.id, q.shape,
                     time.perf_counter() - t0, "  ".join(

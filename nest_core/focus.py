@@ -121,13 +121,14 @@ def rank_sentences(question: str, passages: Sequence[Passage]) -> list[Sentence]
     about Lithuania only through "ISO 3166-2 subdivision codes of Lithuania"); ties keep
     passage (retrieval) order, then text order."""
     spans = [(i, a, b) for i, p in enumerate(passages) for a, b in split_sentences(p.text)]
-    scores = term_scores(question, [_titled(passages[i], passages[i].text[a:b])
+    scores = term_scores(question, [titled(passages[i], passages[i].text[a:b])
                                     for i, a, b in spans])
     scored = [Sentence(i, a, b, score) for (i, a, b), score in zip(spans, scores, strict=True)]
     return sorted(scored, key=lambda s: -s.score)  # stable: ties stay in retrieval order
 
 
-def _titled(passage: Passage, text: str) -> str:
+def titled(passage: Passage, text: str) -> str:
+    """``text`` of ``passage`` under its title: what a sentence or passage means."""
     return f"{passage.title}\n{text}" if passage.title else text
 
 
@@ -177,5 +178,5 @@ def rank_passages(question: str, passages: Sequence[Passage]) -> list[int]:
     A dense retriever blurs names and codes (MiniLM ranks the passage on "Northern Bontok"
     below 150 others about languages): a name the question writes is exactly what lexical
     matching gets right, and the retriever's own order decides among equals."""
-    scores = term_scores(question, [_titled(p, p.text) for p in passages])
+    scores = term_scores(question, [titled(p, p.text) for p in passages])
     return sorted(range(len(passages)), key=lambda i: -scores[i])  # stable

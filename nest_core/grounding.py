@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from nest_core.focus import stem, terms
+from nest_core.focus import stem, terms, titled
 from nest_core.types import Passage
 
 # texts -> one vector each (the stores' embedding functions have this shape)
@@ -37,7 +37,7 @@ def relevance(question: str, passages: Sequence[Passage], embed: Embed) -> float
     (its title and text); 0.0 without passages."""
     if not passages:
         return 0.0
-    texts = [question, *(f"{p.title}\n{p.text}" if p.title else p.text for p in passages)]
+    texts = [question, *(titled(p, p.text) for p in passages)]
     vectors = np.asarray(embed(texts), dtype=np.float32)  # [1 + P, d]
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     unit = vectors / np.where(norms > 0, norms, 1.0)
@@ -53,7 +53,7 @@ def answer_support(question: str, answer: str, passages: Sequence[Passage]) -> f
         return 1.0
     context: set[str] = set()
     for p in passages:
-        context |= terms(f"{p.title}\n{p.text}" if p.title else p.text)
+        context |= terms(titled(p, p.text))
     return sum(t in context for t in new) / len(new)
 
 

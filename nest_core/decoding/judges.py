@@ -187,6 +187,8 @@ class LMJudge(_Verifier):
     logsumexp); the kNN side only proposes drafts, which start with the LM's choice and
     need λ < δ (Eq. 6)."""
 
+    quick = False  # λ from two order statistics first (LazyLMJudge)
+
     def __init__(self, index: TokenIndex | None, confidence: Confidence, *, temperature: float,
                  num_neighbors: int, span_threshold: float, relaxation: float,
                  eos: frozenset[int], end_with_lm: bool, starters: frozenset[int],
@@ -252,8 +254,6 @@ class LMJudge(_Verifier):
                for i in range(n)]
         self.stats.knn_seconds += time.perf_counter() - t0
         return out
-
-    quick = False  # λ from two order statistics first (LazyLMJudge)
 
 
 class LazyLMJudge(LMJudge):

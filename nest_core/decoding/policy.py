@@ -128,19 +128,20 @@ def plan(lm: LanguageModel, config: NestConfig, index: TokenIndex | None,
         drafters.append(PromptLookup(prompt_ids, config.span_length, key=lm.token_word))
     stops: list[TokenStop] = [RepetitionStop(config.repetition_stop)] \
         if config.repetition_stop else []
-    stops.append(EndOfSequence(frozenset(lm.eos_token_ids)))
-    return Plan(judge(lm, config, index, stats, starters(index, allowed), shortcuts),
+    eos = frozenset(lm.eos_token_ids)
+    stops.append(EndOfSequence(eos))
+    return Plan(judge(lm, config, index, stats, eos, starters(index, allowed), shortcuts),
                 Drafters(drafters), stops, config.key_layer)
 
 
 def judge(lm: LanguageModel, config: NestConfig, index: TokenIndex | None,
-          stats: DecodeStats, span_starters: frozenset[int], shortcuts: Shortcuts) -> Judge:
+          stats: DecodeStats, eos: frozenset[int], span_starters: frozenset[int],
+          shortcuts: Shortcuts) -> Judge:
     confidence: Confidence = FixedLambda(config.knn_lambda)
     if config.mode == "nest" and index is not None:
         confidence = RelativeConfidence(index, config.confidence_offset,
                                         config.confidence_scale, config.num_neighbors,
                                         config.confidence_reference)
-    eos = frozenset(lm.eos_token_ids)
     if config.verify_against == "mixture":
         return MixtureJudge(index, confidence, temperature=config.lm_temperature,
                             num_neighbors=config.num_neighbors, relaxation=config.relaxation,
