@@ -11,7 +11,7 @@ from nest_core.config import NestConfig, default_config
 from nest_core.decoding.loop import Generation
 from nest_core.decoding.policy import FAST, Shortcuts, context, unsupported
 from nest_core.encoding import KeyCache, PassageEncoder
-from nest_core.grounding import Embed
+from nest_core.grounding import Embed, answer_support
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
 from nest_core.prompts import fit_context, question_of
@@ -125,11 +125,12 @@ class NestDecoder:
                 yield self._abstention(cfg, passages, started, stats)
                 return
             yield from held
-            if result.passages:
-                matches = match_spans(result.text, result.passages, result.spans)
-                chunk = dataclasses.replace(
-                    chunk, result=dataclasses.replace(result, matches=matches))
-            yield chunk
+            matches = (match_spans(result.text, result.passages, result.spans)
+                       if result.passages else [])
+            support = (answer_support(question, result.text, answer.shown)
+                       if answer.shown else None)
+            yield dataclasses.replace(chunk, result=dataclasses.replace(
+                result, matches=matches, support=support))
 
     @staticmethod
     def _abstention(cfg: NestConfig, passages: list[Passage], started: float,

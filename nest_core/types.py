@@ -152,6 +152,9 @@ class NestResult:
     finish_reason: FinishReason
     prompt_truncated: bool = False
     matches: list[Span] = field(default_factory=list)
+    # the share of the answer's new content words the context shown to the LM holds
+    # (nest_core.grounding.answer_support); None where the decoder showed no context
+    support: float | None = None
 
     @property
     def abstained(self) -> bool:
@@ -171,10 +174,12 @@ class NestResult:
         return sum(s.num_tokens for s in self.spans) / len(self.spans) if self.spans else 0.0
 
     def cited_spans(self) -> list[Span]:
-        """Copied and matched spans in output order, a copied one first at a tie (the
-        decoder never lets them overlap): the order every surface lists citations in."""
-        return sorted([*self.spans, *self.matches],
-                      key=lambda s: (s.out_start, s.kind != "copied"))
+        """The citations every surface shows: copied and matched spans that carry content,
+        adjacent pieces merged, none on an unsupported answer (:mod:`nest_core.citations`),
+        in output order, a copied one first at a tie."""
+        from nest_core.citations import citations
+
+        return citations([*self.spans, *self.matches], self.text, self.support)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +194,8 @@ class NestResult:
             "attribution_ratio": self.attribution_ratio,
             "mean_span_length": self.mean_span_length,
             "finish_reason": self.finish_reason,
+            "support": self.support,
+            "citations": [s.to_dict() for s in self.cited_spans()],
             "stats": self.stats.to_dict(),
         }
 
@@ -199,7 +206,10 @@ class NestChunk:
 
     ``span`` is the provenance of this piece alone (a piece never mixes copied and generated
     text; consecutive pieces from one passage merge into one :class:`Span` of the result).
-    The last chunk carries the whole ``result`` (its text may be empty).
+    Provenance is not yet a citation: a surface that streams marks judges a span once the
+    text after it is known (:func:`nest_core.citations.is_citation`); the last chunk
+    carries the whole ``result`` (its text may be empty), whose ``cited_spans()`` are the
+    answer's citations.
     """
 
     text: str
