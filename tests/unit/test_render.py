@@ -247,10 +247,12 @@ def test_terminal_marks_matched_text_apart_and_explains_it(mixed: NestResult,
 
 
 def test_excerpt_gives_copied_precedence_over_matched() -> None:
-    res = _result("Staff get 27 days of paid leave.", [("27 days of paid leave", LEAVE)])
-    over = Span(text="days of paid leave per year", out_start=0, out_end=0, passage=LEAVE,
-                src_start=LEAVE.text.index("days"), src_end=LEAVE.text.index("."),
-                token_start=0, token_end=0, kind="matched")
+    text = "Staff get 27 days of paid leave. Again: days of paid leave per year."
+    res = _result(text, [("27 days of paid leave", LEAVE)])
+    at = text.index("days of paid leave per year")
+    over = Span(text="days of paid leave per year", out_start=at, out_end=at + 27,
+                passage=LEAVE, src_start=LEAVE.text.index("days"),
+                src_end=LEAVE.text.index("."), token_start=0, token_end=0, kind="matched")
     res = dataclasses.replace(res, matches=[over])
     text, marks = excerpt(number_sources(res)[0], context=100)
     assert [(text[a:b], kind) for a, b, kind in marks] == [
