@@ -10,8 +10,9 @@ the token budget, and run interleaved per question (the order rotates).
 
 Metrics, per system: **right** (answerable questions: every answer group found in the
 output as a whole token, yes/no: its first "yes" or "no"), **cited-right** (right, and each
-answer group inside a copied or matched span of a gold passage; yes/no: a span of a gold
-passage), **abstained** on unanswerable and on answerable questions (the result's
+answer group inside a citation, ``NestResult.cited_spans()``, of a gold passage; yes/no: a
+citation of a gold passage), **cited-wrong** (share of all answers that are wrong, or answer
+an unanswerable question, and still carry a citation: the worst outcome), **abstained** on unanswerable and on answerable questions (the result's
 ``finish_reason == "abstained"``, or a baseline saying it does not know), seconds per answer.
 
 Run: ``python -m benchmarks.handbook_qa [--split dev] [--items N] [--systems ...]``
@@ -163,6 +164,10 @@ def summarise(records: Sequence[Record], questions: dict[str, Question]) -> dict
             "abstain_unanswerable": sum(r.abstained for r in unanswerable)
             / max(1, len(unanswerable)),
             "abstain_answerable": sum(r.abstained for r in answerable) / max(1, len(answerable)),
+            # the worst outcome: a wrong answer (or one to an unanswerable question) that
+            # carries a citation, as a share of all answers
+            "cited_wrong": sum(not r.right and bool(r.extra.get("cited")) for r in rs)
+            / max(1, len(rs)),
             "seconds_per_answer": statistics.mean(r.seconds for r in rs),
             "right_by_shape": {s: round(sum(r.right for r in rs if r.shape == s)
                                         / max(1, sum(r.shape == s for r in rs)), 3)
@@ -172,9 +177,10 @@ def summarise(records: Sequence[Record], questions: dict[str, Question]) -> dict
 
 
 def table(summary: dict[str, Any]) -> str:
-    head = ("| System | Right | Cited-right | Abstained: unanswerable / answerable | s/answer |\n"
-            "|---|---:|---:|---|---:|")
+    head = ("| System | Right | Cited-right | Cited-wrong | Abstained: unanswerable / "
+            "answerable | s/answer |\n|---|---:|---:|---:|---|---:|")
     rows = [f"| {LABELS.get(s, s)} | {m['right']:.3f} | {m['cited_right']:.3f} | "
+            f"{m.get('cited_wrong', 0.0):.3f} | "
             f"{m['abstain_unanswerable']:.2f} / {m['abstain_answerable']:.2f} | "
             f"{m['seconds_per_answer']:.2f} |" for s, m in summary.items()]
     shapes = [s for s in SHAPES if any(s in m["right_by_shape"] for m in summary.values())]
@@ -222,7 +228,7 @@ def answer(system: str, decs: dict[str, Any], lookup: Any, q: Question,
     else:
         res = decs[system].generate(q.question, passages if system != "base" else None,
                                     max_new_tokens=MAX_NEW_TOKENS)
-        text, spans, finish = res.text, [*res.spans, *res.matches], res.finish_reason
+        text, spans, finish = res.text, res.cited_spans(), res.finish_reason
         seconds = res.stats.total_seconds + (search_seconds if system != "base" else 0.0)
         tokens = res.stats.generated_tokens
     abstained = finish == "abstained" or bool(_DONT_KNOW.search(text))
@@ -230,7 +236,8 @@ def answer(system: str, decs: dict[str, Any], lookup: Any, q: Question,
     return Record(system=system, id=q.id, shape=q.shape, text=text, right=right,
                   cited_right=right and q.answerable and is_cited_right(q, text, spans),
                   abstained=abstained, seconds=seconds, tokens=tokens,
-                  extra={"support": support(decs, system, q, text, passages)})
+                  extra={"support": support(decs, system, q, text, passages),
+                         "cited": bool(spans)})
 
 
 def support(decs: dict[str, Any], system: str, q: Question, text: str,

@@ -85,3 +85,6 @@ def test_summary_rates():
     assert (m["right"], m["cited_right"], m["abstain_unanswerable"],
             m["abstain_answerable"]) == (1.0, 1.0, 1.0, 0.0)
     assert m["seconds_per_answer"] == 0.75
+    assert m["cited_wrong"] == 0.0
+    wrong = Record("s", "a", "lookup", "y", False, False, False, 1.0, 3, {"cited": True})
+    assert summarise([*recs, wrong], questions)["s"]["cited_wrong"] == 1 / 3
