@@ -1,7 +1,11 @@
 """``nest serve``: one loaded model over one store, behind an OpenAI-compatible HTTP API.
 
-``POST /v1/chat/completions`` (plain and SSE streaming), ``GET /v1/models``, ``GET /health``.
-Answers carry their citations (see :mod:`nest_core.app.openai_api` for the wire format).
+``POST /v1/chat/completions``, ``POST /v1/responses`` (the Responses API) and
+``POST /v1/completions`` (legacy text completions), each plain and SSE streaming;
+``GET /v1/models``, ``GET /health``. Answers carry their citations (the wire formats:
+:mod:`~nest_core.app.openai_api`, :mod:`~nest_core.app.responses_api`,
+:mod:`~nest_core.app.completions_api`). A prompt past the model's context window is refused
+with 400 unless the request sends ``"truncation": "auto"``.
 
 Capacity is explicit: ``max_concurrent`` answers decode at once (threads share the weights;
 on a small CPU more buys little), ``max_queue`` more wait for a slot; a request past that is
@@ -16,8 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -31,20 +34,19 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     msg = 'nest serve needs FastAPI and uvicorn; run `pip install "nest-decoding[serve]"`'
     raise ImportError(msg) from err
 
+from nest_core.app import completions_api, responses_api
 from nest_core.app.openai_api import (
     ApiError,
     ChatRequest,
-    chunk,
+    ChatStream,
+    EventStream,
     completion,
-    completion_id,
-    extension,
-    finish_reason,
+    fit_window,
     parse_request,
-    usage,
 )
 from nest_core.app.service import AnswerService
 from nest_core.async_iter import aiter_in_thread
-from nest_core.types import NestChunk, Passage
+from nest_core.types import NestChunk, NestResult, Passage
 
 logger = logging.getLogger(__name__)
 
@@ -149,12 +151,11 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             {"id": m, "object": "model", "created": 0, "owned_by": "nest"}
             for m in service.model_ids]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        req = parse_request(await _json_body(request, limits.max_body_bytes),
-                            model_ids=service.model_ids, max_tokens_limit=limits.max_tokens,
-                            default_max_tokens=limits.default_max_tokens,
-                            max_messages=limits.max_messages)
+    async def answer(req: ChatRequest, plain: Callable[[list[Passage], NestResult], Any],
+                     streamed: Callable[[list[Passage]], EventStream]) -> Any:
+        """Admit, decode and answer ``req`` in one wire format: ``plain`` builds the
+        response body, ``streamed`` the events of a stream."""
+        req = await asyncio.to_thread(_call, fit_window, service.lm, req)
         gate.enter()
         had_slot = handed_off = False
         try:
@@ -162,15 +163,43 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             had_slot = True
             if not req.stream:
                 retrieved, result = await asyncio.to_thread(_call, service.answer, req)
-                return completion(result, retrieved, service.name)
+                return plain(retrieved, result)
             retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
-            events = _sse(pieces, retrieved, req, service.name, lambda: gate.leave(True))
+            events = _sse(pieces, streamed(retrieved), lambda: gate.leave(True))
             handed_off = True  # the stream leaves the gate when it ends
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         finally:
             if not handed_off:
                 gate.leave(had_slot)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        req = parse_request(await _json_body(request, limits.max_body_bytes),
+                            model_ids=service.model_ids, max_tokens_limit=limits.max_tokens,
+                            default_max_tokens=limits.default_max_tokens,
+                            max_messages=limits.max_messages)
+        return await answer(req, lambda found, result: completion(result, found, service.name),
+                            lambda found: ChatStream(req, found, service.name))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Any:
+        req = responses_api.parse_request(
+            await _json_body(request, limits.max_body_bytes), model_ids=service.model_ids,
+            max_tokens_limit=limits.max_tokens, default_max_tokens=limits.default_max_tokens,
+            max_messages=limits.max_messages)
+        return await answer(
+            req, lambda found, result: responses_api.Response(req, found, service.name)
+            .body(result), lambda found: responses_api.ResponseStream(req, found, service.name))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        req = completions_api.parse_request(
+            await _json_body(request, limits.max_body_bytes), model_ids=service.model_ids,
+            max_tokens_limit=limits.max_tokens, default_max_tokens=limits.default_max_tokens)
+        return await answer(
+            req, lambda found, result: completions_api.completion(result, found, service.name),
+            lambda found: completions_api.CompletionStream(req, found, service.name))
 
     return app
 
@@ -205,35 +234,27 @@ async def _json_body(request: Any, max_bytes: int) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from err
 
 
-async def _sse(pieces: Iterator[NestChunk], retrieved: list[Passage], req: ChatRequest,
-               model: str, release: Any) -> AsyncIterator[str]:
-    """Server-sent events: a role delta, text deltas as Nest accepts them, a last chunk with
-    ``finish_reason`` and the ``nest`` citations, the usage chunk if asked, ``[DONE]``. A
-    failure mid-answer is sent as an ``error`` event (the status line is already out)."""
-    cid, created = completion_id(), int(time.time())
+async def _sse(pieces: Iterator[NestChunk], events: EventStream,
+               release: Callable[[], None]) -> AsyncIterator[str]:
+    """Server-sent events of one streamed answer in one wire format (``events``). A failure
+    mid-answer is sent as the format's error event (the status line is already out)."""
     try:
-        yield _event(chunk(cid, model, created, {"role": "assistant", "content": ""}))
+        for event in events.opening():
+            yield event
         async with aclosing(aiter_in_thread(lambda: pieces)) as stream:  # closes it early too
             async for piece in stream:
-                if piece.text:
-                    yield _event(chunk(cid, model, created, {"content": piece.text}))
+                for event in events.text(piece.text) if piece.text else []:
+                    yield event
                 if piece.result is not None:
-                    result = piece.result
-                    yield _event(chunk(cid, model, created, {}, finish_reason(result),
-                                       nest=extension(result, retrieved)))
-                    if req.include_usage:
-                        yield _event({**chunk(cid, model, created, {}), "choices": [],
-                                      "usage": usage(result)})
-        yield "data: [DONE]\n\n"
+                    for event in events.closing(piece.result):
+                        yield event
     except Exception as err:  # the client must learn that the answer broke off
         logger.exception("stream failed")
-        yield _event(ApiError(500, f"{type(err).__name__}: {err}", type="server_error").body())
+        for event in events.failure(ApiError(500, f"{type(err).__name__}: {err}",
+                                             type="server_error")):
+            yield event
     finally:
         release()
-
-
-def _event(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 def run(service: AnswerService, *, host: str = "127.0.0.1", port: int = 8000,

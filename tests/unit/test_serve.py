@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from fastapi.testclient import TestClient
 from nest_core.app.openai_api import ApiError
 from nest_core.app.serve import Gate, ServeLimits, create_app
 from nest_core.app.service import AnswerService
-from nest_core.config import default_config
+from nest_core.config import paper_config
 from nest_core.stores.embeddings import HashingEmbeddings
 from nest_core.stores.sources.memory import InMemorySource
 from nest_core.types import Passage
@@ -31,9 +32,10 @@ PASSAGES = [Passage(id=f"p{i}", text=t, title=f"T{i}", metadata={"source": f"doc
 
 @pytest.fixture(scope="module")
 def service(tiny_lm: Any) -> AnswerService:
-    # module scope: built before the paper_prompt_layout fixture runs, so say it here
+    # the paper's settings (passages as the copy datastore only): a random model's answer
+    # then has whole-word citations with content, and no support check (nothing shown)
     return AnswerService(InMemorySource(PASSAGES, embed=HashingEmbeddings(64)), tiny_lm, k=3,
-                         config=default_config(tiny_lm.name, repeat_question=False))
+                         config=paper_config(tiny_lm.name))
 
 
 @pytest.fixture
@@ -83,7 +85,7 @@ def test_completion_carries_exact_citations(client: TestClient, service: AnswerS
             for a in choice["message"]["annotations"]] == \
         [(c["start_index"], c["end_index"]) for c in nest["citations"]]
     assert {a["url_citation"]["url"] for a in choice["message"]["annotations"]} <= {
-        f"doc{i}.txt" for i in range(len(PASSAGES))}
+        Path(f"doc{i}.txt").resolve().as_uri() for i in range(len(PASSAGES))}
     assert set(nest["retrieved"]) >= {c["passage_id"] for c in nest["citations"]}
 
 
