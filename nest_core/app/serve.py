@@ -44,6 +44,7 @@ from nest_core.app.openai_api import (
     fit_window,
     parse_request,
 )
+from nest_core.app.schemas import REQUEST_BODIES, components, request_body
 from nest_core.app.service import AnswerService
 from nest_core.async_iter import aiter_in_thread
 from nest_core.types import NestChunk, NestResult, Passage
@@ -115,6 +116,7 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
     gate = Gate(limits)
     app = FastAPI(title="nest", version=__version__,
                   summary="Answers grounded in your documents, with their citations")
+    _document_bodies(app)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -151,6 +153,10 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             {"id": m, "object": "model", "created": 0, "owned_by": "nest"}
             for m in service.model_ids]}
 
+    def post(path: str) -> Any:
+        """A POST route documented with its body's model (:mod:`.schemas`)."""
+        return app.post(path, openapi_extra=request_body(REQUEST_BODIES[path]))
+
     async def answer(req: ChatRequest, plain: Callable[[list[Passage], NestResult], Any],
                      streamed: Callable[[list[Passage]], EventStream]) -> Any:
         """Admit, decode and answer ``req`` in one wire format: ``plain`` builds the
@@ -173,7 +179,7 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             if not handed_off:
                 gate.leave(had_slot)
 
-    @app.post("/v1/chat/completions")
+    @post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         req = parse_request(await _json_body(request, limits.max_body_bytes),
                             model_ids=service.model_ids, max_tokens_limit=limits.max_tokens,
@@ -182,7 +188,7 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
         return await answer(req, lambda found, result: completion(result, found, service.name),
                             lambda found: ChatStream(req, found, service.name))
 
-    @app.post("/v1/responses")
+    @post("/v1/responses")
     async def responses(request: Request) -> Any:
         req = responses_api.parse_request(
             await _json_body(request, limits.max_body_bytes), model_ids=service.model_ids,
@@ -192,7 +198,7 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             req, lambda found, result: responses_api.Response(req, found, service.name)
             .body(result), lambda found: responses_api.ResponseStream(req, found, service.name))
 
-    @app.post("/v1/completions")
+    @post("/v1/completions")
     async def completions(request: Request) -> Any:
         req = completions_api.parse_request(
             await _json_body(request, limits.max_body_bytes), model_ids=service.model_ids,
@@ -202,6 +208,22 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             lambda found: completions_api.CompletionStream(req, found, service.name))
 
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """``/openapi.json`` with each route's request body schema (:mod:`.schemas`): the
+    routes read raw JSON themselves (their size limit and OpenAI-shaped errors), so FastAPI
+    cannot see the models; they are added to its document here."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _call(fn: Any, *args: Any) -> Any:

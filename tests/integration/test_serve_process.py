@@ -107,6 +107,47 @@ def test_openai_client_gets_the_answer_and_its_citations(server: str) -> None:
     last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
     assert last.model_extra["nest"]["citations"] == nest["citations"]
     assert chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+    # the stream's annotations: one delta of their own, after the text, before the finish
+    (noted,) = [c for c in chunks if c.choices and c.choices[0].delta.model_extra
+                and "annotations" in c.choices[0].delta.model_extra]
+    assert noted.choices[0].delta.model_extra["annotations"] == \
+        [a.model_dump() for a in message.annotations]
+    assert chunks.index(noted) == chunks.index(last) - 1
+
+
+def test_chat_openai_on_the_responses_api_gets_the_citations(server: str) -> None:
+    """``ChatOpenAI(use_responses_api=True)``: the answer's text block carries the
+    ``url_citation`` annotations (absolute URLs), invoked and streamed alike."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(base_url=f"{server}/v1", api_key="unused", model="nest", max_tokens=24,
+                      max_retries=0, use_responses_api=True)
+    message = chat.invoke(QUESTION)
+    (block,) = message.content
+    text, annotations = block["text"], block["annotations"]
+    assert ANSWER in text
+    gold = [a for a in annotations if ANSWER in text[a["start_index"]:a["end_index"]]]
+    assert gold, annotations
+    assert gold[0]["type"] == "url_citation"
+    assert gold[0]["url"].startswith("file:///")
+    assert gold[0]["url"].endswith("history.md")
+    merged: Any = None
+    for piece in chat.stream(QUESTION):
+        merged = piece if merged is None else merged + piece
+    (streamed,) = merged.content
+    assert (streamed["text"], streamed["annotations"]) == (text, annotations)
+
+
+def test_legacy_completions(server: str) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    plain = client.completions.create(model="nest", prompt=QUESTION, max_tokens=24)
+    assert ANSWER in plain.choices[0].text
+    assert any(ANSWER in c["text"] for c in plain.model_extra["nest"]["citations"])
+    chunks = list(client.completions.create(model="nest", prompt=QUESTION, max_tokens=24,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
 
 
 def test_chat_openai_works_against_it(server: str) -> None:
@@ -130,6 +171,11 @@ def test_errors_are_openai_shaped(server: str) -> None:
     with pytest.raises(BadRequestError, match="from 1 to 64"):
         client.chat.completions.create(model="nest", max_tokens=500, messages=[
             {"role": "user", "content": QUESTION}])
+    long = "The handbook says nothing on this. " * 1200  # past SmolLM2's 8,192 tokens
+    with pytest.raises(BadRequestError, match=r"the prompt is \d+ tokens; this model's "
+                                              r"context window is 8192 tokens"):
+        client.chat.completions.create(model="nest", max_tokens=24, messages=[
+            {"role": "user", "content": long + QUESTION}])
     r = httpx.post(f"{server}/v1/chat/completions", content=b"{oops",
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400
@@ -176,16 +222,19 @@ def test_mcp_tools_over_stdio(store: Path) -> None:
         command=NEST[0], args=[*NEST[1:], "mcp", "--store", str(store)],
         env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
-    async def session_calls() -> tuple[Any, Any, Any]:
+    async def session_calls() -> tuple[Any, Any, Any, Any]:
         async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
             await session.initialize()
             tools = await session.list_tools()
             asked = await session.call_tool("ask", {"question": QUESTION, "max_tokens": 24})
             found = await session.call_tool("search", {"query": QUESTION, "k": 2})
-            return tools, asked, found
+            bad = await session.call_tool("ask", {"question": QUESTION, "max_tokens": 0})
+            return tools, asked, found, bad
 
-    tools, asked, found = asyncio.run(session_calls())
+    tools, asked, found, bad = asyncio.run(session_calls())
     assert {t.name for t in tools.tools} == {"ask", "search"}
+    assert getattr(bad, "is_error", getattr(bad, "isError", False))
+    assert "max_tokens" in bad.content[0].text  # the reason, not a bare "Error executing"
     result = _structured(asked)
     assert ANSWER in result["answer"]
     assert any(ANSWER in c["text"] and c["source"].endswith("history.md")
