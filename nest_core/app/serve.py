@@ -2,7 +2,8 @@
 
 ``POST /v1/chat/completions``, ``POST /v1/responses`` (the Responses API) and
 ``POST /v1/completions`` (legacy text completions), each plain and SSE streaming;
-``GET /v1/models``, ``GET /health``. Answers carry their citations (the wire formats:
+``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus, see
+:mod:`~nest_core.app.metrics`). Answers carry their citations (the wire formats:
 :mod:`~nest_core.app.openai_api`, :mod:`~nest_core.app.responses_api`,
 :mod:`~nest_core.app.completions_api`). A prompt past the model's context window is refused
 with 400 unless the request sends ``"truncation": "auto"``.
@@ -28,10 +29,13 @@ from typing import Any
 try:
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException
+
+    from nest_core.app.metrics import CONTENT_TYPE, MetricsMiddleware, ServeMetrics
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    msg = 'nest serve needs FastAPI and uvicorn; run `pip install "nest-decoding[serve]"`'
+    msg = ('nest serve needs FastAPI, uvicorn and prometheus-client; run '
+           '`pip install "nest-decoding[serve]"`')
     raise ImportError(msg) from err
 
 from nest_core.app import completions_api, responses_api
@@ -141,6 +145,14 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
+    metrics = ServeMetrics(decoding=lambda: gate.decoding,
+                           queued=lambda: gate.inside - gate.decoding)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401s too
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": service.name, "decoding": gate.decoding,
@@ -169,9 +181,11 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             had_slot = True
             if not req.stream:
                 retrieved, result = await asyncio.to_thread(_call, service.answer, req)
+                metrics.answered(result)
                 return plain(retrieved, result)
             retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
-            events = _sse(pieces, streamed(retrieved), lambda: gate.leave(True))
+            events = _sse(pieces, streamed(retrieved), lambda: gate.leave(True),
+                          metrics.answered)
             handed_off = True  # the stream leaves the gate when it ends
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -256,8 +270,8 @@ async def _json_body(request: Any, max_bytes: int) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from err
 
 
-async def _sse(pieces: Iterator[NestChunk], events: EventStream,
-               release: Callable[[], None]) -> AsyncIterator[str]:
+async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callable[[], None],
+               answered: Callable[[NestResult], None]) -> AsyncIterator[str]:
     """Server-sent events of one streamed answer in one wire format (``events``). A failure
     mid-answer is sent as the format's error event (the status line is already out)."""
     try:
@@ -268,6 +282,7 @@ async def _sse(pieces: Iterator[NestChunk], events: EventStream,
                 for event in events.text(piece.text) if piece.text else []:
                     yield event
                 if piece.result is not None:
+                    answered(piece.result)
                     for event in events.closing(piece.result):
                         yield event
     except Exception as err:  # the client must learn that the answer broke off
