@@ -24,8 +24,8 @@ answer is. The full record is the extension field ``nest`` at the top level of t
 A prompt that does not fit the model's context window with ``max_tokens`` is refused (400,
 the limit and the prompt's token count in the message) unless the request sends the
 extension field ``"truncation": "auto"`` (the Responses API's own field): then the oldest
-messages are dropped first (the system message and the last message stay), and what still
-does not fit loses its head (``nest.prompt_truncated`` is then true).
+messages are dropped first (the system message and the last user message on stay), and
+what still does not fit loses its head (``nest.prompt_truncated`` is then true).
 """
 
 from __future__ import annotations
@@ -194,9 +194,8 @@ def fit_window(lm: LanguageModel, request: ChatRequest) -> ChatRequest:
     """``request`` as it fits ``lm``'s context window with its ``max_tokens``: unchanged when
     it fits; with ``truncate``, without its oldest messages (the system message and the
     last user message on stay; the decoder cuts the head of what is still too long); else
-    a 400
-    that states the limit and the prompt's token count. Counted on the messages as sent
-    (the passages the decoder shows beside them are its own to fit)."""
+    a 400 that states the limit and the prompt's token count. Counted on the messages as
+    sent (the passages the decoder shows beside them are its own to fit)."""
     limit = lm.max_context - request.max_tokens
     if limit < 1:
         raise ApiError(400, f"max_tokens={request.max_tokens} leaves no room for a prompt in "
@@ -222,7 +221,7 @@ def fit_window(lm: LanguageModel, request: ChatRequest) -> ChatRequest:
     return replace(request, messages=messages)
 
 
-# --- responses ----------------------------------------------------------------------------------
+# --- responses -------------------------------------------------------------------------------
 def completion_id() -> str:
     return f"chatcmpl-nest-{uuid.uuid4().hex[:24]}"
 
