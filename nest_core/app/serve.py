@@ -13,7 +13,8 @@ on a small CPU more buys little), ``max_queue`` more wait for a slot; a request 
 refused at once with 429, and one that waited ``queue_seconds`` without a slot gets 503, both
 with ``Retry-After``. Nothing is dropped silently: every request gets an answer or an error.
 The server has no authentication unless ``api_key`` is set (then ``Authorization: Bearer``
-is required): keep it on loopback or behind your gateway.
+is required on ``/v1/``; ``/health`` and ``/metrics`` stay open for probes and scrapers):
+keep it on loopback or behind your gateway.
 """
 
 from __future__ import annotations
