@@ -154,6 +154,7 @@ def test_api_key(service: AnswerService) -> None:
                     headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 200
     assert client.get("/health").status_code == 200  # health checks need no key
+    assert client.get("/metrics").status_code == 200  # nor do metrics scrapers
 
 
 def test_gate_queues_with_a_bound_then_refuses() -> None:
