@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from langchain_core.documents import Document
 from langchain_core.language_models import LangSmithParams
@@ -24,8 +24,8 @@ from langchain_core.vectorstores import VectorStore
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from nest_core.config import NestConfig
-from nest_core.prompts import find_question, with_question
 from nest_core.types import NestChunk, NestResult, Passage
+from nest_integrations.langchain.context import Found
 from nest_integrations.langchain.documents import documents_to_passages
 
 if TYPE_CHECKING:
@@ -38,7 +38,6 @@ PROVIDER = "nest"
 CALL_OPTIONS = ("documents", "model", "max_tokens", "temperature")
 # What hosted chat models take (and langchain-tests passes): meaningless for a local model.
 REMOTE_ONLY = ("api_key", "base_url", "timeout", "max_retries")
-_P = TypeVar("_P", str, list[dict[str, str]])
 _CACHE_LOCK = threading.Lock()
 _KEY_CACHES: dict[tuple[str, str | None], KeyCache] = {}
 
@@ -107,10 +106,11 @@ class NestParams(BaseModel):
     device: str | None = Field(default=None, description="torch device; None is CPU.")
     stuffed_prompts: Literal["question", "keep"] = Field(
         default="question",
-        description="A prompt template that pasted retrieved context around a 'Question:' "
-        "line, when Nest has passages for it: 'question' answers the question line (Nest "
-        "puts the passages' best sentences in the prompt itself, instead of a second, "
-        "unfocused copy of them); 'keep' decodes the prompt as given.")
+        description="Context a prompt template pasted into the messages (a system prompt's "
+        "'{context}', a 'Question:' line amid documents), when Nest has passages: 'question' "
+        "leaves the pasted copy out and answers the last human turn's question (Nest puts "
+        "the passages' best sentences in the prompt itself, instead of a second, unfocused "
+        "copy); 'keep' decodes the messages as given.")
     datastore_dir: str | None = Field(
         default=None,
         description="Directory of a persistent span datastore (encoded passage keys survive "
@@ -246,30 +246,13 @@ class NestParams(BaseModel):
         return decoder.stream(prompt, passages or None, max_new_tokens=opts.max_tokens,
                               stop=opts.stop, question=question)
 
-    # --- retrieval -------------------------------------------------------------------------
-    def _query(self, asked: str, opts: CallOptions, given: list[Document]) -> str | None:
-        """The question inside a stuffed prompt (what the retriever and the focus must see),
-        None for a plain question. Warns once when a stuffed prompt comes with no passages
-        at all: it is decoded as a plain LM, and the user should know what to change."""
-        question = find_question(asked).stuffed
-        has_source = (opts.documents is not None or bool(given)
-                      or self.retriever is not None or self.vectorstore is not None)
-        if question is not None and not has_source:
-            warnings.warn(STUFFED_WARNING.format(cls=type(self).__name__), UserWarning,
-                          stacklevel=4)
-        return question
-
-    def _answer_prompt(self, prompt: _P, question: str | None, passages: list[Passage]) -> _P:
-        """The prompt to decode: a stuffed prompt's last user message reduced to its
-        question when Nest has the passages (see ``stuffed_prompts``), else ``prompt``."""
-        if question is None or not passages or self.stuffed_prompts == "keep":
-            return prompt
-        return with_question(prompt, question)  # type: ignore[return-value]
-
-    def _retrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
-                  ) -> tuple[list[Passage], list[Document]]:
-        """Passages, by precedence: per-call ``documents``, documents given in the messages
-        (content blocks), then the retriever or vector store searched with ``query``."""
+    # --- passages and the prompt ---------------------------------------------------------
+    def _prepare(self, found: Found, opts: CallOptions, given: Sequence[Document] = ()
+                 ) -> tuple[list[Passage], list[Document]]:
+        """Passages (and source documents) by precedence: per-call ``documents``, documents
+        in content blocks, the retriever or vector store searched with the question, then
+        context pasted into the prompt's text. Warns once where the answer cannot cite
+        source documents, naming the fix."""
         if opts.documents is not None:
             return documents_to_passages(opts.documents)
         if given:
@@ -278,34 +261,55 @@ class NestParams(BaseModel):
         # inherits the caller's context instead, so traces show it beside the model run.
         if self.retriever is not None:
             with store_errors():
-                return documents_to_passages(self.retriever.invoke(query))
+                return documents_to_passages(self.retriever.invoke(found.question))
         if self.vectorstore is not None:
             with store_errors():
-                return documents_to_passages(_search(self.vectorstore, query, self.k))
-        return [], []
+                return documents_to_passages(_search(self.vectorstore, found.question, self.k))
+        self._warn_unsourced(found, opts)
+        return documents_to_passages(found.pasted)
 
-    async def _aretrieve(self, query: str, opts: CallOptions, given: Sequence[Document] = ()
-                         ) -> tuple[list[Passage], list[Document]]:
-        if opts.documents is not None:
-            return documents_to_passages(opts.documents)
-        if given:
-            return documents_to_passages(given)
-        if self.retriever is not None:
+    async def _aprepare(self, found: Found, opts: CallOptions, given: Sequence[Document] = ()
+                        ) -> tuple[list[Passage], list[Document]]:
+        if opts.documents is None and not given and self.retriever is not None:
             with store_errors():
-                docs = await self.retriever.ainvoke(query)
-            return documents_to_passages(docs)
-        if self.vectorstore is not None:
+                return documents_to_passages(await self.retriever.ainvoke(found.question))
+        if opts.documents is None and not given and self.vectorstore is not None:
             with store_errors():
-                return documents_to_passages(await _asearch(self.vectorstore, query, self.k))
-        return [], []
+                return documents_to_passages(
+                    await _asearch(self.vectorstore, found.question, self.k))
+        return self._prepare(found, opts, given)
+
+    def _warn_unsourced(self, found: Found, opts: CallOptions) -> None:
+        """One warning when no source was given: passages pasted into the prompt are cited
+        without file names; no passages at all means a plain LM answer without citations."""
+        if not self.resolved_config(opts.model).uses_retrieval:
+            return  # a plain LM on purpose (mode="base")
+        text = PASTED_WARNING if found.pasted else NO_PASSAGES_WARNING
+        warnings.warn(text.format(cls=type(self).__name__), UserWarning, stacklevel=4)
+
+    def _answer_prompt(self, found: Found, passages: list[Passage]) -> list[dict[str, str]]:
+        """The conversation to decode: without the context pasted into it and with the last
+        human turn reduced to its question when Nest has passages (see ``stuffed_prompts``:
+        Nest shows the passages' best sentences itself, instead of a second, unfocused copy),
+        else as given."""
+        if not passages or self.stuffed_prompts == "keep":
+            return found.prompt
+        return found.reduced
 
 
-STUFFED_WARNING = (
-    "{cls} got a prompt that already holds retrieved context (a 'Question:' line amid other "
-    "text) but no passages, so it answers as a plain LM with no citations. Give Nest the "
-    "documents instead of pasting them: put them in the message as content blocks "
-    "(documents_to_blocks(docs)), bind them per call (.bind(documents=docs)), or set "
-    "{cls}(retriever=...), which retrieves on the question inside the prompt.")
+NO_PASSAGES_WARNING = (
+    "{cls} has no passages to copy from or cite: no retriever or vectorstore, no document "
+    "blocks in the messages and no context pasted into them, so it answers as a plain LM "
+    "without citations. Give it the documents: {cls}(retriever=store.as_retriever()) or "
+    "{cls}(vectorstore=store) (searched with the last human turn), document blocks in the "
+    "message (documents_to_blocks(docs)), or .bind(documents=docs).")
+PASTED_WARNING = (
+    "{cls} copies from the context a prompt template pasted into the messages and cites it "
+    "as unnamed passages (metadata 'pasted_in'): the pasted text does not say which document "
+    "it came from. To cite the source documents, give {cls} the documents instead: "
+    "{cls}(retriever=...) or {cls}(vectorstore=...) (searched with the question of the last "
+    "human turn, the pasted copy then left out of the prompt), or document blocks "
+    "(documents_to_blocks(docs)) in the message.")
 
 
 def _check_temperature(value: Any) -> None:
@@ -388,7 +392,8 @@ def usage(result: NestResult) -> UsageMetadata:
 def nest_metadata(result: NestResult) -> dict[str, Any]:
     """Spans and stats of one answer, JSON-ready (what tracing and UIs read): ``spans`` are
     the copied spans, ``matches`` the matched ones (text the LM wrote that a document holds
-    verbatim); every entry carries its ``kind``."""
+    verbatim); every entry carries its ``kind``. ``citations`` are the ones the answer shows
+    (:meth:`NestResult.cited_spans`: content, whole words, none on an unsupported answer)."""
     return {
         "spans": [s.to_dict() for s in result.spans],
         "matches": [s.to_dict() for s in result.matches],
@@ -396,4 +401,5 @@ def nest_metadata(result: NestResult) -> dict[str, Any]:
         "attribution_ratio": result.attribution_ratio,
         "mean_span_length": result.mean_span_length,
         "prompt_truncated": result.prompt_truncated,
+        "citations": [s.to_dict() for s in result.cited_spans()],
     }

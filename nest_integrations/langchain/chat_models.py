@@ -1,21 +1,26 @@
 """``ChatNest``: a LangChain chat model whose answers cite the passages they copy.
 
-The answer is one standard text block; each cited span is a standard ``Citation``
+The answer is one standard text block; each citation is a standard ``Citation``
 (``answer[start_index:end_index] == cited_text == source page_content[src_start:src_end]``)
 with ``extras["kind"]``: ``"copied"`` for text Nest copied, ``"matched"`` for text the LM
-wrote itself that the document holds verbatim. ``response_metadata["nest"]`` lists them
-apart, as ``spans`` and ``matches``.
-Streaming sends text pieces as the decoder accepts them; a copied span's citation rides
-with the first chunk after the span is complete (the chunk that starts the next run), and
-the matched spans, the usage and the metadata come in the last chunk
-(``chunk_position="last"``). All chunks use block ``index`` 0 and ``AIMessageChunk.__add__``
-concatenates annotation lists, so ``sum(chunks)`` is the single block ``invoke`` returns
-(``invoke`` is built from the stream). Scalars other than a citation's own are never sent
-early: merging adds ints.
+wrote itself that the document holds verbatim. The citations are the answer's
+:meth:`~nest_core.types.NestResult.cited_spans` (content-carrying, whole words, merged, none
+on an unsupported answer); ``response_metadata["nest"]`` lists the raw provenance apart, as
+``spans`` and ``matches``.
 
-Documents can come in the messages themselves, as standard ``text-plain`` content blocks
-(:func:`~nest_integrations.langchain.documents.documents_to_blocks`, or
-``create_plaintext_block``), the way citation-capable chat models receive them.
+Streaming sends text pieces as the decoder accepts them; the citations, the usage and the
+metadata come in the last chunk (``chunk_position="last"``). A streamed piece's provenance is
+no citation yet: whether a stretch is one depends on the text after it, on the pieces it
+merges with and on whether the whole answer is supported, and annotation lists only add up
+when chunks are summed (one sent early cannot be taken back). All chunks use block
+``index`` 0, so ``sum(chunks)`` is the single block ``invoke`` returns (``invoke`` is built
+from the stream).
+
+Passages come from wherever the app put them (:mod:`~nest_integrations.langchain.context`):
+per-call ``documents``, document content blocks in any message (standard ``text-plain`` and
+``file`` blocks, Anthropic ``document`` blocks; :func:`~nest_integrations.langchain.documents.
+documents_to_blocks` makes them), the retriever or vector store searched with the last
+human turn's question, or context a prompt template pasted into a system or human message.
 """
 
 from __future__ import annotations
@@ -43,8 +48,7 @@ from langchain_core.messages.content import Citation, TextContentBlock, create_t
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 
 from nest_core.async_iter import aiter_in_thread
-from nest_core.prompts import question_of
-from nest_core.types import NestChunk, NestResult, Span
+from nest_core.types import NestChunk, NestResult
 from nest_integrations.langchain._shared import (
     PROVIDER,
     CallOptions,
@@ -52,11 +56,8 @@ from nest_integrations.langchain._shared import (
     nest_metadata,
     usage,
 )
-from nest_integrations.langchain.documents import (
-    blocks_to_documents,
-    result_citations,
-    span_to_citation,
-)
+from nest_integrations.langchain.context import find_in_prompt
+from nest_integrations.langchain.documents import blocks_to_documents, result_citations
 from nest_integrations.langchain.tools import create_nest_tool
 
 BLOCK_INDEX = 0  # the answer is always one text block
@@ -76,13 +77,15 @@ class ChatNest(NestParams, BaseChatModel):
         msg.text, msg.content[0]["annotations"], msg.response_metadata["source_documents"]
         ```
 
-    Passages come, by precedence, from ``documents=[...]`` per call, from ``text-plain``
-    document blocks in the messages, or from ``retriever`` / ``vectorstore``, searched with
-    the user's question: the last human message, or the question line inside it when a prompt
-    template has stuffed retrieved context around it. Without passages it is a plain greedy
-    chat model. Greedy only: ``temperature`` must be None or 0. It cannot call tools or
-    produce structured output (a 135M model cannot do them reliably); for agents, use
-    :meth:`as_tool`, a tool that returns a cited answer.
+    Passages come, by precedence, from ``documents=[...]`` per call, from document blocks in
+    the messages, from ``retriever`` / ``vectorstore``, searched with the question of the last
+    human turn (not the whole prompt), or from context a prompt template pasted into a system
+    or human message (``create_stuff_documents_chain``, a ``@dynamic_prompt`` agent): cited
+    then without file names, with a warning. Without passages it is a plain greedy chat model
+    and warns once, naming the fix. Greedy only: ``temperature`` must be None or 0. It cannot
+    call tools or produce structured output (a 135M model cannot do them reliably): as the
+    model of ``create_agent``, give it no tools (a ``@dynamic_prompt`` RAG agent needs none);
+    for tool-calling agents, use :meth:`as_tool`, a tool that returns a cited answer.
     """
 
     @property
@@ -106,27 +109,23 @@ class ChatNest(NestParams, BaseChatModel):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        given, asked = message_documents(messages), retrieval_query(messages)
-        question = self._query(asked, opts, given)
-        passages, sources = self._retrieve(question or asked, opts, given)
-        prompt = self._answer_prompt(messages_to_prompt(messages), question, passages)
-        citing = CitationStream()
-        for piece in self._decoder_stream(prompt, passages, opts, question):
-            yield from citing.chunks(piece, sources, opts)
+        found = find_in_prompt(messages_to_prompt(messages))
+        passages, sources = self._prepare(found, opts, message_documents(messages))
+        prompt = self._answer_prompt(found, passages)
+        for piece in self._decoder_stream(prompt, passages, opts, found.question or None):
+            yield from piece_chunks(piece, sources, opts)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        given, asked = message_documents(messages), retrieval_query(messages)
-        question = self._query(asked, opts, given)
-        passages, sources = await self._aretrieve(question or asked, opts, given)
-        prompt = self._answer_prompt(messages_to_prompt(messages), question, passages)
-        citing = CitationStream()
+        found = find_in_prompt(messages_to_prompt(messages))
+        passages, sources = await self._aprepare(found, opts, message_documents(messages))
+        prompt = self._answer_prompt(found, passages)
         pieces = aiter_in_thread(
-            lambda: self._decoder_stream(prompt, passages, opts, question))
+            lambda: self._decoder_stream(prompt, passages, opts, found.question or None))
         async for piece in pieces:
-            for chunk in citing.chunks(piece, sources, opts):
+            for chunk in piece_chunks(piece, sources, opts):
                 yield chunk
 
     # --- what a 135M grounded decoder does not do: say what to use instead ------------------
@@ -156,62 +155,15 @@ class ChatNest(NestParams, BaseChatModel):
         return create_nest_tool(self, name=name, description=description)
 
 
-class CitationStream:
-    """Turns decoder pieces into chunks, citing each copied span as soon as it is complete.
-
-    Consecutive pieces copied from consecutive rows of one passage make one span (as in the
-    result); the span is cited in the chunk of the first piece that does not continue it.
-    The last chunk cites what is left: the span still open, any copied span of the result
-    not cited yet, and the matched spans (found only once the answer is complete).
-    """
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.open: Span | None = None
-        self.sent: set[str] = set()
-
-    def chunks(self, piece: NestChunk, sources: list[Document],
-               opts: CallOptions) -> Iterator[ChatGenerationChunk]:
-        self.text += piece.text
-        closed = self._feed(piece.span, bool(piece.text.strip()))
-        if piece.text or closed:
-            yield _text_chunk(piece.text, self._cite(closed))
-        if piece.result is not None:
-            yield _last_chunk(piece.result, sources, opts, self._rest(piece.result))
-
-    def _feed(self, span: Span | None, has_text: bool) -> list[Span]:
-        """The span closed by this piece, if any (whitespace-only pieces close nothing)."""
-        if span is None and not has_text:
-            return []
-        if span is not None and self.open is not None and _continues(self.open, span):
-            self.open = _joined(self.open, span, self.text)
-            return []
-        closed = [self.open] if self.open is not None else []
-        self.open = span
-        return closed
-
-    def _cite(self, spans: list[Span]) -> list[Citation]:
-        citations = [span_to_citation(s) for s in spans]
-        self.sent.update(str(c.get("id")) for c in citations)
-        return citations
-
-    def _rest(self, result: NestResult) -> list[Citation]:
-        rest = self._cite([self.open] if self.open is not None else [])
-        self.open = None
-        return rest + [c for c in result_citations(result) if str(c.get("id")) not in self.sent]
-
-
-def _continues(first: Span, then: Span) -> bool:
-    """Whether ``then`` copies on from where ``first`` left off in the same passage."""
-    return (then.passage.id == first.passage.id and then.kind == first.kind == "copied"
-            and then.source_row - first.source_row == then.token_start - first.token_start)
-
-
-def _joined(first: Span, then: Span, output: str) -> Span:
-    return Span(text=output[first.out_start:then.out_end], out_start=first.out_start,
-                out_end=then.out_end, passage=first.passage, src_start=first.src_start,
-                src_end=then.src_end, token_start=first.token_start,
-                token_end=then.token_end, source_row=first.source_row)
+def piece_chunks(piece: NestChunk, sources: list[Document],
+                 opts: CallOptions) -> Iterator[ChatGenerationChunk]:
+    """The chunks of one decoder piece: its text, then (on the last piece) the citations of
+    the whole answer with the usage and metadata (see the module docstring for why the
+    citations wait for the end)."""
+    if piece.text:
+        yield _text_chunk(piece.text)
+    if piece.result is not None:
+        yield _last_chunk(piece.result, sources, opts, result_citations(piece.result))
 
 
 def _text_block(text: str, annotations: list[Citation] | None = None) -> TextContentBlock:
@@ -268,7 +220,7 @@ def messages_to_prompt(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
 
 
 def message_documents(messages: Sequence[BaseMessage]) -> list[Document]:
-    """Documents given as ``text-plain`` content blocks in any message, in order."""
+    """Documents given as content blocks in any message, in order."""
     docs: list[Document] = []
     for m in messages:
         if isinstance(m.content, list):
@@ -277,6 +229,6 @@ def message_documents(messages: Sequence[BaseMessage]) -> list[Document]:
 
 
 def retrieval_query(messages: Sequence[BaseMessage]) -> str:
-    """What the user asked (:func:`~nest_core.prompts.question_of`: the last user message
-    with text); the last message's text if there is none."""
-    return question_of(messages_to_prompt(messages)) or (messages[-1].text if messages else "")
+    """What a retriever is asked: the question of the last human turn (its labelled question
+    line, or the short paragraph beside context pasted into it), not the whole prompt."""
+    return find_in_prompt(messages_to_prompt(messages)).question

@@ -145,15 +145,24 @@ def format_citations(answer: str, citations: Sequence[Citation]) -> str:
     return "\n".join([out, "", *lines]).rstrip()
 
 
-# --- documents given in the messages as standard content blocks ------------------------------
-DOCUMENT_BLOCK_TYPES = ("text-plain",)
+# --- documents given in the messages as content blocks ---------------------------------------
+# LangChain's standard plain-text block, its file block, and Anthropic's document block.
+DOCUMENT_BLOCK_TYPES = ("text-plain", "file", "document")
+CITATIONS_ON = {"enabled": True}  # Anthropic's switch: cite this document
 
 
 def documents_to_blocks(docs: Iterable[Document]) -> list[dict[str, Any]]:
-    """Documents as standard ``text-plain`` content blocks, the way citation-capable chat
-    models receive documents: put them in a ``HumanMessage`` beside the question and
-    :class:`ChatNest` decodes over them and cites them. The block ``id`` is the document's
-    stable id, so citations name the same document as a retriever would."""
+    """Documents as content blocks that citation-capable chat models read and cite: put them
+    in a ``HumanMessage`` beside the question.
+
+    Each is LangChain's standard ``text-plain`` block (``create_plaintext_block``) with
+    ``title``, ``url`` (the ``source``), the rest of the metadata in ``extras``, and
+    ``citations={"enabled": True}``: :class:`ChatNest` decodes over it and cites it, and
+    ``ChatAnthropic`` sends it as the Anthropic document block ``{"type": "document",
+    "source": {"type": "text", "media_type": "text/plain", "data": ...}, "title": ...,
+    "citations": {"enabled": True}}`` and answers with citations of it (it copies
+    ``title``, ``context`` and ``citations`` over). The block ``id`` is the document's stable
+    id, so citations name the same document as a retriever would."""
     from langchain_core.messages.content import create_plaintext_block
 
     blocks: list[dict[str, Any]] = []
@@ -164,6 +173,7 @@ def documents_to_blocks(docs: Iterable[Document]) -> list[dict[str, Any]]:
         block = dict(create_plaintext_block(text=doc.page_content, title=passage.title,
                                             id=passage.id,
                                             url=None if source is None else str(source)))
+        block["citations"] = dict(CITATIONS_ON)
         if extras:
             block["extras"] = extras
         blocks.append(block)
@@ -171,16 +181,12 @@ def documents_to_blocks(docs: Iterable[Document]) -> list[dict[str, Any]]:
 
 
 def block_to_document(block: dict[str, Any]) -> Document:
-    """A ``text-plain`` block as a ``Document``: ``title``, ``url`` (as ``source``) and
-    ``extras`` become metadata. Ids that ``create_plaintext_block`` invented (``lc_`` + a
-    random uuid) are dropped so the content hash names the passage, stably across calls."""
-    text = block.get("text")
-    if not isinstance(text, str):
-        msg = (f"a {block.get('type')!r} content block needs its document in 'text' (inline "
-               f"plain text); got {type(text).__name__}. Nest cannot fetch 'url', 'file_id' "
-               f"or 'base64' documents: pass the text itself")
-        raise TypeError(msg)
+    """A document block as a ``Document``: ``title``, ``url`` (as ``source``), ``context``
+    and ``extras`` become metadata. Ids that ``create_plaintext_block`` invented (``lc_`` +
+    a random uuid) are dropped so the content hash names the passage, stably across calls."""
+    text = _block_text(block)
     metadata: dict[str, Any] = dict(block.get("extras") or {})
+    metadata.pop("citations", None)  # a switch for the model, not a property of the document
     if block.get("title"):
         metadata["title"] = str(block["title"])
     if block.get("url"):
@@ -190,6 +196,41 @@ def block_to_document(block: dict[str, Any]) -> Document:
     block_id = block.get("id")
     doc_id = str(block_id) if block_id and not str(block_id).startswith("lc_") else None
     return Document(id=doc_id, page_content=text, metadata=metadata)
+
+
+def _block_text(block: dict[str, Any]) -> str:
+    """The plain text a document block holds inline: ``text`` (standard), ``base64`` of a
+    ``text/*`` file, or an Anthropic ``source`` of type ``text`` (or ``content``, its
+    text parts joined). Anything else (a URL, a file id, a PDF) is refused: Nest reads
+    plain text only and fetches nothing."""
+    source = block.get("source")
+    if block.get("type") == "document" and isinstance(source, dict):
+        if source.get("type") == "text" and isinstance(source.get("data"), str):
+            return str(source["data"])
+        if source.get("type") == "content" and isinstance(source.get("content"), list):
+            parts = [p.get("text") for p in source["content"] if isinstance(p, dict)]
+            return "\n\n".join(p for p in parts if isinstance(p, str))
+        if source.get("type") == "base64" and _is_text(source.get("media_type")):
+            return _decoded(str(source.get("data", "")))
+    elif isinstance(block.get("text"), str):
+        return str(block["text"])
+    elif block.get("base64") and _is_text(block.get("mime_type")):
+        return _decoded(str(block["base64"]))
+    msg = (f"a {block.get('type')!r} content block needs its document as inline plain text "
+           f"('text', base64 of a text/plain file, or an Anthropic document whose source "
+           f"type is 'text'); got keys {sorted(block)}. Nest cannot fetch 'url', 'file_id' "
+           f"documents or read PDFs: pass the text itself")
+    raise TypeError(msg)
+
+
+def _is_text(mime_type: Any) -> bool:
+    return isinstance(mime_type, str) and mime_type.startswith("text/")
+
+
+def _decoded(data: str) -> str:
+    import base64
+
+    return base64.b64decode(data).decode("utf-8")
 
 
 def blocks_to_documents(blocks: Iterable[Any]) -> list[Document]:

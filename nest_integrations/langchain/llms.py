@@ -27,14 +27,17 @@ from nest_integrations.langchain._shared import (
     nest_metadata,
     usage,
 )
+from nest_integrations.langchain.context import find_in_text
 
 
 class NestLLM(NestParams, BaseLLM):
     """Nest as a LangChain LLM: a prompt string in, an attributed completion out.
 
     The prompt goes through the model's chat template as one user message (SmolLM2 is an
-    instruct model); it is also the retrieval query, unless a template stuffed retrieved
-    context around a "Question:" line: then that line is. Same fields as :class:`ChatNest`.
+    instruct model). Its question (a labelled question line, or the short paragraph beside
+    context a template pasted into it; else the whole prompt) is the retrieval query; without
+    a retriever, pasted context is the passages (see :class:`ChatNest`, same fields).
+    ``generation_info["citations"]`` are the answer's citations (``cited_spans``).
     """
 
     @property
@@ -66,10 +69,10 @@ class NestLLM(NestParams, BaseLLM):
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        question = self._query(prompt, opts, [])
-        passages, sources = self._retrieve(question or prompt, opts)
-        answer_prompt = self._answer_prompt(prompt, question, passages)
-        for piece in self._decoder_stream(answer_prompt, passages, opts, question):
+        found = find_in_text(prompt)
+        passages, sources = self._prepare(found, opts)
+        answer_prompt = self._answer_prompt(found, passages)[-1]["content"]  # one user turn
+        for piece in self._decoder_stream(answer_prompt, passages, opts, found.question or None):
             for chunk in _piece_chunks(piece, sources, opts):
                 # BaseLLM.stream does not report tokens itself: callbacks rely on this call.
                 if run_manager:
@@ -80,11 +83,11 @@ class NestLLM(NestParams, BaseLLM):
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
         opts = self._call_options(stop, kwargs)
-        question = self._query(prompt, opts, [])
-        passages, sources = await self._aretrieve(question or prompt, opts)
-        answer_prompt = self._answer_prompt(prompt, question, passages)
+        found = find_in_text(prompt)
+        passages, sources = await self._aprepare(found, opts)
+        answer_prompt = self._answer_prompt(found, passages)[-1]["content"]  # one user turn
         pieces = aiter_in_thread(
-            lambda: self._decoder_stream(answer_prompt, passages, opts, question))
+            lambda: self._decoder_stream(answer_prompt, passages, opts, found.question or None))
         async for piece in pieces:
             for chunk in _piece_chunks(piece, sources, opts):
                 if run_manager:

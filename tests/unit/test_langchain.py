@@ -8,10 +8,17 @@ import sys
 
 import pytest
 from langchain_core.documents import Document
-from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 import nest_integrations.langchain as lc
+from nest_core.citations import is_citation
 from nest_core.types import DecodeStats, NestChunk, NestResult, Passage, Span
 from nest_integrations.langchain import (
     ChatNest,
@@ -25,9 +32,9 @@ from nest_integrations.langchain import (
 )
 from nest_integrations.langchain._shared import CallOptions
 from nest_integrations.langchain.chat_models import (
-    CitationStream,
     _last_chunk,
     messages_to_prompt,
+    piece_chunks,
     retrieval_query,
 )
 from nest_integrations.langchain.documents import result_citations
@@ -162,18 +169,21 @@ def _split(span: Span, at: int) -> tuple[Span, Span]:
     return a, b
 
 
-def test_stream_cites_a_copied_span_once_it_is_complete_and_merges_to_invoke() -> None:
-    result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
+def _streamed(result: NestResult, cuts: list[tuple[str, Span | None]],
+              sources: list[Document]) -> list[AIMessageChunk]:
     opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
+    return [c.message for p in _pieces(result, cuts) for c in piece_chunks(p, sources, opts)]
+
+
+def test_stream_sends_text_then_the_citations_in_the_last_chunk_and_merges_to_invoke() -> None:
+    result = _result("It was Marta Quillfeather, in 1987.", PASSAGE, "Marta Quillfeather")
     first, rest = _split(result.spans[0], len("Marta"))
-    citing = CitationStream()
-    pieces = _pieces(result, [("It was ", None), ("Marta", first), (" ", None),
-                              ("Quillfeather", rest), (", in 1987.", None)])
-    chunks = [c.message for p in pieces
-              for c in citing.chunks(p, [passage_to_document(PASSAGE)], opts)]
+    chunks = _streamed(result, [("It was ", None), ("Marta", first), (" ", None),
+                                ("Quillfeather", rest), (", in 1987.", None)],
+                       [passage_to_document(PASSAGE)])
     cited = [[a["cited_text"] for a in c.content[0].get("annotations", [])] for c in chunks]
-    # one citation for the whole span, in the chunk that follows it, none in the last
-    assert cited == [[], [], [], [], ["Marta Quillfeather"], []]
+    # a piece's span is provenance, not yet a citation: all of them ride in the last chunk
+    assert cited == [[], [], [], [], [], ["Marta Quillfeather"]]
     full = chunks[0]
     for c in chunks[1:]:
         full = full + c
@@ -185,20 +195,42 @@ def test_stream_cites_a_copied_span_once_it_is_complete_and_merges_to_invoke() -
     assert [d.id for d in full.response_metadata["source_documents"]] == ["doc-1"]
     assert full.response_metadata["nest"]["spans"] == [result.spans[0].to_dict()]
     assert full.response_metadata["nest"]["matches"] == []
+    assert full.response_metadata["nest"]["citations"] == [result.spans[0].to_dict()]
 
 
-def test_stream_cites_an_open_span_and_matches_in_the_last_chunk() -> None:
-    result = _with_matches()
-    opts = CallOptions(model=None, max_tokens=8, stop=None, documents=None)
-    copied = result.spans[0]
-    start = copied.out_start
-    cuts = [(result.text[:start], None), (copied.text, copied)]
-    citing = CitationStream()
-    chunks = [c.message for p in _pieces(result, cuts) for c in citing.chunks(p, [], opts)]
-    assert [len(c.content[0].get("annotations", [])) for c in chunks] == [0, 0, 3]
-    last = chunks[-1].content[0]["annotations"]
-    assert [(a["cited_text"], a["extras"]["kind"]) for a in last] == [
-        ("Marta Quillfeather", "copied"), ("1987", "matched"), ("in Ostrava", "matched")]
+def _copied(at: int, passage: Passage, text: str, row: int) -> Span:
+    """A real copied span: ``text`` at output offset ``at``, where ``passage`` holds it."""
+    src = passage.text.index(text)
+    return Span(text=text, out_start=at, out_end=at + len(text), passage=passage,
+                src_start=src, src_end=src + len(text), token_start=row, token_end=row + 1,
+                source_row=row)
+
+
+def test_a_lone_function_word_punctuation_or_fragment_is_never_streamed_as_a_citation(
+) -> None:
+    release = Passage(id="doc-3", text="Release 1.4 of the Sidewinder.", title="Releases")
+    answer = "Marta Quillfeather led it, in Sidney, release 1.4."
+    spans = [
+        _copied(0, PASSAGE, "Marta Quillfeather", 0),
+        _copied(answer.index(" in ") + 1, PASSAGE, "in", 5),  # a lone function word
+        _copied(answer.index("Sid"), release, "Sid", 9),  # ends inside "Sidney"
+        _copied(answer.index("1.4"), release, "1", 2),  # one character
+        _copied(len(answer) - 1, release, ".", 12),  # punctuation
+    ]
+    for s in spans:  # the spans are real: the passage holds what the answer shows
+        assert answer[s.out_start:s.out_end] == s.text == s.passage.text[s.src_start:s.src_end]
+    result = NestResult(text=answer, token_ids=list(range(12)), spans=spans,
+                        passages=[PASSAGE, release], stats=DecodeStats(), finish_reason="stop")
+    cuts: list[tuple[str, Span | None]] = []
+    at = 0
+    for s in spans:  # the decoder's pieces: the text between spans, then each span
+        cuts += [(answer[at:s.out_start], None), (s.text, s)]
+        at = s.out_end
+    chunks = _streamed(result, [c for c in cuts if c[0]], [])
+    annotations = [a for c in chunks for a in c.content[0].get("annotations", [])]
+    assert [a["cited_text"] for a in annotations] == ["Marta Quillfeather"]
+    assert [is_citation(s, answer) for s in spans] == [True, False, False, False, False]
+    assert len(chunks[-1].response_metadata["nest"]["spans"]) == 5  # provenance kept apart
 
 
 def _with_matches() -> NestResult:

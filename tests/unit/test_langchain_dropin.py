@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from nest_core.prompts import find_question, stuffed_question
 from nest_integrations.langchain import ChatNest, NestLLM, create_nest_tool, documents_to_blocks
 from tests.conftest import TINY_CORPUS
-from tests.unit.test_langchain_models import assert_citations_exact
+from tests.unit.test_langchain_models import PAPER, assert_citations_exact
 
 QUESTION = "Who founded the Zephyr Widget Company?"
 DOCS = [Document(page_content=t, metadata={"source": f"doc{i}.txt", "start_index": 0})
@@ -74,7 +74,7 @@ class ScriptedToolCaller(BaseChatModel):
 
 @pytest.fixture
 def chat(tiny_lm: Any) -> ChatNest:
-    return ChatNest.from_lm(tiny_lm, max_tokens=16)
+    return ChatNest.from_lm(tiny_lm, max_tokens=16, nest_config=PAPER)
 
 
 # --- documents as content blocks -------------------------------------------------------------
@@ -158,13 +158,15 @@ def test_a_stuffed_prompt_with_passages_is_answered_as_its_question(tiny_lm: Any
     assert used["question"] == plain.usage_metadata["input_tokens"] < used["keep"]
 
 
-def test_a_stuffed_prompt_without_passages_warns_what_to_change(chat: ChatNest) -> None:
-    stuffed = RAG_PROMPT.format_messages(question=QUESTION, context=" ".join(TINY_CORPUS))
-    with pytest.warns(UserWarning, match="content blocks"):
-        chat.invoke(stuffed)
+def test_a_stuffed_prompt_without_passages_copies_the_pasted_context_and_warns(
+        chat: ChatNest) -> None:
+    stuffed = RAG_PROMPT.format_messages(question=QUESTION, context="\n\n".join(TINY_CORPUS))
+    with pytest.warns(UserWarning, match=r"unnamed passages.*retriever=") as caught:
+        msg = chat.invoke(stuffed)
+    assert len(caught) == 1
+    assert [d.page_content for d in msg.response_metadata["source_documents"]] == TINY_CORPUS
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        chat.invoke(QUESTION)  # a plain question is no stuffed prompt
         chat.invoke(stuffed, documents=DOCS)  # passages given: nothing to change
 
 
