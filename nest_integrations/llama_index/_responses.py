@@ -31,7 +31,7 @@ class PendingText:
     async def run(self) -> RESPONSE_TYPE:
         decoder = await asyncio.to_thread(self.engine._decoder.get)
         pieces = self.engine._pieces(decoder, self.query_str, self.passages, self.kept,
-                                     self.metadata)
+                                     self.metadata, hold=True)
         text = await asyncio.to_thread("".join, pieces)
         return self.done(Response(text, source_nodes=self.sources, metadata=self.metadata))
 

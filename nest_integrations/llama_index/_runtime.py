@@ -71,8 +71,10 @@ def source_map(kept: Sequence[NodeWithScore]) -> dict[str, tuple[int, NodeWithSc
 def decode_pieces(decoder: Any, prompt: Any, passages: Sequence[Passage],
                   kept: Sequence[NodeWithScore], metadata: dict[str, Any], *,
                   max_new_tokens: int, stop: Sequence[str] | None,
-                  citation_markers: bool) -> Iterator[str]:
+                  citation_markers: bool, hold: bool = False) -> Iterator[str]:
     """Stream response text; fill ``metadata["nest_spans"]`` as spans complete.
+    ``hold=True`` (callers that join the text anyway) yields it all at the end, when the
+    answer's support is known (see :class:`SpanAssembler`).
 
     When the generator is exhausted, ``metadata["nest_matches"]`` holds the matched spans
     (text the LM wrote that a node holds verbatim; known only at the end), and ``metadata``
@@ -81,7 +83,7 @@ def decode_pieces(decoder: Any, prompt: Any, passages: Sequence[Passage],
     (the decoder's text without markers).
     """
     assembler = SpanAssembler(source_map(kept), metadata["nest_spans"],
-                              citation_markers=citation_markers)
+                              citation_markers=citation_markers, hold=hold)
     for chunk in decoder.stream(prompt, passages, max_new_tokens=max_new_tokens,
                                 stop=list(stop) if stop else None):
         piece = assembler.feed(chunk)

@@ -8,10 +8,21 @@ and follows the cited text (``"... founded in 1987 [1]."``). A span only ends wh
 chunk does not continue it, so with markers on, the whitespace after a copied piece is held
 back until the next chunk (or the end) shows where the marker goes.
 
+Only citations are listed or marked (:mod:`nest_core.citations`, the rule every surface
+shares): a copied span is judged by :func:`~nest_core.citations.is_citation` when it closes,
+which is when the text after it is known, so a lone "in", ".", "7" or the first half of a
+word gets neither a marker nor a dict. ``NestChunk.span`` alone is provenance, not a citation.
+
 Matched spans (text the LM wrote that a node holds verbatim, ``NestResult.matches``) are
 only known once decoding ends, after the text has streamed out: :meth:`SpanAssembler.matches`
-gives their dicts (``kind="matched"``, offsets shifted past the markers already emitted)
-and no marker is inserted for them.
+gives the dicts of those ``NestResult.cited_spans()`` keeps (``kind="matched"``, merged as it
+merges them, offsets shifted past the markers already emitted); no marker is inserted for
+them. When the decoder finds the answer unsupported by the context it showed
+(``NestResult.support`` below :data:`~nest_core.citations.MIN_SUPPORT`, known at the end),
+:meth:`finish` drops every citation, so a wrong answer keeps none. A marker already streamed
+cannot be taken back, so with markers on a streamed answer keeps its spans (marker and dict
+agree); ``hold=True`` (the non-streaming paths, which join the text anyway) emits all text at
+:meth:`finish`, when that is known, and a wrong answer then has neither.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Any
 
 from llama_index.core.schema import NodeWithScore
 
+from nest_core.citations import MIN_SUPPORT, is_citation
 from nest_core.types import NestChunk, NestResult, Span
 from nest_integrations.llama_index.nodes import span_dict
 
@@ -45,9 +57,10 @@ class SpanAssembler:
     """
 
     def __init__(self, nodes: Mapping[str, tuple[int, NodeWithScore]], spans: list[Any],
-                 *, citation_markers: bool = False) -> None:
+                 *, citation_markers: bool = False, hold: bool = False) -> None:
         self._nodes = nodes  # passage id -> (1-based source index, node)
         self._markers_on = citation_markers
+        self._hold = hold  # emit nothing before finish()
         self.spans = spans
         self.plain = ""  # the decoder's text so far
         self._pos = 0  # plain characters already emitted
@@ -72,11 +85,17 @@ class SpanAssembler:
             self._close()
             if span is not None:
                 self._open = _OpenSpan(first=span, last=span)
-        return self._flush()
+        return "" if self._hold else self._flush()
 
     def finish(self) -> str:
-        """Close the last span; return all remaining text and markers."""
+        """Close the last span; return all remaining text and markers. An answer the shown
+        context does not support keeps no span dict."""
         self._close()
+        support = self.result.support if self.result is not None else None
+        if support is not None and support < MIN_SUPPORT and (
+                self._hold or not self._markers_on or not self._emitted):
+            del self.spans[:]
+            self._markers.clear()
         return self._flush()
 
     def matches(self) -> list[dict[str, Any]]:
@@ -86,8 +105,8 @@ class SpanAssembler:
         if self.result is None:
             return []
         out = []
-        for span in self.result.matches:
-            if span.passage.id not in self._nodes:
+        for span in self.result.cited_spans():
+            if span.kind != "matched" or span.passage.id not in self._nodes:
                 continue
             index, scored = self._nodes[span.passage.id]
             # a marker at the span's start was emitted before it; none falls inside it
@@ -129,7 +148,8 @@ class SpanAssembler:
         return gap_out == span.passage.text[last.src_end:span.src_start]
 
     def _close(self) -> None:
-        """Record the open span as a dict and queue its marker."""
+        """Record the open span as a dict and queue its marker, if it is a citation (the
+        text after it is known now: the chunk that did not continue it, or the end)."""
         if self._open is None:
             return
         first, last = self._open.first, self._open.last
@@ -140,6 +160,8 @@ class SpanAssembler:
                       out_start=first.out_start, out_end=last.out_end, passage=passage,
                       src_start=first.src_start, src_end=last.src_end,
                       token_start=first.token_start, token_end=last.token_end)
+        if not is_citation(merged, self.plain):
+            return
         # markers already placed at or before the span start shift it right
         shift = self._marker_chars_before + sum(
             len(m) for at, m in self._markers if at <= first.out_start)

@@ -1,28 +1,39 @@
 """``NestLLM``: Nest decoding behind LlamaIndex's ``LLM`` interface, for ``Settings.llm``.
 
-An LLM only sees a prompt, but Nest needs passages to copy from. Inside a stock query engine
-(``Settings.llm = NestLLM()``, then ``index.as_query_engine()``) the prompt already holds the
-retrieved context: :mod:`.stock_prompt` reads the context block and the ``Query:`` line of
-the stock templates back out, so Nest decodes over exactly the nodes the engine retrieved and
-post-processed (no second retrieval), with the question as its prompt, as
-:class:`NestQueryEngine` does. Context chunks are mapped back to node ids through the
-engine's own ``RetrievalEndEvent``; text no retrieved node covers is cited as ``context-<n>``.
+An LLM only sees a prompt, but Nest needs passages to copy from. Inside a stock engine the
+engine has them: every stock synthesizer (``index.as_query_engine()`` in any
+``response_mode``, ``CitationQueryEngine``, and the chat engines ``index.as_chat_engine()``
+in its default, ``"context"`` and ``"condense_plus_context"`` modes) is called with the
+question and the retrieved, post-processed nodes, and :mod:`.span_bridge` reads both off
+LlamaIndex's instrumentation. Nest then decodes over exactly those nodes (no second
+retrieval) with the question as its prompt, as :class:`NestQueryEngine` does, whatever the
+prompt template (a chat engine's system message, a refine prompt, numbered sources).
+
+One synthesis is answered once, over all its nodes: refine and tree_summarize show the
+nodes a chunk per LLM call, and a Nest answer over the last chunk alone would be the
+answer to a narrower question (often wrong, and cited). Later calls of the same synthesis
+get that answer again, as refine's "return the original answer". Inside
+``CitationQueryEngine`` (nodes numbered "Source 1", "Source 2"...) the answer carries its
+``[n]`` markers, as that engine's prompt asks. A chat engine's condense prompt is answered
+by the deterministic rule of :mod:`.condense` (the 135M model rewrites questions badly),
+and the follow-up's synthesis then decodes the standalone question.
 
 The spans reach ``Response.metadata["nest_spans"]`` (and ``nest_matches``, ``nest_stats``...)
 through LlamaIndex's instrumentation, the one channel from an LLM call to the engine's
-``Response``: see :mod:`.span_bridge` (an event handler registered once, when the first
-``NestLLM`` is built). Called directly, :meth:`complete` also returns them in
-``CompletionResponse.additional_kwargs``.
+``Response`` (and ``AgentChatResponse.metadata`` for chat engines): see :mod:`.span_bridge`.
+Called directly, :meth:`complete` also returns them in ``CompletionResponse.additional_kwargs``.
 
-A prompt without a stock context block is answered over passages from ``retriever`` when one
-is given (the question is the ``Query: ...`` line when present, else the whole prompt), else
-by the plain LM with a warning (no passages, no citations).
+Outside a stock synthesis, a prompt with a stock context block (dashes, ``Query:`` line)
+is answered over that context (chunks mapped to nodes of the last retrieval, the rest cited
+as ``context-<n>``); any other prompt over passages from ``retriever`` when one is given,
+else by the plain LM, with one warning per ``NestLLM`` that names the fix.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +54,26 @@ from nest_core.config import NestConfig
 from nest_core.prompts import find_question
 from nest_integrations.llama_index import span_bridge
 from nest_integrations.llama_index._runtime import LazyDecoder, decode_pieces
-from nest_integrations.llama_index.nodes import nodes_to_passages, response_metadata
-from nest_integrations.llama_index.stock_prompt import context_nodes, parse_stock_prompt
+from nest_integrations.llama_index.condense import condense_question
+from nest_integrations.llama_index.nodes import (
+    node_text,
+    nodes_to_passages,
+    response_metadata,
+)
+from nest_integrations.llama_index.stock_prompt import (
+    context_nodes,
+    parse_condense_prompt,
+    parse_stock_prompt,
+)
 
 logger = logging.getLogger(__name__)
+
+NO_PASSAGES = (
+    "NestLLM found no passages to copy from: the prompt is not one a stock LlamaIndex engine "
+    "built over retrieved nodes, and NestLLM has no retriever, so it answers as the plain LM "
+    "with no citations. For cited answers use NestQueryEngine.from_index(index) (or "
+    "NestChatEngine), or NestLLM(retriever=index.as_retriever()).")
+_SOURCE_LABEL = re.compile(r"Source (\d+):\n")  # CitationQueryEngine's numbered nodes
 
 
 def retrieval_query(prompt: str) -> str:
@@ -66,6 +93,8 @@ class _Plan:
     prompt: str
     nodes: list[NodeWithScore] | None  # None: ask the retriever for ``query``
     query: str
+    synthesis: span_bridge.Synthesis | None = None  # the stock synthesis it belongs to
+    standalone: str | None = None  # a condense prompt's answer: nothing to decode
 
 
 class NestLLM(CustomLLM):
@@ -90,6 +119,7 @@ class NestLLM(CustomLLM):
         default=None, description="Directory of a persistent SpanDatastore for passage keys.")
 
     _decoder: LazyDecoder = PrivateAttr()
+    _warned: bool = PrivateAttr(default=False)  # the no-passages warning is given once
 
     def __init__(self, *, lm: Any = None, key_cache: Any = None, **data: Any) -> None:
         """``lm``/``key_cache`` are injected as is; nothing is loaded here. The span bridge
@@ -112,18 +142,30 @@ class NestLLM(CustomLLM):
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any,
                  ) -> CompletionResponse:
-        plan = self._plan(prompt)
+        plan = self._plan(prompt, streaming=False)
+        if plan.standalone is not None:
+            return CompletionResponse(text=plan.standalone)
+        again = _again(plan)
+        if again is not None:
+            return again
         nodes = plan.nodes if plan.nodes is not None else self._retrieve(plan.query)
-        return self._complete_over(plan.prompt, nodes)
+        return self._complete_over(plan, nodes)
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any,
                         ) -> CompletionResponseGen:
         """The plan and the pending completion are made now (the engine's
         ``SynthesizeEndEvent`` comes before the stream is read); decoding runs lazily."""
-        plan = self._plan(prompt)
+        plan = self._plan(prompt, streaming=True)
+        if plan.standalone is not None:
+            return _one_piece(plan.standalone, {})
+        if plan.synthesis is not None and plan.synthesis.answer is not None:
+            answer = plan.synthesis.answer
+            span_bridge.remember(span_bridge.Completion(
+                metadata=answer.metadata, streaming=True, text=list(answer.text)))
+            return _one_piece("".join(answer.text), answer.metadata)
         nodes = plan.nodes if plan.nodes is not None else self._retrieve(plan.query)
-        completion, pieces = self._start(plan.prompt, nodes, streaming=True)
+        completion, pieces = self._start(plan, nodes, streaming=True)
 
         def gen() -> CompletionResponseGen:
             text = ""
@@ -131,6 +173,9 @@ class NestLLM(CustomLLM):
                 text += piece
                 yield CompletionResponse(text=text, delta=piece,
                                          additional_kwargs=completion.metadata)
+            completion.text.append(text)
+            if plan.synthesis is not None:
+                plan.synthesis.answer = completion
             yield CompletionResponse(text=text, delta="", additional_kwargs=completion.metadata)
         return gen()
 
@@ -138,18 +183,32 @@ class NestLLM(CustomLLM):
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any,
                         ) -> CompletionResponse:
         """Retrieval (``aretrieve``, if any) on the loop; decoding in a worker thread."""
-        plan = self._plan(prompt)
+        plan = self._plan(prompt, streaming=False)
+        if plan.standalone is not None:
+            return CompletionResponse(text=plan.standalone)
+        again = _again(plan)
+        if again is not None:
+            return again
         nodes = plan.nodes if plan.nodes is not None else await self._aretrieve(plan.query)
         await asyncio.to_thread(self._decoder.get)  # the first call loads the model
-        completion, pieces = self._start(plan.prompt, nodes, streaming=False)
+        completion, pieces = self._start(plan, nodes, streaming=False)
         text = await asyncio.to_thread("".join, pieces)
         completion.text.append(text)
         # set here, in the caller's context: a value set in the worker thread is not seen
-        span_bridge.remember(completion)
-        return CompletionResponse(text=text, additional_kwargs=completion.metadata)
+        return _answered(plan, completion)
 
     # --- internals -------------------------------------------------------------------------
-    def _plan(self, prompt: str) -> _Plan:
+    def _plan(self, prompt: str, *, streaming: bool) -> _Plan:
+        condense = parse_condense_prompt(prompt)
+        if condense is not None:
+            standalone = condense_question(condense.history, condense.message)
+            span_bridge.remember_standalone(condense.message, standalone)
+            return _Plan(prompt=prompt, query=standalone, nodes=[], standalone=standalone)
+        synthesis = span_bridge.current_synthesis(streaming=streaming)
+        if synthesis is not None:
+            question = span_bridge.standalone(synthesis.question)
+            return _Plan(prompt=question, query=question, nodes=list(synthesis.nodes),
+                         synthesis=synthesis)
         parsed = parse_stock_prompt(prompt)
         if parsed is not None:
             return _Plan(prompt=parsed.question, query=parsed.question,
@@ -166,26 +225,57 @@ class NestLLM(CustomLLM):
         assert self.retriever is not None
         return await self.retriever.aretrieve(query)
 
-    def _complete_over(self, prompt: str, nodes: Sequence[NodeWithScore],
+    def _complete_over(self, plan: _Plan, nodes: Sequence[NodeWithScore],
                        ) -> CompletionResponse:
-        completion, pieces = self._start(prompt, nodes, streaming=False)
+        completion, pieces = self._start(plan, nodes, streaming=False)
         completion.text.append("".join(pieces))
-        span_bridge.remember(completion)
-        return CompletionResponse(text=completion.text[0],
-                                  additional_kwargs=completion.metadata)
+        return _answered(plan, completion)
 
-    def _start(self, prompt: str, nodes: Sequence[NodeWithScore], *, streaming: bool,
+    def _start(self, plan: _Plan, nodes: Sequence[NodeWithScore], *, streaming: bool,
                ) -> tuple[span_bridge.Completion, Iterator[str]]:
         """The completion record (remembered now when streaming) and its lazy pieces."""
         passages, kept = nodes_to_passages(nodes)
-        if not passages:
-            logger.warning("NestLLM: no context block in the prompt and no retriever nodes; "
-                           "decoding without passages (plain LM, no attribution)")
+        if not passages and not nodes and not self._warned:
+            self._warned = True
+            logger.warning(NO_PASSAGES)
         completion = span_bridge.Completion(metadata=response_metadata(kept),
                                             streaming=streaming)
         if streaming:
             span_bridge.remember(completion)
-        pieces = decode_pieces(self._decoder.get(), prompt, passages, kept,
+        pieces = decode_pieces(self._decoder.get(), plan.prompt, passages, kept,
                                completion.metadata, max_new_tokens=self.max_new_tokens,
-                               stop=self.stop, citation_markers=False)
+                               stop=self.stop, citation_markers=numbered_sources(kept),
+                               hold=not streaming)
         return completion, pieces
+
+
+def numbered_sources(nodes: Sequence[NodeWithScore]) -> bool:
+    """Whether ``nodes`` are ``CitationQueryEngine``'s: node n's text starts "Source n:"
+    (then the answer carries ``[n]`` markers, as that engine's prompt asks)."""
+    return bool(nodes) and all(
+        (m := _SOURCE_LABEL.match(node_text(s))) is not None and m.group(1) == str(n)
+        for n, s in enumerate(nodes, start=1))
+
+
+def _answered(plan: _Plan, completion: span_bridge.Completion) -> CompletionResponse:
+    """Remember a finished non-streaming completion for the engine's ``Response`` (and for
+    the later calls of its synthesis); return it."""
+    span_bridge.remember(completion)
+    if plan.synthesis is not None:
+        plan.synthesis.answer = completion
+    return CompletionResponse(text="".join(completion.text),
+                              additional_kwargs=completion.metadata)
+
+
+def _again(plan: _Plan) -> CompletionResponse | None:
+    """The answer this call's synthesis already has (a refine or summary call after the
+    first), remembered again for the engine's ``Response``; ``None`` when there is none."""
+    if plan.synthesis is None or plan.synthesis.answer is None:
+        return None
+    answer = plan.synthesis.answer
+    span_bridge.remember(answer)
+    return CompletionResponse(text="".join(answer.text), additional_kwargs=answer.metadata)
+
+
+def _one_piece(text: str, metadata: dict[str, Any]) -> CompletionResponseGen:
+    yield CompletionResponse(text=text, delta=text, additional_kwargs=metadata)

@@ -5,12 +5,17 @@ datastore are keyed on them) and they let every citation point at a ``source_nod
 LlamaIndex's private bookkeeping (``_node_content``, ``_node_type``... written into vector
 store metadata, visible when a collection was built by another tool or another version)
 is stripped: it is a serialised copy of the node, not something to cite.
+
+A passage's title is its citation label. Nodes read by ``SimpleDirectoryReader`` have no
+``title`` but a ``file_name`` (and ``file_path``): that names the source a reader can open,
+where the node id (a UUID) names nothing, so it is the label when no title is set.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import PurePath
 from typing import Any
 
 from llama_index.core.schema import MetadataMode, NodeWithScore
@@ -52,15 +57,30 @@ def nodes_to_passages(nodes: Sequence[NodeWithScore], *, title_key: str | None =
             continue
         seen.add(node.node_id)
         metadata = public_metadata(node.metadata)
-        title = metadata.get(title_key) if title_key else None
+        title = source_title(metadata, title_key)
         metadata["node_id"] = node.node_id
         if node.ref_doc_id is not None:
             metadata["ref_doc_id"] = node.ref_doc_id
-        passages.append(Passage(id=node.node_id, text=text,
-                                title=title if isinstance(title, str) and title else None,
+        passages.append(Passage(id=node.node_id, text=text, title=title,
                                 metadata=metadata, score=scored.score))
         kept.append(scored)
     return passages, kept
+
+
+def source_title(metadata: Mapping[str, Any], title_key: str | None = "title") -> str | None:
+    """The label of a node: ``metadata[title_key]``, else its ``file_name``, else the last
+    part of its ``file_path`` (what LlamaIndex's readers write); ``None`` when it has none.
+    Only non-empty strings count."""
+    title = metadata.get(title_key) if title_key else None
+    if isinstance(title, str) and title:
+        return title
+    name = metadata.get("file_name")
+    if isinstance(name, str) and name:
+        return name
+    path = metadata.get("file_path")
+    if isinstance(path, str) and PurePath(path).name:
+        return PurePath(path).name
+    return None
 
 
 def span_dict(span: Span, scored: NodeWithScore, source_index: int, *, out_start: int,

@@ -319,7 +319,8 @@ class NestQueryEngine(CustomQueryEngine):
         sources = list(kept) + list(extra or [])
         if use_async and not streaming:
             return PendingText(self, query_str, passages, kept, metadata, sources, done)
-        pieces = self._pieces(self._decoder.get(), query_str, passages, kept, metadata)
+        pieces = self._pieces(self._decoder.get(), query_str, passages, kept, metadata,
+                              hold=not streaming)
         if not streaming:
             return done(Response("".join(pieces), source_nodes=sources, metadata=metadata))
         if use_async:
@@ -356,12 +357,14 @@ class NestQueryEngine(CustomQueryEngine):
                 {"role": "user", "content": query_str}]
 
     def _pieces(self, decoder: Any, query_str: str, passages: list[Passage],
-                kept: list[NodeWithScore], metadata: dict[str, Any]
+                kept: list[NodeWithScore], metadata: dict[str, Any], *, hold: bool = False,
                 ) -> Generator[str, None, None]:
+        """The answer's pieces between the LLM events; ``hold`` for callers that join them
+        (all text comes at the end, when its support is known)."""
         prompt = self._prompt(query_str)
         pieces = decode_pieces(decoder, prompt, passages, kept, metadata,
                                max_new_tokens=self.max_new_tokens, stop=self.stop,
-                               citation_markers=self.citation_markers)
+                               citation_markers=self.citation_markers, hold=hold)
         return llm_events(pieces, callback_manager=self.callback_manager,
                           prompt=query_str if isinstance(prompt, str) else str(prompt),
                           model_name=self.model_name or decoder.lm.name,

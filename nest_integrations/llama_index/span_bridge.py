@@ -17,15 +17,27 @@ instrumentation event handler on the root dispatcher, does two things:
   dict (it fills while the generator runs) when it starts. Read a streaming response before
   starting the next streaming query in the same thread.
 
+A second handler, :class:`SynthesisSpans`, reads LlamaIndex's instrumentation *spans* (the
+call tree, with each call's bound arguments and result), for what no event carries:
+
+* entering ``BaseSynthesizer.synthesize`` (or ``asynthesize``) it records that call's query
+  and nodes as the current :class:`Synthesis`: the nodes every stock synthesizer's prompts
+  show (compact, refine, tree_summarize, ``CitationQueryEngine``'s numbered "Source n"
+  nodes, the chat engines' context), as node objects, whatever the prompt template;
+* leaving ``BaseChatEngine.chat`` / ``achat`` it gives an ``AgentChatResponse`` that has no
+  metadata (``ContextChatEngine``, ``CondensePlusContextChatEngine`` drop the synthesizer's
+  ``Response.metadata``) the metadata of the response its text came from.
+
 Both are kept in context variables: the retrieval, the LLM call and the end of synthesis of
 one query run in one thread (or one asyncio task), so concurrent queries never see each
 other's nodes or spans. ``SynthesizeStartEvent`` clears the pending completion, so a response
-only gets spans from a ``NestLLM`` call made while it was being synthesized. The handler is
-registered once per process, when the first ``NestLLM`` is built (:func:`install`).
+only gets spans from a ``NestLLM`` call made while it was being synthesized. The handlers
+are registered once per process, when the first ``NestLLM`` is built (:func:`install`).
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -33,6 +45,7 @@ from typing import Any
 
 import llama_index.core.instrumentation as instrument
 from llama_index.core.base.response.schema import AsyncStreamingResponse, StreamingResponse
+from llama_index.core.chat_engine.types import AgentChatResponse, BaseChatEngine
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events import BaseEvent
 from llama_index.core.instrumentation.events.retrieval import RetrievalEndEvent
@@ -40,7 +53,10 @@ from llama_index.core.instrumentation.events.synthesis import (
     SynthesizeEndEvent,
     SynthesizeStartEvent,
 )
-from llama_index.core.schema import NodeWithScore
+from llama_index.core.instrumentation.span import BaseSpan
+from llama_index.core.instrumentation.span_handlers import BaseSpanHandler
+from llama_index.core.response_synthesizers import BaseSynthesizer
+from llama_index.core.schema import NodeWithScore, QueryBundle
 
 MAX_RECENT_NODES = 256  # candidates kept for mapping context chunks back to nodes
 
@@ -54,19 +70,52 @@ class Completion:
     text: list[str] = field(default_factory=list)  # pieces, joined when done
 
 
+@dataclass
+class Synthesis:
+    """One stock synthesizer call: the question and the nodes it answers over.
+
+    ``answer`` is ``NestLLM``'s completion over all of ``nodes``: the synthesizer's later LLM
+    calls (refine, tree_summarize's levels) get it again instead of an answer over their one
+    chunk, so the final answer is the one over every node, and it is decoded once.
+    """
+
+    question: str
+    nodes: tuple[NodeWithScore, ...]
+    open: bool = True  # False once synthesize returned (a streaming call may come later)
+    answer: Completion | None = None
+
+
 _recent_nodes: ContextVar[tuple[NodeWithScore, ...]] = ContextVar("nest_recent_nodes",
                                                                  default=())
 _pending: ContextVar[Completion | None] = ContextVar("nest_pending_completion", default=None)
 # a streaming response whose LLM call has not started yet (stock synthesizers call
 # ``llm.stream`` lazily, when the response generator is first read)
 _waiting: ContextVar[Any] = ContextVar("nest_waiting_response", default=None)
+_synthesis: ContextVar[Synthesis | None] = ContextVar("nest_synthesis", default=None)
+# the last response a completion was attached to (chat engines copy their text from it)
+_answered: ContextVar[Any] = ContextVar("nest_answered_response", default=None)
+# the last condensed chat follow-up and its standalone question
+_standalone: ContextVar[tuple[str, str] | None] = ContextVar("nest_standalone", default=None)
 _install_lock = threading.Lock()
-_installed: list[SpanBridge] = []
+_installed: list[tuple[SpanBridge, SynthesisSpans]] = []
+_SYNTHESIZE = ("synthesize", "asynthesize")
+_CHAT = ("chat", "achat")
 
 
 def recent_nodes() -> tuple[NodeWithScore, ...]:
     """Nodes retrieved lately in this thread/task, newest first."""
     return _recent_nodes.get()
+
+
+def current_synthesis(*, streaming: bool) -> Synthesis | None:
+    """The synthesis an LLM call belongs to: the one open in this thread/task, or, for a
+    streaming call (stock synthesizers start it lazily, when the response is read), the
+    last one if it has no answer yet. ``None`` outside any stock synthesis (a chat engine's
+    condense prompt, a direct ``complete``)."""
+    synthesis = _synthesis.get()
+    if synthesis is None or synthesis.open:
+        return synthesis
+    return synthesis if streaming and synthesis.answer is None else None
 
 
 def remember(completion: Completion) -> None:
@@ -118,14 +167,89 @@ def attach(response: Any, completion: Completion) -> bool:
     for span in [*meta.get("nest_spans", []), *meta.get("nest_matches", [])]:
         span["source_index"] = position.get(span["node_id"], span["source_index"])
     response.metadata = meta
+    _answered.set(response)
     return True
 
 
+class SynthesisSpans(BaseSpanHandler[BaseSpan]):
+    """Records each stock synthesis's question and nodes; gives chat responses their spans.
+
+    It keeps no span objects (``new_span`` returns ``None``, as ``NullSpanHandler`` does):
+    it only reads the calls' arguments and results.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "NestSynthesisSpans"
+
+    def new_span(self, id_: str, bound_args: inspect.BoundArguments,
+                 instance: Any | None = None, parent_span_id: str | None = None,
+                 tags: dict[str, Any] | None = None, **kwargs: Any) -> BaseSpan | None:
+        if isinstance(instance, BaseSynthesizer) and _method(id_) in _SYNTHESIZE:
+            args = bound_args.arguments
+            query = args.get("query")
+            question = query.query_str if isinstance(query, QueryBundle) else str(query)
+            _synthesis.set(Synthesis(question=question, nodes=tuple(args.get("nodes") or ())))
+        return None
+
+    def prepare_to_exit_span(self, id_: str, bound_args: inspect.BoundArguments,
+                             instance: Any | None = None, result: Any | None = None,
+                             **kwargs: Any) -> BaseSpan | None:
+        if isinstance(instance, BaseSynthesizer) and _method(id_) in _SYNTHESIZE:
+            _close_synthesis()
+        elif isinstance(instance, BaseChatEngine) and _method(id_) in _CHAT:
+            _give_chat_metadata(result)
+        return None
+
+    def prepare_to_drop_span(self, id_: str, bound_args: inspect.BoundArguments,
+                             instance: Any | None = None, err: BaseException | None = None,
+                             **kwargs: Any) -> BaseSpan | None:
+        if isinstance(instance, BaseSynthesizer) and _method(id_) in _SYNTHESIZE:
+            _close_synthesis()
+        return None
+
+
+def _method(span_id: str) -> str:
+    """``"CompactAndRefine.synthesize-<uuid>"`` -> ``"synthesize"``."""
+    return span_id.split("-", 1)[0].rpartition(".")[2]
+
+
+def _close_synthesis() -> None:
+    synthesis = _synthesis.get()
+    if synthesis is not None:
+        synthesis.open = False
+
+
+def _give_chat_metadata(result: Any) -> None:
+    """A chat answer without metadata gets the ``nest_*`` metadata of the synthesized
+    response whose text it is (offsets index the same text)."""
+    answered = _answered.get()
+    if (isinstance(result, AgentChatResponse) and result.metadata is None
+            and answered is not None and "nest_spans" in (answered.metadata or {})
+            and str(getattr(answered, "response", None)) == result.response):
+        result.metadata = answered.metadata
+
+
 def install() -> SpanBridge:
-    """Register the bridge on LlamaIndex's root dispatcher (once per process)."""
+    """Register the bridge and the span reader on LlamaIndex's root dispatcher (once per
+    process)."""
     with _install_lock:
         if not _installed:
-            bridge = SpanBridge()
-            instrument.get_dispatcher().add_event_handler(bridge)
-            _installed.append(bridge)
-        return _installed[0]
+            bridge, spans = SpanBridge(), SynthesisSpans()
+            root = instrument.get_dispatcher()
+            root.add_event_handler(bridge)
+            root.add_span_handler(spans)
+            _installed.append((bridge, spans))
+        return _installed[0][0]
+
+
+def remember_standalone(message: str, question: str) -> None:
+    """Record the standalone question ``NestLLM`` made of a chat follow-up ``message``."""
+    _standalone.set((message, question))
+
+
+def standalone(question: str) -> str:
+    """``question`` made standalone, when it is the follow-up ``NestLLM`` condensed last in
+    this thread/task (the chat engine synthesizes over the raw message); else itself."""
+    last = _standalone.get()
+    return last[1] if last is not None and last[0] == question else question

@@ -12,6 +12,12 @@ node, with its id, so spans point at the real ``source_node``. Context text that
 covers (a custom template, a postprocessor that rewrote the text, a chunk the prompt helper
 split) becomes a stand-in node ``context-<n>`` (the n-th uncovered paragraph, metadata lines
 dropped), so it can still be copied from and cited, by position in the prompt.
+
+The chat engines' condense prompts (``CondensePlusContextChatEngine``: ``Chat History:`` ...
+``Follow Up Input:`` ... ``Standalone question:``; ``CondenseQuestionChatEngine``: the same
+in ``<Chat History>`` / ``<Follow Up Message>`` / ``<Standalone question>`` sections) are read
+back by :func:`parse_condense_prompt` into the history (``role: content`` lines, as
+``messages_to_history_str`` writes them) and the follow-up.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.schema import NodeWithScore, TextNode
 
 from nest_integrations.llama_index.nodes import node_text
@@ -31,6 +38,14 @@ _QUERY = re.compile(r"(?:^|\n)Query:[ \t]*(?P<q>.+?)\s*\n\s*(?:Answer|Refined An
 _ORIGINAL_QUERY = re.compile(r"^The original query is as follows:[ \t]*(?P<q>.+)$",
                              re.MULTILINE)
 _METADATA_LINE = re.compile(r"^[^\s:][^:\n]{0,60}: .*$")
+_CONDENSE = (
+    re.compile(r"Chat History:[ \t]*\n(?P<history>.*?)\n\s*Follow Up Input:[ \t]*"
+               r"(?P<q>.*?)\s*\n\s*Standalone question:\s*$", re.DOTALL),
+    re.compile(r"<Chat History>[ \t]*\n(?P<history>.*?)\n\s*<Follow Up Message>[ \t]*\n"
+               r"(?P<q>.*?)\s*\n\s*<Standalone question>\s*$", re.DOTALL),
+)
+_ROLE_LINE = re.compile(r"^\s*(?P<role>" + "|".join(r.value for r in MessageRole)
+                        + r"):[ \t]?(?P<content>.*)$")
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,38 @@ def parse_stock_prompt(prompt: str) -> StockPrompt | None:
     question = query.group("q").strip()
     return StockPrompt(question=question, context=context.group("context")) if question \
         else None
+
+
+@dataclass(frozen=True)
+class CondensePrompt:
+    """What a stock condense prompt holds: the conversation so far and the follow-up."""
+
+    history: list[ChatMessage]
+    message: str
+
+
+def parse_condense_prompt(prompt: str) -> CondensePrompt | None:
+    """The history and follow-up of a stock chat engine's condense prompt, else ``None``."""
+    for pattern in _CONDENSE:
+        found = pattern.search(prompt)
+        if found and found.group("q").strip():
+            return CondensePrompt(history=_history(found.group("history")),
+                                  message=found.group("q").strip())
+    return None
+
+
+def _history(text: str) -> list[ChatMessage]:
+    """``role: content`` lines back into messages (a line without a role continues the
+    message before it)."""
+    messages: list[ChatMessage] = []
+    for line in text.split("\n"):
+        role = _ROLE_LINE.match(line)
+        if role is not None:
+            messages.append(ChatMessage(role=MessageRole(role.group("role")),
+                                        content=role.group("content")))
+        elif messages:
+            messages[-1].content = f"{messages[-1].content}\n{line}"
+    return messages
 
 
 def context_nodes(context: str, candidates: Sequence[NodeWithScore]) -> list[NodeWithScore]:

@@ -10,7 +10,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from llama_index.core.callbacks import CallbackManager, CBEventType, LlamaDebugHandler
 from llama_index.core.chat_engine.types import AgentChatResponse, StreamingAgentChatResponse
 from llama_index.core.schema import QueryBundle
-from test_llama_index_engine import ListRetriever, corpus_nodes
+from test_llama_index_engine import COPY_HEAVY, ListRetriever, corpus_nodes
 
 from nest_integrations.llama_index import NestChatEngine, NestQueryEngine
 from nest_integrations.llama_index.condense import condense_question, subject_of
@@ -75,17 +75,19 @@ def test_subject_is_the_longest_capitalised_run_without_question_words():
 
 
 # --- the chat engine ----------------------------------------------------------------------
-def test_follow_up_is_condensed_answered_with_spans_and_remembered(chat, retriever, tiny_lm):
+def test_follow_up_is_condensed_answered_with_spans_and_remembered(retriever, tiny_lm):
+    chat = NestChatEngine.from_defaults(NestQueryEngine(
+        retriever=retriever, lm=tiny_lm, max_new_tokens=16, config=COPY_HEAVY))
     first = chat.chat(FIRST)
     second = chat.chat(FOLLOW_UP)
     assert retriever.queries == [FIRST, STANDALONE]
     assert isinstance(second, AgentChatResponse)
     # the answer is exactly the query engine's answer to the standalone question
     expected = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
-                               max_new_tokens=16).query(STANDALONE)
+                               max_new_tokens=16, config=COPY_HEAVY).query(STANDALONE)
     assert second.response == expected.response
     assert second.metadata["nest_spans"] == expected.metadata["nest_spans"]
-    assert second.metadata["nest_spans"], "the tiny model copies from node-0 here"
+    assert second.metadata["nest_spans"], "the tiny model copies runs of words here"
     for s in second.metadata["nest_spans"]:
         assert second.response[s["out_start"]:s["out_end"]] == s["cited_text"]
         assert second.source_nodes[s["source_index"] - 1].node.node_id == s["node_id"]

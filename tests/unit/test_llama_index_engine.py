@@ -17,13 +17,23 @@ from llama_index.core.base.response.schema import (
 )
 from llama_index.core.schema import ImageNode, NodeWithScore, QueryBundle, TextNode
 
+from nest_core import NestConfig
 from nest_integrations.llama_index import NestLLM, NestQueryEngine, NestRetrievalError
 
 QUESTION = "The Zephyr Widget Company was"
 # On the tiny model (seed 0) Nest with the shipped defaults decodes the random LM's own
 # tokens (byte pieces, hence U+FFFD) and copies two runs from node 0, the one holding the
-# question's words (the prompt shows its best sentence; spans start there only).
+# question's words (the prompt shows its best sentence; spans start there only): "Ostrava."
+# glued to the LM's "ems" and "phyr", which its support by node 0 (below MIN_SUPPORT)
+# does not make a citation.
 EXPECTED = '�ore�emsOstrava.phyr ?�O�emsOstans7\x02��'
+# α = 1 makes λ < δ whenever ρ < 1 and a tiny γ accepts nearly every draft token: the
+# random model then copies whole runs of words, which are citations.
+COPY_HEAVY = NestConfig(confidence_offset=1.0, relaxation=1e-6, span_length=8,
+                        initial_span_length=2)
+COPIED = " Ostrava. Pack my box with five dozen liquor jugs"
+COPIED_SPANS = [("node-0", "Ostrava.", 1, 9),
+                ("node-3", "Pack my box with five dozen liquor jugs", 10, 49)]
 
 
 class ListRetriever(BaseRetriever):
@@ -55,6 +65,17 @@ def engine(tiny_lm):
                            max_new_tokens=24)
 
 
+@pytest.fixture
+def copying(tiny_lm):
+    """An engine whose answer copies two runs of words (``COPIED``)."""
+    return NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
+                           max_new_tokens=24, config=COPY_HEAVY)
+
+
+def span_rows(spans: list[dict]) -> list[tuple]:
+    return [(s["node_id"], s["cited_text"], s["out_start"], s["out_end"]) for s in spans]
+
+
 def assert_spans_consistent(response_text: str, spans: list[dict], nodes: list[NodeWithScore]):
     by_id = {s.node.node_id: s.node for s in nodes}
     for s in spans:
@@ -78,41 +99,58 @@ def test_query_returns_stock_response_shape_with_spans(engine):
     assert res.response == EXPECTED
     assert [n.node.node_id for n in res.source_nodes] == [f"node-{i}" for i in range(6)]
     assert res.metadata["node-2"] == {"title": None, "n": 2}  # "_node_content" stripped
-    spans = res.metadata["nest_spans"]
-    assert [(s["node_id"], s["cited_text"]) for s in spans] == [
-        ('node-0', 'Ostrava.'), ('node-0', 'phyr')]
-    assert_spans_consistent(res.response, spans, res.source_nodes)
+    # copied, but no citation: "Ostrava." starts inside "emsOstrava.", and the answer's
+    # support by what the decoder showed is below MIN_SUPPORT
+    assert res.metadata["nest_spans"] == []
     assert res.metadata["nest_finish_reason"] in {"length", "eos"}
     assert res.metadata["nest_attribution_ratio"] == pytest.approx(7 / 24)  # 7 copied of 24
 
 
-def test_spans_match_the_decoders_own_result(engine, tiny_lm):
-    """The assembler's merge of streamed pieces equals NestDecoder.generate's spans."""
+def test_copied_runs_of_words_are_cited(copying):
+    res = copying.query(QUESTION)
+    assert res.response == COPIED
+    assert span_rows(res.metadata["nest_spans"]) == COPIED_SPANS
+    assert_spans_consistent(res.response, res.metadata["nest_spans"], res.source_nodes)
+
+
+def test_spans_match_the_decoders_own_citations(copying, tiny_lm):
+    """The assembler's merge of streamed pieces equals NestResult.cited_spans()."""
     from nest_core import NestDecoder
     from nest_integrations.llama_index import nodes_to_passages
 
     passages, _ = nodes_to_passages(corpus_nodes())
-    result = NestDecoder(tiny_lm).generate(QUESTION, passages, max_new_tokens=24)
-    res = engine.query(QUESTION)
+    result = NestDecoder(tiny_lm, COPY_HEAVY).generate(QUESTION, passages, max_new_tokens=24)
+    res = copying.query(QUESTION)
     assert res.response == result.text
     assert [(s["node_id"], s["out_start"], s["out_end"], s["src_start"], s["src_end"])
             for s in res.metadata["nest_spans"]] == [
-        (s.passage.id, s.out_start, s.out_end, s.src_start, s.src_end) for s in result.spans]
+        (s.passage.id, s.out_start, s.out_end, s.src_start, s.src_end)
+        for s in result.cited_spans()]
 
 
 def test_citation_markers(tiny_lm):
     eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
+                          max_new_tokens=24, citation_markers=True, config=COPY_HEAVY)
+    res = eng.query(QUESTION)
+    assert res.response == " Ostrava. [1] Pack my box with five dozen liquor jugs [4]"
+    assert res.metadata["nest_text"] == COPIED
+    assert_spans_consistent(res.response, res.metadata["nest_spans"], res.source_nodes)
+
+
+def test_no_marker_for_an_unsupported_answer(tiny_lm):
+    """The shipped defaults' answer copies "phyr", a whole word; the answer is unsupported,
+    so the held (non-streaming) text gets no marker for it."""
+    eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
                           max_new_tokens=24, citation_markers=True)
     res = eng.query(QUESTION)
-    assert res.response == '�ore�emsOstrava. [1]phyr [1] ?�O�emsOstans7\x02��'
-    assert res.metadata["nest_text"] == EXPECTED
-    assert_spans_consistent(res.response, res.metadata["nest_spans"], res.source_nodes)
+    assert res.response == EXPECTED
+    assert res.metadata["nest_spans"] == []
 
 
 @pytest.mark.parametrize("markers", [False, True])
 def test_streaming_equals_non_streaming_and_fills_metadata(tiny_lm, markers):
     kw = {"retriever": ListRetriever(corpus_nodes()), "lm": tiny_lm, "max_new_tokens": 24,
-          "citation_markers": markers}
+          "citation_markers": markers, "config": COPY_HEAVY}
     plain = NestQueryEngine(**kw).query(QUESTION)
     res = NestQueryEngine(streaming=True, **kw).query(QUESTION)
     assert isinstance(res, StreamingResponse)
@@ -138,12 +176,12 @@ async def test_async_and_sync_agree(tiny_lm, use_async):
 
 async def test_async_streaming(tiny_lm):
     eng = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
-                          max_new_tokens=24, streaming=True)
+                          max_new_tokens=24, streaming=True, config=COPY_HEAVY)
     res = await eng.aquery(QUESTION)
     assert isinstance(res, AsyncStreamingResponse)
     text = "".join([p async for p in res.async_response_gen()])
-    assert text == EXPECTED
-    assert len(res.metadata["nest_spans"]) == 2
+    assert text == COPIED
+    assert span_rows(res.metadata["nest_spans"]) == COPIED_SPANS
 
 
 def test_empty_retrieval_is_a_clear_error(tiny_lm):
@@ -192,16 +230,16 @@ def test_from_vector_store_refuses_vectors_only_stores_and_missing_embeddings():
 
 def test_nest_llm_completes_with_spans_and_streams_the_same(tiny_lm):
     retriever = ListRetriever(corpus_nodes())
-    llm = NestLLM(retriever=retriever, lm=tiny_lm, max_new_tokens=24)
+    llm = NestLLM(retriever=retriever, lm=tiny_lm, max_new_tokens=24, config=COPY_HEAVY)
     assert llm.metadata.num_output == 24
     assert llm._decoder._decoder is None
     out = llm.complete(QUESTION)
-    assert out.text == EXPECTED
-    spans = out.additional_kwargs["nest_spans"]
-    assert [s["node_id"] for s in spans] == ['node-0', 'node-0']
+    assert out.text == COPIED
+    assert span_rows(out.additional_kwargs["nest_spans"]) == COPIED_SPANS
     streamed = list(llm.stream_complete(QUESTION))
-    assert streamed[-1].text == EXPECTED
-    assert "".join(r.delta or "" for r in streamed) == EXPECTED
+    assert streamed[-1].text == COPIED
+    assert "".join(r.delta or "" for r in streamed) == COPIED
+    assert span_rows(streamed[-1].additional_kwargs["nest_spans"]) == COPIED_SPANS
 
 
 async def test_nest_llm_acomplete(tiny_lm):
@@ -210,11 +248,14 @@ async def test_nest_llm_acomplete(tiny_lm):
     assert out.text == EXPECTED
 
 
-def test_nest_llm_without_passages_decodes_plainly_and_says_so(tiny_lm, caplog):
+def test_nest_llm_without_passages_decodes_plainly_and_says_so_once(tiny_lm, caplog):
     llm = NestLLM(retriever=ListRetriever([]), lm=tiny_lm, max_new_tokens=8)
     with caplog.at_level(logging.WARNING):
         out = llm.complete(QUESTION)
-    assert "decoding without passages" in caplog.text
+        llm.complete(QUESTION)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("NestLLM found no passages to copy from")
+    assert "NestQueryEngine.from_index(index)" in warning  # it names the fix
     assert out.additional_kwargs["nest_spans"] == []
     from nest_core import NestDecoder
 

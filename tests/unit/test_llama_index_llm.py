@@ -1,5 +1,6 @@
 """NestLLM inside LlamaIndex's own query engines (tiny random Llama, MockEmbedding index):
-passages come from the prompt's context, spans reach ``Response.metadata``."""
+passages are the nodes the engine synthesizes over, spans reach ``Response.metadata``.
+The decoder copies heavily (``COPY_HEAVY``) so that its spans are citations."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from llama_index.core.prompts.default_prompts import (
     DEFAULT_TEXT_QA_PROMPT,
 )
 from llama_index.core.schema import NodeWithScore, QueryBundle, TextNode
-from test_llama_index_engine import QUESTION, ListRetriever, corpus_nodes
+from test_llama_index_engine import COPY_HEAVY, QUESTION, ListRetriever, corpus_nodes
 
 from nest_integrations.llama_index import NestLLM, NestQueryEngine
 from nest_integrations.llama_index.llm import retrieval_query
@@ -37,14 +38,15 @@ def index():
 def nest_settings_llm(tiny_lm):
     """``Settings.llm = NestLLM(...)`` for one test, the previous value restored after."""
     before = Settings._llm
-    Settings.llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    Settings.llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY)
     yield Settings.llm
     Settings._llm = before
 
 
 def expected_for(tiny_lm, source_nodes):
     """What NestQueryEngine decodes over the same nodes, in the same order."""
-    eng = NestQueryEngine(retriever=ListRetriever([]), lm=tiny_lm, max_new_tokens=MAX_NEW)
+    eng = NestQueryEngine(retriever=ListRetriever([]), lm=tiny_lm, max_new_tokens=MAX_NEW,
+                          config=COPY_HEAVY)
     return eng.synthesize(QueryBundle(QUESTION), list(source_nodes))
 
 
@@ -73,7 +75,7 @@ def test_settings_llm_in_as_query_engine_puts_spans_in_response_metadata(
 
 def test_postprocessed_nodes_only_and_no_second_retrieval(index, tiny_lm):
     own = ListRetriever(corpus_nodes())
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, retriever=own)
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY, retriever=own)
     # MockEmbedding scores every node 1.0; this postprocessor keeps only node-0
     keep_first = _KeepIds(ids={"node-0"})
     res = index.as_query_engine(llm=llm, similarity_top_k=6,
@@ -88,7 +90,7 @@ def test_postprocessed_nodes_only_and_no_second_retrieval(index, tiny_lm):
 
 
 def test_streaming_stock_engine_fills_span_metadata_while_reading(index, tiny_lm):
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY)
     plain = index.as_query_engine(llm=llm, similarity_top_k=4).query(QUESTION)
     res = index.as_query_engine(llm=llm, similarity_top_k=4, streaming=True).query(QUESTION)
     assert "nest_spans" not in res.metadata  # the stock synthesizer starts the LLM lazily
@@ -98,7 +100,7 @@ def test_streaming_stock_engine_fills_span_metadata_while_reading(index, tiny_lm
 
 
 async def test_async_stock_engine(index, tiny_lm):
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY)
     sync = index.as_query_engine(llm=llm, similarity_top_k=4).query(QUESTION)
     res = await index.as_query_engine(llm=llm, similarity_top_k=4).aquery(QUESTION)
     assert res.response == sync.response
@@ -107,7 +109,7 @@ async def test_async_stock_engine(index, tiny_lm):
 
 
 async def test_async_streaming_stock_engine_fills_span_metadata(index, tiny_lm):
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY)
     plain = index.as_query_engine(llm=llm, similarity_top_k=4).query(QUESTION)
     res = await index.as_query_engine(llm=llm, similarity_top_k=4,
                                       streaming=True).aquery(QUESTION)
@@ -117,7 +119,7 @@ async def test_async_streaming_stock_engine_fills_span_metadata(index, tiny_lm):
 
 
 def test_a_response_gets_spans_only_from_its_own_synthesis(index, tiny_lm):
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW,
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY,
                   retriever=ListRetriever(corpus_nodes()))
     llm.complete(QUESTION)  # a direct call leaves a completion behind in this thread
     stock = index.as_query_engine(llm=_EchoLLM(), similarity_top_k=2).query(QUESTION)
@@ -125,7 +127,7 @@ def test_a_response_gets_spans_only_from_its_own_synthesis(index, tiny_lm):
 
 
 def test_direct_complete_keeps_spans_in_additional_kwargs(tiny_lm):
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY)
     nodes = corpus_nodes()
     prompt = DEFAULT_TEXT_QA_PROMPT.format(
         context_str="\n\n".join(n.node.get_content(metadata_mode="llm") for n in nodes),
@@ -133,7 +135,8 @@ def test_direct_complete_keeps_spans_in_additional_kwargs(tiny_lm):
     out = contextvars.Context().run(llm.complete, prompt)  # a thread with no retrieval yet
     # no retrieval event was seen for these nodes: the chunks are cited by position
     assert out.text == expected_for(tiny_lm, nodes).response
-    assert {s["node_id"] for s in out.additional_kwargs["nest_spans"]} == {"context-1"}
+    assert {s["node_id"] for s in out.additional_kwargs["nest_spans"]} == {"context-1",
+                                                                     "context-4"}
 
 
 # --- the prompt parser --------------------------------------------------------------------
@@ -163,7 +166,7 @@ def test_context_nodes_map_known_text_to_nodes_and_the_rest_to_stand_ins():
 
 
 def test_similarity_cutoff_inside_stock_engine_still_maps_nodes(index, tiny_lm):
-    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW)
+    llm = NestLLM(lm=tiny_lm, max_new_tokens=MAX_NEW, config=COPY_HEAVY)
     res = index.as_query_engine(llm=llm, similarity_top_k=3, node_postprocessors=[
         SimilarityPostprocessor(similarity_cutoff=0.5)]).query(QUESTION)
     assert len(res.source_nodes) == 3

@@ -12,7 +12,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole, ToolCallB
 from llama_index.core.base.response.schema import Response
 from llama_index.core.llms import MockFunctionCallingLLM
 from llama_index.core.schema import NodeWithScore, TextNode
-from test_llama_index_engine import EXPECTED, QUESTION, ListRetriever, corpus_nodes
+from test_llama_index_engine import COPIED, COPY_HEAVY, QUESTION, ListRetriever, corpus_nodes
 
 from nest_integrations.llama_index import NestQueryEngine, NestQueryEngineTool
 from nest_integrations.llama_index.tools import format_sources
@@ -31,7 +31,7 @@ def scripted(messages, **kwargs):
 @pytest.fixture
 def tool(tiny_lm):
     engine = NestQueryEngine(retriever=ListRetriever(corpus_nodes()), lm=tiny_lm,
-                             max_new_tokens=24)
+                             max_new_tokens=24, config=COPY_HEAVY)
     return NestQueryEngineTool.from_defaults(engine, name="corpus",
                                              description="Answers about the corpus.")
 
@@ -46,9 +46,10 @@ async def test_function_agent_gets_the_cited_answer_with_its_sources(tool):
     output = result.tool_output
     response = output.raw_output
     assert isinstance(response, Response)
-    assert response.response == EXPECTED
+    assert response.response == COPIED
     assert output.content == format_sources(response)
-    assert output.content.startswith(EXPECTED + "\n\nSources:\n[1] node node-0: ")
+    assert output.content == (COPIED + '\n\nSources:\n[1] node node-0: "Ostrava."\n'
+                              '[4] node node-3: "Pack my box with five dozen liquor jugs"')
     for s in response.metadata["nest_spans"]:
         assert f'"{s["cited_text"].strip()}"' in output.content
     assert final.response.content == output.content  # what the agent relayed
