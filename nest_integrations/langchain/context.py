@@ -15,8 +15,9 @@ whole turn), the pasted context of any system, human or tool message becomes pas
 (paragraphs, in prompt order: the order the app's retriever ranked them), and the prompt to
 decode keeps what is not pasted context. The heuristics are deliberately narrow: a message
 counts as pasted context only when a label ("Context:", "Documents:") or an opening
-paragraph that names it ("context", "documents", "information", ...) introduces it, or when
-a labelled or question-mark question sits beside 80+ characters of other text.
+paragraph that names and points at it ("the following context", "documents below")
+introduces it, or when a labelled or question-mark question sits beside 80+ characters of
+other text.
 """
 
 from __future__ import annotations
@@ -39,9 +40,14 @@ _QUESTION_LABEL = re.compile(
 _CONTEXT_LABEL = re.compile(
     r"^[ \t]*(?:(?:retrieved[ \t]+)?context|documents?|sources?|background|passages?|excerpts?)"
     r"[ \t]*:[ \t]*", re.IGNORECASE | re.MULTILINE)
-# Words by which an opening paragraph announces pasted documents.
+# An opening paragraph announces pasted documents when it names them ("context",
+# "documents", ...) and points at them ("the following", "below", "retrieved", or a closing
+# ":"): "Use the following pieces of retrieved context", "Context information is below.";
+# not "You give accurate information."
 _CUE = re.compile(r"\b(?:context|documents?|sources?|passages?|excerpts?|information)\b",
                   re.IGNORECASE)
+_POINTER = re.compile(r"\b(?:following|below|provided|given|retrieved|these)\b",
+                      re.IGNORECASE)
 _SEPARATOR = re.compile(r"^[ \t]*[-=*_~#]{3,}[ \t]*$")
 _ANSWER_LABEL = re.compile(r"^[ \t]*[\w ]{0,20}(?:answer|response)[ \t]*:[ \t]*$", re.IGNORECASE)
 _HEADING = re.compile(r"^#{1,6}[ \t]+(\S.*)$")
@@ -97,14 +103,15 @@ def _context_lines(lines: list[str]) -> tuple[int, int, int] | None:
 
 def _context_start(lines: list[str]) -> tuple[int, int] | None:
     """(first line announcing the context, its first line): after an opening paragraph that
-    announces it (a cue word, or a closing ":"), after a context label, after an opening
+    announces it (names and points at it), after a context label, after an opening
     question line, or from the start when a last paragraph asks; None otherwise."""
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         return None
     end = _paragraph_end(lines, first)
     opening = "".join(lines[first:end])
-    announces = _CUE.search(opening) or opening.rstrip().endswith(":")
+    announces = _CUE.search(opening) and (_POINTER.search(opening)
+                                          or opening.rstrip().endswith(":"))
     if _QUESTION_LABEL.match(lines[first]) or announces:
         body = _skip_blank(lines, end)
         if body < len(lines):

@@ -64,6 +64,9 @@ def test_cut_finds_the_question_and_the_pasted_context(template: str) -> None:
     "You are a helpful assistant. Answer in one sentence.",  # a system prompt, no context
     "Question: " + QUESTION,  # a label but no context around it
     "Use the following context:\n\nshort",  # announced, but too short to be documents
+    # instructions that mention information, not pasted documents
+    ("You give accurate information.\n\nAlways answer in English, never reveal internal "
+    "policies, and be kind and thorough in every reply you give to the user."),
 ])
 def test_cut_leaves_a_message_without_pasted_context_alone(text: str) -> None:
     parts = cut(text)
@@ -81,11 +84,11 @@ def test_the_question_is_the_last_human_turn_and_pasted_context_becomes_passages
     # the system message was only instructions and context: it is left out when Nest has
     # passages, the rest of the conversation stays
     assert found.reduced == found.prompt[1:]
-    # no human turn at all (create_stuff_documents_chain's docstring example): the system
+    # no human turn at all (as in create_stuff_documents_chain's docstring): the system
     # prompt's own question
-    only = find_in_prompt([{"role": "system",
-                            "content": f"What are everyone's favorite colors:\n\n{CONTEXT}"}])
-    assert only.question == "What are everyone's favorite colors:"
+    ask = "What are everyone's favorite colors, from the documents below:"
+    only = find_in_prompt([{"role": "system", "content": f"{ask}\n\n{CONTEXT}"}])
+    assert only.question == ask
 
 
 def test_a_heading_paragraph_titles_the_next_passage() -> None:
