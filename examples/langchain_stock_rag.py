@@ -19,18 +19,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# examples/langchain_chroma.py would shadow the `langchain_chroma` package when this folder
+# comes first on sys.path (run as a script): drop it.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.documents import Document
-from langchain_core.messages import HumanMessage
-from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
+from langchain_core.documents import Document  # noqa: E402
+from langchain_core.messages import HumanMessage  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate  # noqa: E402
 
-from nest_core.models import cache_dir
-from nest_integrations.langchain import (
+from nest_core.models import cache_dir  # noqa: E402
+from nest_integrations.langchain import (  # noqa: E402
     ChatNest,
     NestMiniLMEmbeddings,
     documents_to_blocks,
