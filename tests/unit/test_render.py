@@ -313,3 +313,13 @@ def test_adjacent_citations_of_one_source_get_one_marker() -> None:
                      passages=[HISTORY], stats=DecodeStats(), finish_reason="eos")
     shown = render_terminal(res, show_sources=False)
     assert shown == "It was founded in 2009 by Odile Halvorsen[~1]."
+
+
+def test_function_words_and_marks_get_no_citation_mark() -> None:
+    # the demo showed "founded[1] by ... in[1] 2009.[1]": only content is marked now
+    text = "It was founded by them in 2009."
+    res = _result(text, [("founded", HISTORY), ("by", HISTORY), ("in", HISTORY),
+                         ("2009", HISTORY), (".", LEAVE)])
+    shown = render_terminal(res, show_sources=False)
+    assert shown == "It was founded[1] by them in 2009[1]."
+    assert "in[1]" not in render_markdown(res)
