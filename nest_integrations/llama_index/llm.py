@@ -199,6 +199,10 @@ class NestLLM(CustomLLM):
 
     # --- internals -------------------------------------------------------------------------
     def _plan(self, prompt: str, *, streaming: bool) -> _Plan:
+        """What to do with ``prompt``, first match wins: a chat engine's condense prompt is
+        answered by the rule; a call inside a stock synthesis decodes over its nodes; a
+        stock context block over that context; anything else over the retriever's nodes,
+        or over none."""
         condense = parse_condense_prompt(prompt)
         if condense is not None:
             standalone = condense_question(condense.history, condense.message)

@@ -66,7 +66,8 @@ def cited_rows(text, metadata, source_nodes):
 
 
 # --- chat engines ---------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", [None, "context", "condense_plus_context"])
+@pytest.mark.parametrize("mode", [None, "context", "condense_plus_context",
+                                  "condense_question"])
 def test_as_chat_engine_answers_over_its_context_with_spans(index, llm, tiny_lm, mode):
     kwargs = {"chat_mode": mode} if mode else {}
     chat = index.as_chat_engine(llm=llm, similarity_top_k=6, **kwargs)
