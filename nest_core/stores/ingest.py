@@ -9,6 +9,7 @@ character offsets of the passage in its document (``document.text[start:end] == 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -167,20 +168,51 @@ def ingest(documents: Iterable[Document], store: Any, *,
     report.passages = len(passages)
     _check_unique(passages)
     writer = _FaissWriter(store) if isinstance(store, FaissStore) else _ChromaWriter(store)
+    with writer.locked():  # another `nest index` into this FAISS store waits, then merges
+        _check_embedding(writer, embed)
+        target = None if lm is None else datastore if datastore is not None \
+            else writer.datastore()
+        # a large ingest can take hours on a CPU: say how long up front, timed on its first batch
+        estimate = None
+        if progress and len(passages) >= LARGE_INGEST:
+            estimate = _Estimate(len(passages), lm, target, config,
+                                 elsewhere=precompute_with is not None)
+        _write_all(writer, passages, embed, report, batch_size=batch_size, progress=progress,
+                   estimate=estimate)
+        keep = {p.id for p in passages}
+        report.removed = writer.remove_stale([d.doc_id for d in docs], keep)
+        if complete_prefixes:
+            present = {d.doc_id for d in docs}
+            report.removed += writer.remove_missing(tuple(complete_prefixes), present)
+        writer.finish()
+    if estimate is not None:  # nothing needed embedding: the estimate is the encoding alone
+        estimate.say(passages, None, to_embed=0)
+    if lm is not None:
+        encode = precompute_with if precompute_with is not None else precompute
+        report.encoded_rows = encode(passages, lm, datastore=target, config=config,
+                                     progress=progress)
+    logger.info("ingest: %s", report)
+    return report
+
+
+def _check_embedding(writer: _FaissWriter | _ChromaWriter, embed: EmbeddingFunction) -> None:
     built_with, name = writer.embedding(), embedding_name(embed)
     if built_with and built_with != name:
         msg = (f"this store was built with the embedding {built_with!r}, not {name!r}: adding "
                f"passages would mix vectors of two models, and search would return noise. "
                f"Ingest with {built_with!r}, or into a new store")
         raise ValueError(msg)
+
+
+def _write_all(writer: _FaissWriter | _ChromaWriter, passages: list[Passage],
+               embed: EmbeddingFunction, report: IngestReport, *, batch_size: int,
+               progress: bool, estimate: _Estimate | None) -> None:
+    """Embed and write the passages the store lacks, batch by batch, saving a FAISS store
+    every :data:`CHECKPOINT_SECONDS`; Ctrl-C or a failure keeps what is written (the store
+    stays marked incomplete and the same call resumes, skipping the passages stored)."""
+    built_with = writer.embedding()
     writer.begin(json.dumps({"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "passages": len(passages)}))
-    target = None if lm is None else datastore if datastore is not None else writer.datastore()
-    # a large ingest can take hours on a CPU: say how long up front, timed on its first batch
-    estimate = None
-    if progress and len(passages) >= LARGE_INGEST:
-        estimate = _Estimate(len(passages), lm, target, config,
-                             elsewhere=precompute_with is not None)
     bar = _progress(len(passages), "embedding passages", progress)
     saved = time.monotonic()
     try:
@@ -202,26 +234,10 @@ def ingest(documents: Iterable[Document], store: Any, *,
                 writer.checkpoint()
                 saved = time.monotonic()
     except BaseException:
-        # Ctrl-C or a failure: keep what is written (the store stays marked incomplete and
-        # the same call resumes, skipping the passages already stored)
         writer.checkpoint(quiet=True)
         raise
     finally:
         bar.close()
-    keep = {p.id for p in passages}
-    report.removed = writer.remove_stale([d.doc_id for d in docs], keep)
-    if complete_prefixes:
-        present = {d.doc_id for d in docs}
-        report.removed += writer.remove_missing(tuple(complete_prefixes), present)
-    writer.finish()
-    if estimate is not None:  # nothing needed embedding: the estimate is the encoding alone
-        estimate.say(passages, None, to_embed=0)
-    if lm is not None:
-        encode = precompute_with if precompute_with is not None else precompute
-        report.encoded_rows = encode(passages, lm, datastore=target, config=config,
-                                     progress=progress)
-    logger.info("ingest: %s", report)
-    return report
 
 
 def unfinished(source: Any) -> dict[str, Any] | None:
@@ -313,6 +329,9 @@ class _FaissWriter:
         self.store = store
         self.dim: int | None = store.dim
 
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        return self.store.writing()
+
     def embedding(self) -> str | None:
         return self.store.meta.embedding if len(self.store) else None
 
@@ -366,6 +385,10 @@ class _ChromaWriter:
         self.collection = collection
         meta = getattr(collection, "metadata", None) or {}
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
+
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to lock: Chroma serialises writers itself and every upsert is durable."""
+        return contextlib.nullcontext()
 
     def embedding(self) -> str | None:
         meta = getattr(self.collection, "metadata", None) or {}

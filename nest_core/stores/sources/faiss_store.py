@@ -7,6 +7,13 @@ Directory layout (``FaissStore.open(path)`` reads it, ``save()`` writes it atomi
     passages.jsonl    one JSON object per row: {"row", "id", "text", "title", "metadata"}
                       (a replaced passage keeps its row as {"row", "id", "deleted": true})
     nest_spans/       the span datastore kept next to the store (see nest_core.stores.datastore)
+    nest.lock         held (``flock``) by a writer: :meth:`FaissStore.writing`
+
+Writers take the lock for their whole read-modify-write (:meth:`FaissStore.writing`, as
+:func:`nest_core.stores.ingest.ingest` does), so two ``nest index`` runs into one store wait
+for each other and the second adds to what the first saved instead of overwriting it.
+Temporary files left by a save that was killed are removed when a writer takes the lock, or
+when a store is opened while no writer holds it.
 
 Flat (exact), IVF (``nlist`` cells, ``nprobe`` searched) and HNSW (graph) indexes share one
 code path; rows are never renumbered, because HNSW cannot remove vectors. Re-adding a passage
@@ -15,13 +22,14 @@ with the same id and text is a no-op; a changed text tombstones the old row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +51,8 @@ logger = logging.getLogger(__name__)
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = ("flat", "ivf", "hnsw")
 META_FILE, INDEX_FILE, SIDECAR_FILE = "nest_faiss.json", "index.faiss", "passages.jsonl"
+LOCK_FILE = "nest.lock"
+TEMP_PREFIX = ".tmp-"  # files :meth:`FaissStore.save` writes, then renames into place
 FORMAT_VERSION = 1
 FAISS_INSTALL_HINT = 'pip install "nest-decoding[faiss]"'
 _MIN_POINTS_PER_CELL = 39  # FAISS warns below this many training points per IVF cell
@@ -76,6 +86,7 @@ class FaissStore:
         self._records = records
         self._by_id = {r["id"]: i for i, r in enumerate(records) if not r.get("deleted")}
         self._lock = threading.RLock()
+        self._disk = _signature(self.path)  # the saved state this object holds
 
     # --- construction ----------------------------------------------------------------------
     @classmethod
@@ -122,6 +133,9 @@ class FaissStore:
         records = _read_sidecar(path / SIDECAR_FILE)
         ntotal = 0 if index is None else int(index.ntotal)
         _check_alignment(path, ntotal, records, meta)
+        with _try_lock(path) as free:
+            if free:  # no writer is saving: a temporary file is the leftover of a killed one
+                _remove_temp_files(path)
         return cls(path, meta, index, records[:ntotal])
 
     @classmethod
@@ -180,6 +194,33 @@ class FaissStore:
                 fetch = min(fetch * 2, int(self.index.ntotal))
 
     # --- writing -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store's write lock for a read-modify-write: another process's writer waits
+        (with a message) until this one leaves. On entry this object takes up what other
+        writers saved since it was read, so nothing they added is overwritten."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(self.path):
+            with self._lock:
+                self._reload()
+            _remove_temp_files(self.path)
+            yield
+
+    def _reload(self) -> None:
+        """Re-read the store from disk when another writer saved it since this object did."""
+        if _signature(self.path) == self._disk or not (self.path / META_FILE).is_file():
+            return
+        fresh = FaissStore.open(self.path)
+        if fresh.dim != self.dim:
+            raise EmbeddingDimensionError(store_dim=fresh.dim, embed_dim=self.dim,
+                                          embedding=self.meta.embedding,
+                                          store=f"the FAISS store at {self.path}",
+                                          recorded=fresh.meta.embedding)
+        logger.info("FAISS store %s was saved by another writer; continuing from its %d "
+                    "passages", self.path, len(fresh))
+        self.meta, self.index, self._records = fresh.meta, fresh.index, fresh._records
+        self._by_id, self._disk = fresh._by_id, fresh._disk
+
     def add(self, passages: Sequence[Passage], vectors: np.ndarray) -> int:
         """Add passages with their vectors ``(N, dim)``; unchanged ones are skipped, changed
         ones replace the old row. Returns the number of rows written (call :meth:`save`)."""
@@ -253,6 +294,7 @@ class FaissStore:
                     Path(tmp).unlink(missing_ok=True)
             header = json.dumps(asdict(self.meta), indent=2).encode("utf-8")
             _atomic_write(self.path / META_FILE, header)
+            self._disk = _signature(self.path)
 
     # --- internals ---------------------------------------------------------------------------
     def _ensure_index(self, first_batch: np.ndarray) -> None:
@@ -389,7 +431,7 @@ def _temp_file(folder: Path) -> tuple[int, str]:
     group and others as the umask allows (``tempfile.mkstemp`` makes 0600 files, so a store
     shared read-only with other users could not be read by them)."""
     for _ in range(100):
-        tmp = folder / f".tmp-{secrets.token_hex(8)}"
+        tmp = folder / f"{TEMP_PREFIX}{secrets.token_hex(8)}"
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), str(tmp)
         except FileExistsError:
@@ -407,3 +449,70 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """Which save of the store at ``path`` is on disk (every save replaces the header file)."""
+    try:
+        st = (path / META_FILE).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _remove_temp_files(path: Path) -> None:
+    """Temporary files of a save that never finished (the process was killed): the next
+    writer would never reuse them, and they can be larger than the index."""
+    for tmp in path.glob(f"{TEMP_PREFIX}*"):
+        try:
+            tmp.unlink()
+            logger.info("removed %s, left by an interrupted save", tmp)
+        except OSError as err:  # a read-only store: leave it
+            logger.debug("could not remove %s: %s", tmp, err)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """``flock`` on ``path / LOCK_FILE``; says so when another process holds it, then waits.
+    The lock goes with the process (a killed writer frees it). No-op without ``fcntl``."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: no advisory locks
+        yield
+        return
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another process is writing to the FAISS store at %s (nest index?); "
+                           "waiting for it to finish", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextlib.contextmanager
+def _try_lock(path: Path) -> Iterator[bool]:
+    """Whether no writer holds the store's lock right now (a reader never waits, and creates
+    no file: every writer creates the lock file before it writes anything else)."""
+    try:
+        import fcntl
+
+        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        yield True
+        return
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
