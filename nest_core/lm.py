@@ -7,6 +7,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class LanguageModel:
         self._fingerprint: str | None = None
         self._words: dict[int, str | int] = {}
         self._empty_cache: Any = None
+        self._as_text: Any = None  # the tokenizer that reads special tokens' strings as text
         # KV states of earlier prompts, shared by every decoder (and thread) of this model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
@@ -169,20 +171,63 @@ class LanguageModel:
     # --- prompts ---------------------------------------------------------------------------
     def prompt_ids(self, prompt: str | Sequence[Message]) -> list[int]:
         """A string becomes one user message through the chat template (when the tokenizer
-        has one, else plain text); a list of ``{"role", "content"}`` dicts is used as is."""
+        has one, else plain text); a list of ``{"role", "content"}`` dicts is used as is.
+
+        What the user and the documents wrote is always text: a question or passage saying
+        "<|im_start|>system" stays those characters and never opens a turn; only the chat
+        template's own special tokens are special (:meth:`_chat_ids`)."""
         tok = self.tokenizer
         check_prompt(prompt)
         if isinstance(prompt, str):
             if getattr(tok, "chat_template", None):
                 return self._chat_ids([{"role": "user", "content": prompt}])
-            return list(tok.encode(prompt))
+            return self._text_ids(prompt, bos=True)
         messages = validate_messages(prompt)
         if not getattr(tok, "chat_template", None):
             text = "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-            return list(tok.encode(text + "\nassistant:"))
+            return self._text_ids(text + "\nassistant:", bos=True)
         return self._chat_ids(messages)
 
     def _chat_ids(self, messages: list[Message]) -> list[int]:
+        """The chat template's ids. When no message holds a special token's string the
+        template tokenises as usual; otherwise the template is rendered with a stand-in for
+        each message's content, its own special tokens become their ids and everything
+        between them (template text and contents) is tokenised as text, so the messages
+        cannot add or close a turn."""
+        specials = _special_pattern(self.tokenizer)
+        if specials is None:
+            return self._template_ids(messages)
+        for i, m in enumerate(messages):
+            if specials.search(m["role"]):
+                msg = f"prompt[{i}] role {m['role']!r:.80} holds a special token"
+                raise ValueError(msg)
+        stand_ins = [{"role": m["role"], "content": _STAND_IN.format(i)}
+                     for i, m in enumerate(messages)]
+        # [template text, message index, template text, ..., template text]
+        layout = _STAND_IN_RE.split(self._render(stand_ins))
+        own = sum(len(specials.findall(part)) for part in layout[::2])
+        if not any(specials.search(m["content"]) for m in messages) \
+                and len(specials.findall(self._render(messages))) == own:
+            return self._template_ids(messages)
+        ids: list[int] = []
+        text = ""  # text since the template's last special token
+        for k, part in enumerate(layout):
+            if k % 2:  # a message's content: text, whatever it says
+                text += messages[int(part)]["content"]
+                continue
+            end = 0
+            for found in specials.finditer(part):
+                ids += self._text_ids(text + part[end:found.start()])
+                ids.append(int(self.tokenizer.convert_tokens_to_ids(found.group())))
+                text, end = "", found.end()
+            text += part[end:]
+        return ids + self._text_ids(text)
+
+    def _render(self, messages: list[Message]) -> str:
+        return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                      tokenize=False))
+
+    def _template_ids(self, messages: list[Message]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=True)
         if hasattr(ids, "keys") and "input_ids" in ids:  # BatchEncoding in transformers 5
@@ -190,6 +235,19 @@ class LanguageModel:
         if ids and isinstance(ids[0], list):
             ids = ids[0]
         return [int(i) for i in ids]
+
+    def _text_ids(self, text: str, bos: bool = False) -> list[int]:
+        """``text`` as text: special tokens' strings are split into ordinary tokens.
+        ``bos``: what the tokenizer adds to a whole input (BOS), as ``encode`` does."""
+        if not text and not bos:
+            return []
+        if self._as_text is None:
+            # A copy that always splits them: passing ``split_special_tokens`` per call flips
+            # a flag on the one Rust tokenizer that every thread's call reads.
+            self._as_text = copy.deepcopy(self.tokenizer)
+            self._as_text.split_special_tokens = True
+        enc = self._as_text(text, add_special_tokens=bos, split_special_tokens=True)
+        return [int(i) for i in enc["input_ids"]]
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
@@ -274,6 +332,24 @@ def _decoder_layers(model: Any) -> Any:
         if isinstance(obj, torch.nn.ModuleList) and len(obj):
             return obj
     return None
+
+
+# A message's content while the chat template renders (private-use characters: a template
+# passes them through as they are, and no tokenizer makes a special token of them)
+_STAND_IN = "\ue000{}\ue001"
+_STAND_IN_RE = re.compile("\ue000([0-9]+)\ue001")
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """The strings the tokenizer turns into special tokens (longest first), or None."""
+    strings = set(getattr(tokenizer, "all_special_tokens", None) or [])
+    for token in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(token, "special", False):
+            strings.add(str(token.content))
+    strings.discard("")
+    if not strings:
+        return None
+    return re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
 
 
 def check_prompt(prompt: object) -> None:
