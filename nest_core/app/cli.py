@@ -67,7 +67,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.collection and args.store != "chroma":
         msg = f"--collection {args.collection} applies to --store chroma"
         raise CliError(msg)
-    files = collect_files(args.paths)
+    from nest_core.stores.roots import assign_ids
+
+    folders = [Path(p).expanduser() for p in args.paths if Path(p).expanduser().is_dir()]
+    # ids relative to the folders the store records: two folders named notes never collide
+    files, prefixes = assign_ids(Path(args.out).expanduser(), collect_files(args.paths),
+                                 folders)
     embed = None
     if args.embedding:
         from nest_core.stores.embeddings import load_embedding
@@ -77,8 +82,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     note(f"indexing {len(files)} file(s) into a {args.store} store at {args.out}")
     report = build_store(files, args.out, args.store, precompute=not args.no_precompute,
                          progress=not args.quiet, embed=embed, collection=args.collection,
-                         folders=[p for p in args.paths if Path(p).expanduser().is_dir()],
-                         ray=ray)
+                         complete_prefixes=prefixes, ray=ray)
     note(f"done: {report.passages} passages from {report.documents} file(s) "
           f"({report.written} new, {report.unchanged} unchanged, {report.removed} removed); "
           f"ask with: nest ask \"your question\" --store {args.out}")

@@ -63,12 +63,15 @@ def detect_store(path: str | os.PathLike[str], collection: str | None = None) ->
 def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], kind: str, *,
                 precompute: bool = True, progress: bool = True,
                 folders: Sequence[str] = (), embed: Any = None,
-                collection: str | None = None, ray: Any = None) -> Any:
+                collection: str | None = None, ray: Any = None,
+                complete_prefixes: Sequence[str] | None = None) -> Any:
     """Chunk, embed and write ``files`` into a ``kind`` store at ``out``, and precompute the
     span datastore inside it, so ``nest ask`` runs no LM over passages. ``folders``: the
     folders indexed whole; what the store holds from them that ``files`` lacks (deleted
-    files) is removed. ``ray``: :class:`~nest_core.stores.ray_index.RayOptions` to encode the
-    datastore on Ray workers (same files)."""
+    files) is removed; ``complete_prefixes``: the id prefixes they cover, when not their names
+    (:func:`nest_core.stores.roots.assign_ids`). ``ray``:
+    :class:`~nest_core.stores.ray_index.RayOptions` to encode the datastore on Ray workers
+    (same files)."""
     from nest_core.stores.datastore import SpanDatastore
     from nest_core.stores.ingest import ingest, open_chroma_collection, open_faiss_store
     from nest_core.stores.sources.chroma import DEFAULT_COLLECTION, ChromaSource
@@ -83,10 +86,11 @@ def build_store(files: Sequence[tuple[Path, str]], out: str | os.PathLike[str], 
     # the key layer and window must be the ones `nest ask` decodes with, or every key misses
     config = nest_config(DEFAULT_PRESET, lm.name) if lm is not None else None
     encode = ray_precompute(ray)
+    if complete_prefixes is None:
+        complete_prefixes = [f"{Path(f).expanduser().resolve().name}/" for f in folders]
     report = ingest(docs, store, embed=embed, progress=progress, lm=lm, config=config,
                     datastore=SpanDatastore.for_store(out) if precompute else None,
-                    complete_prefixes=[f"{Path(f).expanduser().resolve().name}/"
-                                       for f in folders], precompute_with=encode)
+                    complete_prefixes=complete_prefixes, precompute_with=encode)
     _note_ray(encode)
     if lm is not None:
         # the store as just written, already open (no second read of its index)

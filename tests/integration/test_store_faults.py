@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from nest_core.app.cli import main
 from nest_core.stores.sources import FaissStore
 from nest_core.stores.sources.faiss_store import LOCK_FILE
 
@@ -100,3 +101,70 @@ def test_two_concurrent_index_processes_keep_both_document_sets(tmp_path, held_l
         finish(proc, err)
     ids = FaissStore.open(store).ids()
     assert sorted(i.split("/")[0] for i in ids) == ["alpha"] * 12 + ["beta"] * 9
+
+
+def run_index(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``nest index ARGS -q --no-precompute`` in this process (MiniLM loads once); its
+    stderr. It must succeed."""
+    code = main(["index", *args, "-q", "--no-precompute"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    return err
+
+
+def stored_texts(store: Path) -> dict[str, str]:
+    """``{document id: its passages' text}`` of the FAISS store at ``store``."""
+    docs: dict[str, str] = {}
+    for p in FaissStore.open(store).passages():
+        doc = str(p.metadata["doc_id"])
+        docs[doc] = docs.get(doc, "") + p.text
+    return docs
+
+
+# --- case 2: ids that cannot collide ---------------------------------------------------------
+def test_two_folders_of_the_same_name_keep_their_own_files(tmp_path, capsys):
+    """Case 2. Before: indexing x/notes and then y/notes into one store keyed both by
+    ``notes/``: y's plan.md replaced x's, and x's extra.md was deleted ("1 removed"). Now
+    the store records each folder it indexed, and the second ``notes`` gets its own prefix."""
+    x, y = tmp_path / "x" / "notes", tmp_path / "y" / "notes"
+    x.mkdir(parents=True)
+    y.mkdir(parents=True)
+    (x / "plan.md").write_text("The x plan moves the office to Brno in May.\n", "utf-8")
+    (x / "extra.md").write_text("The x extra budget is 40 thousand crowns.\n", "utf-8")
+    (y / "plan.md").write_text("The y plan hires two engineers in June.\n", "utf-8")
+    store = tmp_path / "store"
+    run_index(capsys, str(x), "--out", str(store))
+    err = run_index(capsys, str(y), "--out", str(store))
+    assert "0 removed" in err
+    texts = sorted(stored_texts(store).values())
+    assert texts == sorted(["The x plan moves the office to Brno in May.",
+                            "The x extra budget is 40 thousand crowns.",
+                            "The y plan hires two engineers in June."])
+    # re-indexing x after a file is deleted still removes that file, and only it
+    (x / "extra.md").unlink()
+    assert "1 removed" in run_index(capsys, str(x), "--out", str(store))
+    assert "The x extra budget is 40 thousand crowns." not in stored_texts(store).values()
+    assert len(stored_texts(store)) == 2
+
+
+def test_a_file_named_alone_and_then_with_its_folder_is_stored_once(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Case 2. Before: ``nest index a.md`` (inside notes) keyed it ``a.md`` and ``nest index
+    notes`` keyed it ``notes/a.md``: stored twice, the first copy never updated. Now both
+    key it ``notes/a.md`` (relative to the folder the store records), in either order."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "a.md").write_text("The canteen opens at eight.\n", "utf-8")
+    (notes / "b.md").write_text("Parking is free on Fridays.\n", "utf-8")
+    store = tmp_path / "store"
+    monkeypatch.chdir(notes)
+    run_index(capsys, "a.md", "--out", str(store))
+    (notes / "a.md").write_text("The canteen opens at nine.\n", "utf-8")
+    monkeypatch.chdir(tmp_path)
+    run_index(capsys, "notes", "--out", str(store))
+    assert stored_texts(store) == {"notes/a.md": "The canteen opens at nine.",
+                                   "notes/b.md": "Parking is free on Fridays."}
+    (notes / "b.md").write_text("Parking costs 2 euros.\n", "utf-8")
+    run_index(capsys, str(notes / "b.md"), "--out", str(store))
+    assert stored_texts(store)["notes/b.md"] == "Parking costs 2 euros."
+    assert len(stored_texts(store)) == 2

@@ -43,6 +43,7 @@ from nest_core.stores.embeddings import (
     embedding_name,
     resolve_embedding,
 )
+from nest_core.stores.locking import exclusive_lock, lock_if_free
 from nest_core.stores.sources.base import EmptyStoreError, SyncPassageSource, check_query
 from nest_core.types import Passage
 
@@ -133,7 +134,7 @@ class FaissStore:
         records = _read_sidecar(path / SIDECAR_FILE)
         ntotal = 0 if index is None else int(index.ntotal)
         _check_alignment(path, ntotal, records, meta)
-        with _try_lock(path) as free:
+        with lock_if_free(path / LOCK_FILE) as free:
             if free:  # no writer is saving: a temporary file is the leftover of a killed one
                 _remove_temp_files(path)
         return cls(path, meta, index, records[:ntotal])
@@ -200,7 +201,7 @@ class FaissStore:
         (with a message) until this one leaves. On entry this object takes up what other
         writers saved since it was read, so nothing they added is overwritten."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with _exclusive_lock(self.path):
+        with exclusive_lock(self.path / LOCK_FILE, f"the FAISS store at {self.path}"):
             with self._lock:
                 self._reload()
             _remove_temp_files(self.path)
@@ -469,50 +470,3 @@ def _remove_temp_files(path: Path) -> None:
             logger.info("removed %s, left by an interrupted save", tmp)
         except OSError as err:  # a read-only store: leave it
             logger.debug("could not remove %s: %s", tmp, err)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """``flock`` on ``path / LOCK_FILE``; says so when another process holds it, then waits.
-    The lock goes with the process (a killed writer frees it). No-op without ``fcntl``."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows: no advisory locks
-        yield
-        return
-    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.warning("another process is writing to the FAISS store at %s (nest index?); "
-                           "waiting for it to finish", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-@contextlib.contextmanager
-def _try_lock(path: Path) -> Iterator[bool]:
-    """Whether no writer holds the store's lock right now (a reader never waits, and creates
-    no file: every writer creates the lock file before it writes anything else)."""
-    try:
-        import fcntl
-
-        fd = os.open(path / LOCK_FILE, os.O_RDONLY)
-    except FileNotFoundError:
-        yield True
-        return
-    except (ImportError, OSError):
-        yield False
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
