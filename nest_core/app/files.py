@@ -150,11 +150,18 @@ def _supported_list() -> str:
 
 
 def _read_text(path: Path) -> str:
+    from nest_core.stores.text import binary_reason
+
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         msg = f"{path}: not UTF-8 text ({err.reason}); save it as UTF-8 or leave it out"
         raise CliError(msg) from err
+    reason = binary_reason(text)  # NUL bytes are valid UTF-8, and one file of them is no text
+    if reason:
+        msg = f"{path}: {reason}; leave it out or convert it to text"
+        raise CliError(msg)
+    return text
 
 
 def _read_pdf(path: Path) -> str:

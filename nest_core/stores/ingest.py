@@ -4,7 +4,11 @@ and optionally -> the span datastore, so the first query already runs no LM over
 Passage ids are stable (``"{doc_id}#{chunk}"``), so re-ingesting the same documents writes
 nothing; a changed document replaces its passages and drops the ones it no longer has.
 Each passage's ``metadata`` holds ``doc_id``, ``title``, ``chunk`` and ``start``/``end``: the
-character offsets of the passage in its document (``document.text[start:end] == text``).
+character offsets of the passage in its document. A passage's text is that slice with
+zero-width and bidi control characters removed (:mod:`nest_core.stores.text`), so
+``document.text[start:end] == text`` whenever the document holds none. Passages have at most
+:data:`MAX_PASSAGE_CHARS` characters whatever the input; binary-looking documents (NUL
+characters) are refused.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from nest_core.stores.sources.chroma import (
     translate_chroma_error,
 )
 from nest_core.stores.sources.faiss_store import FaissStore, IndexKind
+from nest_core.stores.text import binary_reason, strip_invisible
 from nest_core.types import Passage
 
 if TYPE_CHECKING:
@@ -56,6 +61,8 @@ CHECKPOINT_SECONDS = 30.0  # a FAISS store is saved at least this often while in
 LARGE_INGEST = 1000  # passages from which the user gets a time estimate and how to resume
 ESTIMATE_SAMPLE = 8  # passages span-encoded up front to time the estimate of a large ingest
 PRECOMPUTE_BATCH = 20  # passages per PassageEncoder.encode call in :func:`precompute`
+MAX_PASSAGE_CHARS = 4000  # a passage's cap whatever the input (100 words are ~600 characters)
+MAX_WORD_CHARS = 200  # longer runs without a space (base64, a URL list) are cut for chunking
 _WORD = re.compile(r"\S+")
 _SENTENCE_END = (".", "!", "?", ".\"", ".)", ";")
 
@@ -101,16 +108,24 @@ class IngestReport:
     encoded_rows: int = 0
 
 
-def chunk_document(doc: Document, words_per_passage: int = 100) -> list[Passage]:
-    """Split ``doc`` into passages of about ``words_per_passage`` words.
+def chunk_document(doc: Document, words_per_passage: int = 100, *,
+                   max_chars: int = MAX_PASSAGE_CHARS) -> list[Passage]:
+    """Split ``doc`` into passages of about ``words_per_passage`` words and at most
+    ``max_chars`` characters (a line of base64 or a run of one character is one "word": it
+    is cut into pieces, so no input makes a passage the LM cannot encode).
 
     A chunk ends at a sentence end when one falls within 25% of the target, so passages
-    read as whole sentences; the text is an exact slice of the document (offsets stored).
+    read as whole sentences. Zero-width and bidi control characters are removed first
+    (:mod:`nest_core.stores.text`): the text is a slice of the cleaned document, and
+    ``start``/``end`` are offsets into ``doc.text`` as given.
     """
-    if words_per_passage < 1:
-        msg = f"words_per_passage={words_per_passage} must be positive"
+    if words_per_passage < 1 or max_chars < 2:
+        msg = (f"words_per_passage={words_per_passage} and max_chars={max_chars} must be "
+               f"positive (max_chars at least 2)")
         raise ValueError(msg)
-    words = [(m.start(), m.end()) for m in _WORD.finditer(doc.text)]
+    clean = strip_invisible(doc.text)
+    text = clean.text
+    words = _words(text, max(1, min(MAX_WORD_CHARS, max_chars // 2)))
     low, high = max(1, int(words_per_passage * 0.75)), int(words_per_passage * 1.25)
     passages: list[Passage] = []
     i = 0
@@ -118,19 +133,39 @@ def chunk_document(doc: Document, words_per_passage: int = 100) -> list[Passage]
         end = min(i + words_per_passage, len(words))
         if end < len(words):
             for j in range(min(i + high, len(words)) - 1, i + low - 2, -1):
-                if doc.text[words[j][0]:words[j][1]].endswith(_SENTENCE_END):
+                if text[words[j][0]:words[j][1]].endswith(_SENTENCE_END):
                     end = j + 1
                     break
+        end = _capped(words, i, end, max_chars)
         start_char, end_char = words[i][0], words[end - 1][1]
         n = len(passages)
         meta = {**_scalar_metadata(doc.metadata), "doc_id": doc.doc_id, "chunk": n,
-                "start": start_char, "end": end_char}
+                "start": clean.original(start_char), "end": clean.original_end(end_char)}
         if doc.title:
             meta["title"] = doc.title
-        passages.append(Passage(id=f"{doc.doc_id}#{n}", text=doc.text[start_char:end_char],
+        passages.append(Passage(id=f"{doc.doc_id}#{n}", text=text[start_char:end_char],
                                 title=doc.title, metadata=meta))
         i = end
     return passages
+
+
+def _words(text: str, longest: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each whitespace-separated word, words past ``longest`` characters
+    cut into pieces of that length."""
+    out: list[tuple[int, int]] = []
+    for m in _WORD.finditer(text):
+        start, end = m.span()
+        out.extend((s, min(s + longest, end)) for s in range(start, end, longest))
+    return out
+
+
+def _capped(words: list[tuple[int, int]], first: int, end: int, max_chars: int) -> int:
+    """``end``, or the first word from ``first`` that would take the passage past
+    ``max_chars`` (the passage keeps at least one word, itself under the cap)."""
+    for j in range(first + 1, end):
+        if words[j][1] - words[first][0] > max_chars:
+            return j
+    return end
 
 
 def ingest(documents: Iterable[Document], store: Any, *,
@@ -156,6 +191,7 @@ def ingest(documents: Iterable[Document], store: Any, *,
     """
     embed = resolve_embedding(embed)
     docs = list(documents)
+    _check_text(docs)
     report = IngestReport(documents=len(docs))
     chunked = [chunk_document(d, words_per_passage) for d in docs]
     all_passages = [p for ps in chunked for p in ps]
@@ -458,6 +494,16 @@ class _ChromaWriter:
         from nest_core.stores.datastore import SpanDatastore
 
         return SpanDatastore()  # a collection does not reveal its directory
+
+
+def _check_text(docs: list[Document]) -> None:
+    """Binary data (a NUL file) is refused, naming the document, before anything is written."""
+    for doc in docs:
+        reason = binary_reason(doc.text)
+        if reason:
+            name = doc.metadata.get("source") or doc.title or doc.doc_id
+            msg = f"document {name!r}: {reason}; leave it out or convert it to text"
+            raise ValueError(msg)
 
 
 def _check_unique(passages: list[Passage]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -20,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from nest_core.app.cli import main
-from nest_core.stores.sources import FaissStore
-from nest_core.stores.sources.faiss_store import LOCK_FILE
+from nest_core.stores.ingest import MARKER_FILE, MAX_PASSAGE_CHARS
+from nest_core.stores.sources import FaissSource, FaissStore
+from nest_core.stores.sources.faiss_store import LOCK_FILE, SIDECAR_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -168,3 +170,68 @@ def test_a_file_named_alone_and_then_with_its_folder_is_stored_once(tmp_path, ca
     run_index(capsys, str(notes / "b.md"), "--out", str(store))
     assert stored_texts(store)["notes/b.md"] == "Parking costs 2 euros."
     assert len(stored_texts(store)) == 2
+
+
+# --- case 4: bounded passages whatever the input ---------------------------------------------
+def test_a_nul_file_is_skipped_by_name_and_a_huge_line_is_bounded(tmp_path, capsys):
+    """Case 4. Before: a file of NUL bytes became one passage (RSS past 15 GB, a 315 MB
+    sidecar line) and a base64 image line one 161,547-token passage. Now the NUL file is
+    skipped with a note naming it, and the long line becomes passages of at most
+    MAX_PASSAGE_CHARS characters."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "blob.md").write_bytes(b"\x00" * 300_000)
+    image = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk" * 4000  # 240 KB
+    (folder / "page.md").write_text(f"# Page\n\nLogo: ![logo](data:image/png;base64,{image})\n"
+                                    f"The office opens at nine.\n", "utf-8")
+    store = tmp_path / "store"
+    err = run_index(capsys, str(folder), "--out", str(store))
+    assert f"skipped {folder / 'blob.md'}: it holds NUL characters" in err
+    passages = FaissStore.open(store).passages()
+    assert {p.metadata["doc_id"] for p in passages} == {"docs/page.md"}
+    assert max(len(p.text) for p in passages) <= MAX_PASSAGE_CHARS
+    assert len(passages) > len(image) // MAX_PASSAGE_CHARS
+    assert max(len(line) for line in (store / SIDECAR_FILE).read_text("utf-8").splitlines()) \
+        < 4 * MAX_PASSAGE_CHARS
+
+
+def test_ctrl_c_stops_a_large_index_and_keeps_what_is_done(tmp_path):
+    """Case 4. Before: Ctrl-C was ignored while one huge passage was embedded and encoded.
+    Now passages are bounded, so a real SIGINT stops `nest index` (exit 130) between
+    batches; the store keeps the batches written and is marked incomplete. The signal is
+    sent once the run has said its estimate (after its first batch of 1000+ passages)."""
+    line = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo" * 130_000  # 4.5 MB, no space: ~1100 passages
+    (tmp_path / "big.md").write_text(line + "\n", "utf-8")
+    store = tmp_path / "store"
+    proc = subprocess.Popen([*NEST, "index", str(tmp_path / "big.md"), "--out", str(store),
+                             "--no-precompute"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    seen = wait_for_line(proc, "Ctrl-C keeps what is done")
+    proc.send_signal(signal.SIGINT)
+    assert proc.stderr is not None
+    err = seen + proc.stderr.read()
+    assert proc.wait(timeout=WAIT_S) == 130, err
+    assert "nest: interrupted" in err
+    assert (store / MARKER_FILE).is_file()
+    kept = FaissStore.open(store)
+    assert 0 < len(kept) < len(line) // MAX_PASSAGE_CHARS
+
+
+# --- case 5: invisible characters ------------------------------------------------------------
+def test_zero_width_characters_are_removed_at_index_time(tmp_path, capsys):
+    """Case 5. Before: "1\u200b5 dollars per day" was stored as it is, and SmolLM2 answered
+    "1[1]000 dollars". Now the stored passage reads "15 dollars per day" and its offsets
+    still point into the file."""
+    folder = tmp_path / "policy"
+    folder.mkdir()
+    raw = "Travel\u2066 rules\u2069.\n\nMeals cost 1\u200b5 dollars per day\u200d on trips.\n"
+    (folder / "travel.md").write_text(raw, "utf-8")
+    store = tmp_path / "store"
+    run_index(capsys, str(folder), "--out", str(store))
+    (passage,) = FaissStore.open(store).passages()
+    assert passage.text == "Travel rules.\n\nMeals cost 15 dollars per day on trips."
+    start, end = passage.metadata["start"], passage.metadata["end"]
+    assert raw[start:end].replace("\u200b", "").replace("\u200d", "").replace(
+        "\u2066", "").replace("\u2069", "") == passage.text
+    source = FaissSource.from_path(store)
+    assert "15 dollars per day" in source.retrieve("How much are meals per day?", 1)[0].text
