@@ -17,6 +17,7 @@ from nest_core.app.openai_api import (
     UNSUPPORTED,
     ApiError,
     ChatRequest,
+    check_body,
     check_greedy,
     extension,
     finish_reason,
@@ -38,16 +39,7 @@ REFUSED = {  # options of the legacy route Nest cannot honour
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int,
                   default_max_tokens: int) -> ChatRequest:
     """Validate a legacy completion request body (errors as :class:`ApiError`)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if model not in model_ids:
-        raise ApiError(404, f"model {model!r} is not served here; use one of "
-                            f"{list(model_ids)} (GET /v1/models)", param="model",
-                       code="model_not_found")
-    for name, why in {**UNSUPPORTED, **REFUSED}.items():
-        if body.get(name) not in (None, False, [], {}):
-            raise ApiError(400, f"`{name}` is not supported: {why}", param=name)
+    check_body(body, model_ids, {**UNSUPPORTED, **REFUSED})
     check_greedy(body)
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of must be 1: Nest decodes one greedy answer",

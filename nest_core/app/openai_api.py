@@ -79,9 +79,9 @@ class ChatRequest:
     truncate: bool = False  # drop the prompt's oldest messages when it does not fit
 
 
-def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int,
-                  default_max_tokens: int, max_messages: int) -> ChatRequest:
-    """Validate an OpenAI chat completion request body (see :class:`ApiError`)."""
+def check_body(body: Any, model_ids: tuple[str, ...], refused: dict[str, str]) -> None:
+    """The checks every route starts with: a JSON object, a served model, none of the
+    ``refused`` fields (name -> what to do instead)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -89,9 +89,15 @@ def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: in
         raise ApiError(404, f"model {model!r} is not served here; use one of "
                             f"{list(model_ids)} (GET /v1/models)", param="model",
                        code="model_not_found")
-    for name, why in UNSUPPORTED.items():
-        if body.get(name) not in (None, False, []):
+    for name, why in refused.items():
+        if body.get(name) not in (None, False, [], {}):
             raise ApiError(400, f"`{name}` is not supported: {why}", param=name)
+
+
+def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int,
+                  default_max_tokens: int, max_messages: int) -> ChatRequest:
+    """Validate an OpenAI chat completion request body (see :class:`ApiError`)."""
+    check_body(body, model_ids, UNSUPPORTED)
     fmt = body.get("response_format")
     if fmt not in (None, {"type": "text"}):
         raise ApiError(400, "`response_format` is not supported: Nest decodes text (and cites "

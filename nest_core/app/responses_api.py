@@ -29,6 +29,7 @@ from nest_core.app.openai_api import (
     ApiError,
     ChatRequest,
     chat_messages,
+    check_body,
     check_greedy,
     extension,
     max_tokens_of,
@@ -51,16 +52,7 @@ TEXT_PARTS = ("input_text", "output_text", "text")
 def parse_request(body: Any, *, model_ids: tuple[str, ...], max_tokens_limit: int,
                   default_max_tokens: int, max_messages: int) -> ChatRequest:
     """Validate a Responses API request body (errors as :class:`ApiError`)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    model = body.get("model")
-    if model not in model_ids:
-        raise ApiError(404, f"model {model!r} is not served here; use one of "
-                            f"{list(model_ids)} (GET /v1/models)", param="model",
-                       code="model_not_found")
-    for name, why in {**UNSUPPORTED, **REFUSED}.items():
-        if body.get(name) not in (None, False, [], {}):
-            raise ApiError(400, f"`{name}` is not supported: {why}", param=name)
+    check_body(body, model_ids, {**UNSUPPORTED, **REFUSED})
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) \
         else None
     if fmt not in (None, {"type": "text"}):
