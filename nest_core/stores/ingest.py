@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nest_core.stores.embeddings import (
     EmbeddingFunction,
+    EmbeddingMismatchError,
     embed_texts,
+    embedding_fingerprint,
     embedding_name,
     resolve_embedding,
 )
@@ -38,6 +40,7 @@ from nest_core.stores.sources.chroma import (
     DEFAULT_COLLECTION,
     DIM_KEY,
     EMBEDDING_KEY,
+    FINGERPRINT_KEY,
     ChromaSource,
     get_collection,
     http_client,
@@ -232,7 +235,15 @@ def ingest(documents: Iterable[Document], store: Any, *,
 
 
 def _check_embedding(writer: _FaissWriter | _ChromaWriter, embed: EmbeddingFunction) -> None:
+    """Refuse another model than the one a non-empty store was written with: another name,
+    or other weights (the fingerprint) under the same name."""
     built_with, name = writer.embedding(), embedding_name(embed)
+    recorded_fingerprint = writer.fingerprint()
+    fingerprint = embedding_fingerprint(embed) if recorded_fingerprint else None
+    if fingerprint and recorded_fingerprint and fingerprint != recorded_fingerprint:
+        raise EmbeddingMismatchError(store="this store", recorded=built_with,
+                                     recorded_fingerprint=recorded_fingerprint,
+                                     embedding=name, fingerprint=fingerprint)
     if built_with and built_with != name:
         msg = (f"this store was built with the embedding {built_with!r}, not {name!r}: adding "
                f"passages would mix vectors of two models, and search would return noise. "
@@ -301,6 +312,7 @@ def open_faiss_store(path: str | os.PathLike[str], *, embed: EmbeddingFunction |
     embed = resolve_embedding(embed)
     dim = embed_texts(embed, ["dimension probe"]).shape[1]
     return FaissStore.open_or_create(path, dim, kind=kind, embedding=embedding_name(embed),
+                                     embedding_fingerprint=embedding_fingerprint(embed),
                                      **kwargs)
 
 
@@ -371,12 +383,18 @@ class _FaissWriter:
     def embedding(self) -> str | None:
         return self.store.meta.embedding if len(self.store) else None
 
+    def fingerprint(self) -> str | None:
+        return self.store.meta.embedding_fingerprint if len(self.store) else None
+
     def changed(self, batch: list[Passage]) -> list[Passage]:
         return [p for p in batch if not self.store.contains(p)]
 
     def write(self, batch: list[Passage], vectors: Any, embed: EmbeddingFunction) -> None:
-        if self.store.meta.embedding is None:
-            self.store.meta.embedding = embedding_name(embed)
+        meta = self.store.meta
+        if meta.embedding is None:
+            meta.embedding = embedding_name(embed)
+        if meta.embedding_fingerprint is None:  # a new store, or one written before they were
+            meta.embedding_fingerprint = embedding_fingerprint(embed)
         self.store.add(batch, vectors)
 
     def remove_stale(self, doc_ids: list[str], keep: set[str]) -> int:
@@ -430,6 +448,11 @@ class _ChromaWriter:
         meta = getattr(self.collection, "metadata", None) or {}
         name = meta.get(EMBEDDING_KEY)
         return str(name) if name and self.collection.count() else None
+
+    def fingerprint(self) -> str | None:
+        meta = getattr(self.collection, "metadata", None) or {}
+        value = meta.get(FINGERPRINT_KEY)
+        return str(value) if value and self.collection.count() else None
 
     def begin(self, note: str) -> None:
         self._mark(note)

@@ -10,7 +10,9 @@ what happened before the fix and what happens now.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest
 
 from nest_core.app.cli import main
 from nest_core.stores.ingest import MARKER_FILE, MAX_PASSAGE_CHARS
+from nest_core.stores.roots import ROOTS_FILE
 from nest_core.stores.sources import FaissSource, FaissStore
 from nest_core.stores.sources.faiss_store import LOCK_FILE, SIDECAR_FILE
 
@@ -103,6 +106,14 @@ def test_two_concurrent_index_processes_keep_both_document_sets(tmp_path, held_l
         finish(proc, err)
     ids = FaissStore.open(store).ids()
     assert sorted(i.split("/")[0] for i in ids) == ["alpha"] * 12 + ["beta"] * 9
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` but the lock files and the folder record (the folders named
+    are recorded before the store is opened): sha256 of its bytes."""
+    return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.rglob("*"))
+            if f.is_file() and not f.name.endswith(".lock") and f.name != ROOTS_FILE}
 
 
 def run_index(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -235,3 +246,49 @@ def test_zero_width_characters_are_removed_at_index_time(tmp_path, capsys):
         "\u2066", "").replace("\u2069", "") == passage.text
     source = FaissSource.from_path(store)
     assert "15 dollars per day" in source.retrieve("How much are meals per day?", 1)[0].text
+
+
+# --- case 3: the embedding model identified by its weights -----------------------------------
+@pytest.fixture(scope="module")
+def other_minilm(tmp_path_factory) -> Path:
+    """Other 384-d weights in a folder named all-MiniLM-L6-v2: the bundled model with its
+    word embeddings shifted (a fine-tune or another checkpoint looks like this)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from nest_core.stores.embeddings import default_embedding_model_dir
+
+    folder = tmp_path_factory.mktemp("models") / "all-MiniLM-L6-v2"
+    shutil.copytree(default_embedding_model_dir(), folder)
+    weights = load_file(folder / "model.safetensors")
+    name = next(k for k in weights if "word_embeddings" in k)
+    generator = torch.Generator().manual_seed(0)
+    weights[name] = weights[name] + 0.05 * torch.randn(weights[name].shape, generator=generator)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["faiss", "chroma"])
+def test_other_weights_under_the_same_name_are_refused(tmp_path, capsys, other_minilm, kind):
+    """Case 3. Before: other 384-d weights in a folder named all-MiniLM-L6-v2 mixed into a
+    store without a word, and `nest ask --embedding OTHER` only warned and answered. Now the
+    store records a fingerprint of the model's files: indexing into it or asking it with
+    other weights fails with an error naming both, and writes nothing."""
+    notes = write_notes(tmp_path / "notes", "alpha", 2)
+    store = tmp_path / "store"
+    run_index(capsys, str(notes), "--out", str(store), "--store", kind)
+    before = snapshot(store)
+    more = write_notes(tmp_path / "more", "beta", 2)
+    code = main(["index", str(more), "--out", str(store), "--store", kind, "-q",
+                 "--no-precompute", "--embedding", str(other_minilm)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "written with the embedding model 'all-MiniLM-L6-v2' (weights" in err
+    assert "Traceback" not in err
+    assert snapshot(store) == before
+    code = main(["ask", "When did alpha office 1 open?", "--store", str(store),
+                 "--embedding", str(other_minilm)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert "not 'all-MiniLM-L6-v2' (weights" in err

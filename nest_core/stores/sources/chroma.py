@@ -22,7 +22,9 @@ from typing import Any
 from nest_core.stores.embeddings import (
     EmbeddingDimensionError,
     EmbeddingFunction,
+    check_same_model,
     embed_texts,
+    embedding_fingerprint,
     embedding_name,
     resolve_embedding,
 )
@@ -39,6 +41,7 @@ logger = logging.getLogger(__name__)
 CHROMA_INSTALL_HINT = 'pip install "nest-decoding[chroma]"'
 DEFAULT_COLLECTION = "nest"
 EMBEDDING_KEY, DIM_KEY = "nest:embedding", "nest:dim"  # collection metadata we write
+FINGERPRINT_KEY = "nest:embedding_sha256"  # the model's weights (embedding_fingerprint)
 
 
 def chroma_module() -> Any:
@@ -119,6 +122,9 @@ def get_collection(client: Any, name: str = DEFAULT_COLLECTION, *, create: bool 
     metadata: dict[str, Any] = {"hnsw:space": "cosine"}
     if embed is not None:
         metadata[EMBEDDING_KEY] = embedding_name(embed)
+        fingerprint = embedding_fingerprint(embed)
+        if fingerprint:
+            metadata[FINGERPRINT_KEY] = fingerprint
     if dim is not None:
         metadata[DIM_KEY] = int(dim)
     return client.get_or_create_collection(name, embedding_function=None, metadata=metadata)
@@ -166,10 +172,9 @@ class ChromaSource(SyncPassageSource):
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
         built_with = meta.get(EMBEDDING_KEY)
         self.recorded: str | None = str(built_with) if built_with else None
-        if built_with and built_with != embedding_name(self.embed):
-            logger.warning("Chroma collection %r was built with embeddings %r but is queried "
-                           "with %r; results will be poor unless they are the same model",
-                           collection.name, built_with, embedding_name(self.embed))
+        check_same_model(self.embed, store=f"Chroma collection {collection.name!r}",
+                         recorded=self.recorded,
+                         recorded_fingerprint=meta.get(FINGERPRINT_KEY) or None)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], collection: str | None = None, *,

@@ -2,7 +2,8 @@
 
 Directory layout (``FaissStore.open(path)`` reads it, ``save()`` writes it atomically)::
 
-    nest_faiss.json   header: format, dim, kind, metric, embedding name, row count, params
+    nest_faiss.json   header: format, dim, kind, metric, embedding name and weights
+                      fingerprint, row count, params
     index.faiss       the FAISS index (faiss.write_index); row r is the r-th vector added
     passages.jsonl    one JSON object per row: {"row", "id", "text", "title", "metadata"}
                       (a replaced passage keeps its row as {"row", "id", "deleted": true})
@@ -39,8 +40,8 @@ import numpy as np
 from nest_core.stores.embeddings import (
     EmbeddingDimensionError,
     EmbeddingFunction,
+    check_same_model,
     embed_texts,
-    embedding_name,
     resolve_embedding,
 )
 from nest_core.stores.locking import exclusive_lock, lock_if_free
@@ -66,6 +67,7 @@ class FaissStoreMeta:
     dim: int
     kind: str = "flat"
     embedding: str | None = None
+    embedding_fingerprint: str | None = None  # SHA-256 of the model's files (see embeddings)
     rows: int = 0
     nlist: int | None = None  # IVF cells (chosen from the first batch when None)
     nprobe: int = 16  # IVF cells searched per query
@@ -93,7 +95,8 @@ class FaissStore:
     @classmethod
     def create(cls, path: str | os.PathLike[str], dim: int, *, kind: IndexKind = "flat",
                embedding: str | None = None, nlist: int | None = None, hnsw_m: int = 32,
-               overwrite: bool = False) -> FaissStore:
+               overwrite: bool = False, embedding_fingerprint: str | None = None
+               ) -> FaissStore:
         """An empty store at ``path`` (written on the first :meth:`save`)."""
         faiss = _faiss()
         if kind not in INDEX_KINDS:
@@ -108,7 +111,7 @@ class FaissStore:
                    f"or pass overwrite=True to replace it")
             raise FileExistsError(msg)
         meta = FaissStoreMeta(dim=dim, kind=kind, embedding=embedding, nlist=nlist,
-                              hnsw_m=hnsw_m)
+                              hnsw_m=hnsw_m, embedding_fingerprint=embedding_fingerprint)
         index = None
         if kind == "flat":
             index = faiss.IndexFlatIP(dim)
@@ -129,7 +132,8 @@ class FaissStore:
         if raw.get("format") != FORMAT_VERSION:
             msg = f"{path / META_FILE} has format {raw.get('format')}, expected {FORMAT_VERSION}"
             raise ValueError(msg)
-        meta = FaissStoreMeta(**raw)
+        known = set(FaissStoreMeta.__dataclass_fields__)
+        meta = FaissStoreMeta(**{k: v for k, v in raw.items() if k in known})
         index = faiss.read_index(str(path / INDEX_FILE)) if (path / INDEX_FILE).exists() else None
         records = _read_sidecar(path / SIDECAR_FILE)
         ntotal = 0 if index is None else int(index.ntotal)
@@ -338,11 +342,9 @@ class FaissSource(SyncPassageSource):
     def __init__(self, store: FaissStore, *, embed: EmbeddingFunction | None = None) -> None:
         self.store = store
         self.embed = resolve_embedding(embed)
-        name = embedding_name(self.embed)
-        if store.meta.embedding and name != store.meta.embedding:
-            logger.warning("FAISS store %s was built with embeddings %r but is queried with %r; "
-                           "results will be poor unless they are the same model", store.path,
-                           store.meta.embedding, name)
+        check_same_model(self.embed, store=f"the FAISS store at {store.path}",
+                         recorded=store.meta.embedding,
+                         recorded_fingerprint=store.meta.embedding_fingerprint)
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], *,
