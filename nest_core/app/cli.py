@@ -164,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
          f"{' or '.join(repr(m) for m in service.model_ids)}; {limits.max_concurrent} "
          f"answering, {limits.max_queue} queued); Ctrl-C stops")
     run(service, host=args.host, port=args.port, limits=limits,
-        api_key=args.api_key or os.environ.get("NEST_API_KEY") or None)
+        api_key=args.api_key or os.environ.get("NEST_API_KEY") or None,
+        allowed=args.allowed_host)
     return 0
 
 
@@ -204,6 +205,9 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
         shutil.rmtree(demo_dir())
         note(f"removed the demo store {demo_dir()}")
     return 0
+
+
+MAX_PORT = 65535
 
 
 # --- plumbing --------------------------------------------------------------------------------
@@ -256,14 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over a store")
     _service_options(p)
     p.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
-    p.add_argument("--port", type=positive, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (1-65535)")
     p.add_argument("--max-concurrent", type=positive, default=2,
                    help="answers decoded at once (threads share the model)")
-    p.add_argument("--max-queue", type=int, default=8,
+    p.add_argument("--max-queue", type=non_negative, default=8,
                    help="requests waiting beyond those; more get 429")
     p.add_argument("--max-tokens-limit", type=new_tokens, default=512,
                    help="most tokens a request may ask for")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NEST_API_KEY)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests sent to this Host name (repeatable; besides "
+                   "--host, the loopback names and IP addresses; '*': any, behind a gateway "
+                   "that checks it). Others get 400: DNS rebinding protection")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("mcp", help="an MCP server (stdio) with the tools ask and search")
@@ -295,6 +303,30 @@ def _service_options(p: argparse.ArgumentParser) -> None:
                    help=f"passages to retrieve per question (1-{MAX_K})")
     p.add_argument("--mode", choices=PRESETS, default=DEFAULT_PRESET, help=PRESET_HELP)
     dtype_option(p)
+
+
+def port_number(text: str) -> int:
+    """``--port``: a TCP port a server can listen on and announce (0, "any free port",
+    would announce a port nobody can find)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 1 <= value <= MAX_PORT:
+        msg = f"{text!r} is not a TCP port; use 1-{MAX_PORT}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"{text!r} is not a whole number >= 0"
+        raise argparse.ArgumentTypeError(msg)
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

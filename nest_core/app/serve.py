@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +40,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError(msg) from err
 
 from nest_core.app import completions_api, responses_api
+from nest_core.app.guard import LOOPBACK_NAMES, RequestGuard, allowed_hosts
 from nest_core.app.openai_api import (
     ApiError,
     ChatRequest,
@@ -113,8 +114,10 @@ class Gate:
 
 
 def create_app(service: AnswerService, limits: ServeLimits | None = None,
-               api_key: str | None = None) -> FastAPI:
-    """The FastAPI application (``uvicorn`` runs it; tests may call it in-process)."""
+               api_key: str | None = None, hosts: frozenset[str] | None = None) -> FastAPI:
+    """The FastAPI application (``uvicorn`` runs it; tests may call it in-process).
+    ``hosts``: the ``Host`` names it answers to (:func:`~nest_core.app.guard.allowed_hosts`;
+    ``None``: any, for an app called in-process)."""
     from nest_core import __version__
 
     limits = limits or ServeLimits()
@@ -137,18 +140,10 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
     async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return JSONResponse(ApiError(400, str(err)).body(), status_code=400)
 
-    @app.middleware("http")
-    async def _authorise(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/") \
-                and request.headers.get("authorization") != f"Bearer {api_key}":
-            err = ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                           type="authentication_error", code="invalid_api_key")
-            return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
-
+    app.add_middleware(RequestGuard, hosts=hosts, api_key=api_key)
     metrics = ServeMetrics(decoding=lambda: gate.decoding,
                            queued=lambda: gate.inside - gate.decoding)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 401s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -170,21 +165,25 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
         """A POST route documented with its body's model (:mod:`.schemas`)."""
         return app.post(path, openapi_extra=request_body(REQUEST_BODIES[path]))
 
-    async def answer(req: ChatRequest, plain: Callable[[list[Passage], NestResult], Any],
+    async def answer(request: Request, req: ChatRequest,
+                     plain: Callable[[list[Passage], NestResult], Any],
                      streamed: Callable[[list[Passage]], EventStream]) -> Any:
         """Admit, decode and answer ``req`` in one wire format: ``plain`` builds the
-        response body, ``streamed`` the events of a stream."""
+        response body, ``streamed`` the events of a stream. Decoding stops when the client
+        leaves (a stream: when its response is cancelled; else: at the next piece)."""
         req = await asyncio.to_thread(_call, fit_window, service.lm, req)
         gate.enter()
         had_slot = handed_off = False
         try:
             await gate.slot()
             had_slot = True
+            retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
             if not req.stream:
-                retrieved, result = await asyncio.to_thread(_call, service.answer, req)
+                result = await _result_unless_gone(pieces, request)
+                if result is None:  # nobody reads the answer: 499, "client closed request"
+                    return JSONResponse(ApiError(499, "the client left").body(), 499)
                 metrics.answered(result)
                 return plain(retrieved, result)
-            retrieved, pieces = await asyncio.to_thread(_call, service.stream, req)
             events = _sse(pieces, streamed(retrieved), lambda: gate.leave(True),
                           metrics.answered)
             handed_off = True  # the stream leaves the gate when it ends
@@ -200,7 +199,8 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
                             model_ids=service.model_ids, max_tokens_limit=limits.max_tokens,
                             default_max_tokens=limits.default_max_tokens,
                             max_messages=limits.max_messages)
-        return await answer(req, lambda found, result: completion(result, found, service.name),
+        return await answer(request, req,
+                            lambda found, result: completion(result, found, service.name),
                             lambda found: ChatStream(req, found, service.name))
 
     @post("/v1/responses")
@@ -210,7 +210,7 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             max_tokens_limit=limits.max_tokens, default_max_tokens=limits.default_max_tokens,
             max_messages=limits.max_messages)
         return await answer(
-            req, lambda found, result: responses_api.Response(req, found, service.name)
+            request, req, lambda found, result: responses_api.Response(req, found, service.name)
             .body(result), lambda found: responses_api.ResponseStream(req, found, service.name))
 
     @post("/v1/completions")
@@ -219,7 +219,8 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
             await _json_body(request, limits.max_body_bytes), model_ids=service.model_ids,
             max_tokens_limit=limits.max_tokens, default_max_tokens=limits.default_max_tokens)
         return await answer(
-            req, lambda found, result: completions_api.completion(result, found, service.name),
+            request, req,
+            lambda found, result: completions_api.completion(result, found, service.name),
             lambda found: completions_api.CompletionStream(req, found, service.name))
 
     return app
@@ -269,6 +270,28 @@ async def _json_body(request: Any, max_bytes: int) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from err
+    except RecursionError as err:  # the C parser's depth guard: [[[[...]]]]
+        raise ApiError(400, "the request body is nested too deeply to be a request") from err
+
+
+async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request
+                              ) -> NestResult | None:
+    """The answer's result, decoded piece by piece off the event loop; ``None`` as soon as
+    the client has left (checked between pieces: the decoder stops there)."""
+    try:
+        while True:
+            piece = await asyncio.to_thread(_call, next, pieces, None)
+            if piece is None:
+                raise AssertionError("stream ended without a result")  # pragma: no cover
+            if piece.result is not None:
+                return piece.result
+            if await request.is_disconnected():
+                logger.info("the client left: stopped decoding its answer")
+                return None
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
 
 
 async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callable[[], None],
@@ -296,11 +319,15 @@ async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callab
 
 
 def run(service: AnswerService, *, host: str = "127.0.0.1", port: int = 8000,
-        limits: ServeLimits | None = None, api_key: str | None = None) -> None:
-    """Serve until interrupted (Ctrl-C stops uvicorn cleanly)."""
+        limits: ServeLimits | None = None, api_key: str | None = None,
+        allowed: Sequence[str] = ()) -> None:
+    """Serve until interrupted (Ctrl-C stops uvicorn cleanly). Requests must name ``host``,
+    a loopback name, an IP address or one of ``allowed`` in their ``Host`` header
+    (:mod:`~nest_core.app.guard`)."""
     import uvicorn
 
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if host not in LOOPBACK_NAMES and not api_key:
         logger.warning("serving on %s without --api-key: anyone who can reach this port can "
                        "query your documents", host)
-    uvicorn.run(create_app(service, limits, api_key), host=host, port=port, log_level="info")
+    app = create_app(service, limits, api_key, hosts=allowed_hosts(host, allowed))
+    uvicorn.run(app, host=host, port=port, log_level="info")

@@ -118,3 +118,100 @@ def test_a_hostile_passage_decodes_with_the_prompts_turns(tiny_lm):
     assert INJECTION in shown
     assert result.stats.prompt_tokens == len(tiny_lm.prompt_ids(shown))
     assert turns(tiny_lm.prompt_ids(shown)) == (2, 1)
+
+
+# --- the server's front door (case 9, 10): in-process, the real ASGI app -------------------
+@pytest.fixture(scope="module")
+def service(tiny_lm):
+    pytest.importorskip("fastapi")
+    from nest_core.app.service import AnswerService
+    from nest_core.stores.embeddings import HashingEmbeddings
+    from nest_core.stores.sources.memory import InMemorySource
+
+    return AnswerService(InMemorySource(PASSAGES, embed=HashingEmbeddings(64)), tiny_lm, k=2,
+                         config=paper_config(tiny_lm.name))
+
+
+def guarded(service, **kwargs):
+    from fastapi.testclient import TestClient
+
+    from nest_core.app.guard import allowed_hosts
+    from nest_core.app.serve import create_app
+
+    return TestClient(create_app(service, hosts=allowed_hosts("127.0.0.1", ["nest.test"]),
+                                 **kwargs), base_url="http://127.0.0.1:8000")
+
+
+def ask_body() -> dict[str, object]:
+    return {"model": "nest", "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": 2}
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "localhost.evil.example",
+                                  "127.0.0.1.nip.io", ""])
+def test_a_foreign_host_is_refused(service, host):
+    """DNS rebinding: a page's own name resolving to 127.0.0.1 still says its name."""
+    client = guarded(service)
+    for r in (client.get("/health", headers={"host": host}),
+              client.post("/v1/chat/completions", json=ask_body(), headers={"host": host})):
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "host_not_allowed"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000",
+                                  "nest.test", "nest.test.:8000", "192.168.1.7:8000"])
+def test_the_bound_host_loopback_names_allowed_names_and_addresses_pass(service, host):
+    assert guarded(service).get("/health", headers={"host": host}).status_code == 200
+
+
+def test_any_host_when_asked(service):
+    from fastapi.testclient import TestClient
+
+    from nest_core.app.guard import allowed_hosts
+    from nest_core.app.serve import create_app
+
+    client = TestClient(create_app(service, hosts=allowed_hosts("127.0.0.1", ["*"])))
+    assert client.get("/health", headers={"host": "anything.example"}).status_code == 200
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/plain;charset=UTF-8",
+                                          "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", None])
+def test_a_post_that_is_not_json_is_refused(service, content_type):
+    """A cross-site page can POST these without a preflight; the answer must not run."""
+    import json
+
+    headers = {"content-type": content_type} if content_type else {}
+    r = guarded(service).post("/v1/chat/completions", content=json.dumps(ask_body()),
+                              headers=headers)
+    assert r.status_code == 415
+    assert r.json()["error"]["code"] == "unsupported_media_type"
+
+
+def test_json_with_a_charset_is_answered(service):
+    import json
+
+    r = guarded(service).post("/v1/chat/completions", content=json.dumps(ask_body()),
+                              headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200
+    assert r.json()["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize("key", ["", "Bearer s3cre", "Bearer s3cret2", "bearer s3cret",
+                                 "Bearer s3crét".encode()])
+def test_a_wrong_api_key_is_refused(service, key):
+    client = guarded(service, api_key="s3cret")
+    r = client.post("/v1/chat/completions", json=ask_body(), headers={"authorization": key})
+    assert (r.status_code, r.json()["error"]["code"]) == (401, "invalid_api_key")
+    ok = client.post("/v1/chat/completions", json=ask_body(),
+                     headers={"authorization": "Bearer s3cret"})
+    assert ok.status_code == 200
+
+
+def test_deeply_nested_json_is_an_openai_shaped_400(service):
+    """Before: json.loads raised RecursionError, uncaught (connection reset)."""
+    body = "[" * 100_000 + "]" * 100_000  # 200 KB, under the 256 KB body limit
+    r = guarded(service).post("/v1/chat/completions", content=body,
+                              headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "nested too deeply" in r.json()["error"]["message"]
