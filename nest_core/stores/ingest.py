@@ -38,6 +38,7 @@ from nest_core.stores.embeddings import (
 from nest_core.stores.sources.base import drop_empty, embedding_text
 from nest_core.stores.sources.chroma import (
     DEFAULT_COLLECTION,
+    DEFAULT_TIMEOUT,
     DIM_KEY,
     EMBEDDING_KEY,
     FINGERPRINT_KEY,
@@ -46,6 +47,7 @@ from nest_core.stores.sources.chroma import (
     http_client,
     persistent_client,
     translate_chroma_error,
+    with_deadline,
 )
 from nest_core.stores.sources.faiss_store import FaissStore, IndexKind
 from nest_core.stores.text import binary_reason, strip_invisible
@@ -327,8 +329,11 @@ def open_chroma_collection(path: str | os.PathLike[str] | None = None, *,
         raise ValueError(msg)
     embed = resolve_embedding(embed)
     dim = embed_texts(embed, ["dimension probe"]).shape[1]
-    client = persistent_client(path) if path is not None else http_client(str(host), port)
-    return get_collection(client, name, create=True, embed=embed, dim=dim)
+    if path is not None:
+        return get_collection(persistent_client(path), name, create=True, embed=embed, dim=dim)
+    return with_deadline(lambda: get_collection(http_client(str(host), port), name, create=True,
+                                                embed=embed, dim=dim),
+                         DEFAULT_TIMEOUT, f"{host}:{port}")
 
 
 def precompute(passages: Sequence[Passage], lm: LanguageModel, *, datastore: KeyCache | None,
@@ -436,7 +441,12 @@ class _ChromaWriter:
             msg = (f"store must be a FaissStore, a ChromaSource or a chromadb collection, got "
                    f"{type(store).__name__}")
             raise TypeError(msg)
-        self.collection = collection
+        # a server may freeze: every call gives up after the source's timeout, or after
+        # DEFAULT_TIMEOUT for a bare collection of a server (an embedded one never hangs)
+        timeout = store.timeout if isinstance(store, ChromaSource) \
+            else DEFAULT_TIMEOUT if _remote(collection) else None
+        self.collection = collection if timeout is None else _TimedCollection(collection,
+                                                                               timeout)
         meta = getattr(collection, "metadata", None) or {}
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
 
@@ -517,6 +527,30 @@ class _ChromaWriter:
         from nest_core.stores.datastore import SpanDatastore
 
         return SpanDatastore()  # a collection does not reveal its directory
+
+
+class _TimedCollection:
+    """A chromadb collection whose every method call raises ``TimeoutError`` after
+    ``timeout`` seconds (:func:`~nest_core.stores.sources.chroma.with_deadline`)."""
+
+    def __init__(self, collection: Any, timeout: float) -> None:
+        self._collection, self._timeout = collection, timeout
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(self._collection, attr)
+        if not callable(value):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return with_deadline(lambda: value(*args, **kwargs), self._timeout,
+                                 f"collection {self._collection.name!r}")
+
+        return call
+
+
+def _remote(collection: Any) -> bool:
+    """Whether ``collection`` lives on a Chroma server (chromadb's HTTP client is FastAPI)."""
+    return "FastAPI" in type(getattr(collection, "_client", None)).__name__
 
 
 def _check_text(docs: list[Document]) -> None:

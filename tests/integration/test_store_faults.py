@@ -292,3 +292,69 @@ def test_other_weights_under_the_same_name_are_refused(tmp_path, capsys, other_m
     assert code == 1
     assert out == ""
     assert "not 'all-MiniLM-L6-v2' (weights" in err
+
+
+# --- case 6: a killed save, a frozen server ----------------------------------------------------
+KILLED_SAVE = """
+import os, signal, sys
+import numpy as np
+from nest_core.stores.sources import faiss_store
+from nest_core.types import Passage
+
+store = faiss_store.FaissStore.open(sys.argv[1])
+faiss = faiss_store._faiss()
+
+def write_then_die(index, path):  # kill -9 halfway through writing the index
+    faiss.write_index(index, path)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+faiss_store._faiss = lambda: type("F", (), {"write_index": staticmethod(write_then_die)})
+with store.writing():
+    store.add([Passage("late", "a passage the killed save never finished")],
+              np.ones((1, store.dim), dtype=np.float32))
+    store.save()
+"""
+
+
+def test_temporary_files_of_a_killed_save_are_removed_on_the_next_open(tmp_path, capsys):
+    """Case 6. Before: the temporary files of a FAISS save killed with kill -9 stayed for
+    ever (larger than the index). Now opening the store while no writer holds its lock
+    removes them; the store reads as it was saved before the killed one."""
+    notes = write_notes(tmp_path / "notes", "alpha", 3)
+    store = tmp_path / "store"
+    run_index(capsys, str(notes), "--out", str(store))
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(store)],
+                            capture_output=True, text=True, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = list(store.glob(".tmp-*"))
+    assert left, "the killed save left no temporary file: the fault was not injected"
+    reopened = FaissStore.open(store)
+    assert not list(store.glob(".tmp-*"))
+    assert sorted(reopened.ids()) == [f"notes/alpha-{i}.md#0" for i in range(3)]
+
+
+def test_ingest_into_a_frozen_chroma_server_times_out(chroma_server):
+    """Case 6. Before: `ingest` into a Chroma server that stopped answering waited for ever
+    (retrieval already timed out). Now every call of the ingest gives up after the source's
+    timeout with a TimeoutError naming the collection; once the server runs again, the same
+    ingest completes."""
+    from nest_core.stores.embeddings import HashingEmbeddings
+    from nest_core.stores.ingest import Document, ingest, open_chroma_collection
+    from nest_core.stores.sources import ChromaSource
+
+    host, port, _, proc = chroma_server
+    embed = HashingEmbeddings(32)
+    open_chroma_collection(host=host, port=port, name="frozen-ingest", embed=embed)
+    source = ChromaSource.from_server(host, port, "frozen-ingest", embed=embed, timeout=2)
+    docs = [Document(text="The office opens at nine.", id="hours")]
+    os.kill(proc.pid, signal.SIGSTOP)
+    watchdog = threading.Timer(WAIT_S, os.kill, (proc.pid, signal.SIGCONT))
+    watchdog.start()
+    try:
+        with pytest.raises(TimeoutError, match="did not answer within 2 s"):
+            ingest(docs, source, embed=embed, progress=False)
+    finally:
+        watchdog.cancel()
+        os.kill(proc.pid, signal.SIGCONT)
+    assert ingest(docs, source, embed=embed, progress=False).written == 1
+    assert [p.id for p in source.retrieve("when does the office open", 1)] == ["hours#0"]
