@@ -14,8 +14,10 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -358,3 +360,53 @@ def test_ingest_into_a_frozen_chroma_server_times_out(chroma_server):
         os.kill(proc.pid, signal.SIGCONT)
     assert ingest(docs, source, embed=embed, progress=False).written == 1
     assert [p.id for p in source.retrieve("when does the office open", 1)] == ["hours#0"]
+
+
+# --- case 7: a read-only Chroma database --------------------------------------------------------
+READ_ONLY_QUERY = """
+import os, sys
+import chromadb  # imported while this process may still read everything
+from nest_core.stores.embeddings import HashingEmbeddings
+from nest_core.stores.sources import open_store
+if os.geteuid() == 0:  # root writes anywhere: query as nobody, for whom the mode bits hold
+    os.setgid(65534)
+    os.setuid(65534)
+source = open_store(sys.argv[1], embed=HashingEmbeddings(32))
+print(source.retrieve("when does the office open", 1)[0].text)
+"""
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A folder any user may enter (pytest's tmp_path is private to its user)."""
+    folder = Path(tempfile.mkdtemp(prefix="nest-ro-test-"))
+    folder.chmod(0o755)
+    yield folder
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+    shutil.rmtree(folder)
+
+
+def test_a_read_only_chroma_database_is_queried(public_tmp):
+    """Case 7. Before: a Chroma store on a read-only mount failed with "attempt to write a
+    readonly database" (FAISS worked). Now it is read from a private copy and answers; the
+    database itself is not touched. The store is made read-only with chmod -R a-w and queried
+    by a process the mode bits bind (as root, one that drops to the user nobody)."""
+    from nest_core.stores.embeddings import HashingEmbeddings
+    from nest_core.stores.ingest import Document, ingest, open_chroma_collection
+
+    embed = HashingEmbeddings(32)
+    db = public_tmp / "db"
+    ingest([Document(text="The office opens at nine.", id="hours"),
+            Document(text="Parking is free on Fridays.", id="parking")],
+           open_chroma_collection(db, embed=embed), embed=embed, progress=False)
+    for path in [db, *db.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    before = snapshot(db)
+    env = {**os.environ, "HOME": str(public_tmp), "NEST_CACHE_DIR": str(public_tmp / "cache"),
+           "TMPDIR": "/tmp"}
+    query = subprocess.run([sys.executable, "-c", READ_ONLY_QUERY, str(db)], env=env,
+                           capture_output=True, text=True, check=False, timeout=WAIT_S)
+    assert query.returncode == 0, query.stderr
+    assert query.stdout.strip() == "The office opens at nine."
+    assert snapshot(db) == before

@@ -12,11 +12,16 @@ so the store's dimension is read from one stored vector to catch a mismatched qu
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import shutil
+import stat
+import tempfile
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from nest_core.stores.embeddings import (
@@ -41,6 +46,7 @@ logger = logging.getLogger(__name__)
 CHROMA_INSTALL_HINT = 'pip install "nest-decoding[chroma]"'
 DEFAULT_COLLECTION = "nest"
 EMBEDDING_KEY, DIM_KEY = "nest:embedding", "nest:dim"  # collection metadata we write
+SQLITE_FILE = "chroma.sqlite3"
 FINGERPRINT_KEY = "nest:embedding_sha256"  # the model's weights (embedding_fingerprint)
 
 
@@ -56,6 +62,26 @@ def chroma_module() -> Any:
 def persistent_client(path: str | os.PathLike[str]) -> Any:
     """An embedded Chroma database stored under ``path``."""
     return chroma_module().PersistentClient(path=str(path))
+
+
+def reading_client(path: str | os.PathLike[str]) -> Any:
+    """An embedded Chroma database at ``path`` opened to be read, on a read-only filesystem
+    too: chromadb always opens its sqlite file for writing ("attempt to write a readonly
+    database"), so a database this process cannot write is copied to a private temporary
+    folder (removed at exit) and read there. Nothing is ever written back."""
+    folder = Path(path)
+    sqlite = folder / SQLITE_FILE
+    if not sqlite.is_file() or (os.access(folder, os.W_OK) and os.access(sqlite, os.W_OK)):
+        return persistent_client(folder)
+    copy = Path(tempfile.mkdtemp(prefix="nest-chroma-ro-"))
+    atexit.register(shutil.rmtree, copy, ignore_errors=True)
+    shutil.copytree(folder, copy / "db", ignore=shutil.ignore_patterns("*.lock"))
+    for item in (copy / "db").rglob("*"):  # copies keep the read-only mode bits
+        item.chmod(item.stat().st_mode | stat.S_IWUSR)
+    (copy / "db").chmod(0o700)
+    logger.info("Chroma database %s is read-only here; reading a private copy at %s", folder,
+                copy / "db")
+    return persistent_client(copy / "db")
 
 
 DEFAULT_TIMEOUT = 30.0  # seconds a Chroma server may take to answer one call
@@ -182,7 +208,7 @@ class ChromaSource(SyncPassageSource):
         """An existing collection of an embedded Chroma database at ``path`` (written by
         nest, LangChain or LlamaIndex). ``collection=None``: ``nest``, else the only one
         there is (``source.note`` says which); a missing name lists those that exist."""
-        client = persistent_client(path)
+        client = reading_client(path)
         name, note = choose_collection(client, collection, str(path))
         source = cls(get_collection(client, name), embed=embed)
         if note:
