@@ -10,7 +10,6 @@ happen inside the commands, so ``nest --help`` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -49,6 +48,7 @@ from nest_core.app.files import (
     store_options,
 )
 from nest_core.app.render import render_comparison, render_html, render_terminal, use_color
+from nest_core.app.safe_text import json_text, printable
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
                                "nest": result.to_dict()}
         if base is not None:
             doc["base"] = base.to_dict()
-        print(json.dumps(doc, ensure_ascii=False, indent=2))
+        print(json_text(doc, indent=2))
         return 0
     color = _color(args.color)
     width = min(shutil.get_terminal_size((100, 24)).columns, 120)
@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         hint = "" if _expected(err) else " (run with --debug for the traceback)"
-        print(f"nest: error: {err}{hint}", file=sys.stderr)
+        print(printable(f"nest: error: {err}{hint}"), file=sys.stderr)
         return 1
 
 

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from nest_core.app.safe_text import one_line
+
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
 PDF_SUFFIX = ".pdf"
 PDF_INSTALL_HINT = "pip install pypdf"
@@ -191,7 +193,9 @@ def split_title(text: str, path: Path) -> tuple[str, str]:
 
 
 def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """One line on stderr; a file name's control characters are escaped (a name holding
+    ESC would otherwise send the terminal a command, one holding a newline a fake line)."""
+    print(one_line(message), file=sys.stderr, flush=True)
 
 
 # --- arguments -------------------------------------------------------------------------------

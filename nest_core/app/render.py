@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, TextIO
 
+from nest_core.app.safe_text import one_line, printable
 from nest_core.types import NestResult, Passage, Span, SpanKind
 
 # One colour per source number (cycled): bright enough on dark and light terminals.
@@ -50,13 +51,15 @@ class Source:
     @property
     def label(self) -> str:
         """Title, then the file or URL and the chunk number when the store recorded them
-        (two passages of one file must not read as the same source)."""
+        (two passages of one file must not read as the same source); on one line, control
+        characters escaped (:func:`~nest_core.app.safe_text.one_line`): a file name with a
+        newline or ESC adds no line and sends no command."""
         meta = self.passage.metadata
         where = [str(w) for w in (meta.get("source") or meta.get("url"),) if w]
         if isinstance(meta.get("chunk"), int):
             where.append(f"passage {meta['chunk'] + 1}")
         title = self.passage.title or self.passage.id
-        return f"{title} ({', '.join(where)})" if where else title
+        return one_line(f"{title} ({', '.join(where)})" if where else title)
 
 
 def number_sources(result: NestResult) -> list[Source]:
@@ -230,16 +233,6 @@ _Word = tuple[str, int]  # (text with ANSI codes, visible width); _NEWLINE force
 _Piece = tuple[str, str, str, str]  # (text, style, marker after it, marker style)
 
 
-# Control characters a document may hold (ESC starts the terminal's own commands: window
-# title, clear screen): shown as U+FFFD, never sent to a terminal. Tab and newline stay.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: str) -> str:
-    """``text`` with every control character but tab and newline replaced by U+FFFD."""
-    return _CONTROL.sub("\ufffd", text)
-
-
 def _words(pieces: Sequence[_Piece]) -> list[_Word]:
     """Split styled pieces into words. A word may span pieces ("Halvorsen" copied, "." not),
     so a marker lands right after the cited text: ``Halvorsen[1].``. Text from documents
@@ -315,7 +308,7 @@ def _source_lines(src: Source, color: bool, width: int) -> list[str]:
     indent = "    "
     body = [indent + line for line in _wrap(_words(pieces), max(20, width - len(indent)))]
     head = _color_of(src.number) if color else ""
-    return [_style(printable(f"[{src.number}] {src.label}"), head, color), *body]
+    return [_style(f"[{src.number}] {src.label}", head, color), *body]
 
 
 def _style(text: str, code: str, color: bool) -> str:

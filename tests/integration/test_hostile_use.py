@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -189,3 +190,35 @@ def test_a_port_out_of_range_is_refused_before_anything_loads(port: str) -> None
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert f"argument --port: '{port}' is not a TCP port; use 1-65535" in done.stderr
+
+
+# --- case 11: what reaches the terminal ------------------------------------------------------
+RAW = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def test_ask_json_escapes_c1_and_del(store: Path) -> None:
+    """The question is echoed in the JSON. Before: U+009B (CSI) and DEL went out raw."""
+    question = f"{QUESTION} \x9b2J\x7f\u202e"
+    done = subprocess.run([*NEST, "ask", question, "--store", str(store), "--json",
+                           "--max-new-tokens", "8"], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert not RAW.search(done.stdout.replace("\n", ""))
+    assert "\\u009b2J\\u007f\\u202e" in done.stdout
+    assert json.loads(done.stdout)["question"] == question  # the same data
+
+
+def test_index_names_skipped_files_escaped(tmp_path: Path) -> None:
+    """Before: `skipped 1 unsupported file(s): ...` sent the name's ESC sequence raw."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "history.md").write_text(HANDBOOK, encoding="utf-8")
+    (corpus / "evil\x1b]0;pwned\x07\x1b[2J.png").write_bytes(b"\x89PNG")
+    (corpus / "bad\nnest: done: 0 passages.txt").write_bytes(b"\xff\xfe not utf-8")
+    done = subprocess.run([*NEST, "index", str(corpus), "--out", str(tmp_path / "s"), "-q",
+                           "--no-precompute"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    assert not RAW.search(done.stderr.replace("\n", "")), done.stderr
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J.png" in done.stderr
+    assert not any(line.startswith("nest: done: 0") for line in done.stderr.splitlines())

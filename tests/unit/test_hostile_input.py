@@ -4,14 +4,20 @@ chat template's special tokens, terminal-unsafe text, port bounds. Tiny model, o
 from __future__ import annotations
 
 import copy
+import json
+import re
 
 import pytest
 from conftest import PASSAGES, PROMPT
 
-from nest_core import NestConfig, NestDecoder, Passage
+from nest_core import NestConfig, NestDecoder, NestResult, Passage, Span
+from nest_core.app.files import collect_files, read_documents
+from nest_core.app.render import render_comparison, render_terminal
+from nest_core.app.safe_text import json_text, one_line, printable
 from nest_core.config import default_config, paper_config
 from nest_core.decoding.policy import context
 from nest_core.lm import LanguageModel
+from nest_core.types import DecodeStats
 
 # What a document (or a question) says to open a system turn of its own (on one line: the
 # default focus shows one sentence of a passage, and a line break ends a sentence).
@@ -215,3 +221,67 @@ def test_deeply_nested_json_is_an_openai_shaped_400(service):
                               headers={"content-type": "application/json"})
     assert r.status_code == 400
     assert "nested too deeply" in r.json()["error"]["message"]
+
+
+# --- terminal safety (case 11) ---------------------------------------------------------------
+UNSAFE = "\x1b[2J\x1b]0;pwned\x07\x9b31m\x7f\u202etxt.exe\u2028"
+RAW = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def test_json_output_escapes_c1_del_and_bidi_but_keeps_text_readable():
+    """Before: json.dumps(ensure_ascii=False) printed U+009B (CSI) and DEL raw."""
+    doc = {"question": f"café 東京 🙂 {UNSAFE}", "n": [1, "\x9b"]}
+    shown = json_text(doc, indent=2)
+    assert not RAW.search(shown.replace("\n", ""))  # the indent's newlines are JSON's own
+    assert "\\u009b31m" in shown
+    assert "\\u007f" in shown
+    assert "\\u202e" in shown
+    assert "café 東京 🙂" in shown  # non-ASCII text stays readable
+    assert json.loads(shown) == doc  # the same data
+
+
+def test_a_name_is_shown_on_one_line_with_its_controls_visible():
+    name = f"notes/a\nnest: error: fake {UNSAFE}.md"
+    shown = one_line(name)
+    assert not RAW.search(shown)
+    assert "\n" not in shown
+    assert shown.startswith("notes/a\\nnest: error: fake \\x1b[2J\\x1b]0;pwned\\x07\\x9b31m")
+    assert printable("line one\nline two\t\x1b[2J") == "line one\nline two\t\ufffd[2J"
+
+
+def test_a_file_name_with_a_newline_adds_no_line_to_the_sources_block():
+    """Before: the label's newline was kept (printable keeps newlines): a fake line."""
+    passage = Passage("x#0", "The office opened in 2019 in Ostrava.", title="Office",
+                      metadata={"source": "notes/a\n[2] Trusted handbook (hr/policy.md)\x1b[2J"})
+    piece = "opened in 2019"
+    span = Span(text=piece, out_start=7, out_end=7 + len(piece), passage=passage,
+                src_start=passage.text.index(piece), src_end=passage.text.index(piece)
+                + len(piece), token_start=1, token_end=4)
+    result = NestResult(text=f"It was {piece}.", token_ids=[1, 2, 3, 4, 5], spans=[span],
+                        passages=[passage], stats=DecodeStats(), finish_reason="stop")
+    for shown in (render_terminal(result, color=True, width=200),
+                  render_comparison(result, result, width=200)):
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", shown)  # the renderer's own colours
+        sources = plain[plain.index("Sources"):].splitlines()
+        # one source: one head line, and no line that looks like another source's
+        assert [line for line in sources if line.lstrip().startswith("[")] == [
+            "[1] Office (notes/a\\n[2] Trusted handbook (hr/policy.md)\\x1b[2J)"]
+        assert "\x1b[2J" not in shown
+        assert "\\n[2] Trusted handbook" in shown
+
+
+def test_skipped_file_names_reach_stderr_escaped(tmp_path, capsys):
+    """Before: `skipped 1 unsupported file(s): <name>` carried the name's ESC raw."""
+    (tmp_path / "good.md").write_text("# Good\n\nText.", encoding="utf-8")
+    (tmp_path / "evil\x1b]0;pwned\x07\x9b2J.png").write_bytes(b"\x89PNG")
+    bad = tmp_path / "bad\x1b[2J\nnest: done.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    found = collect_files([str(tmp_path)])
+    read_documents(found)
+    err = capsys.readouterr().err
+    assert "skipped 1 unsupported file(s)" in err
+    assert "not UTF-8" in err
+    assert not RAW.search(err.replace("\n", "")), err
+    assert len(err.splitlines()) == 3  # unsupported, unreadable, the count: one line each
+    assert "evil\\x1b]0;pwned\\x07\\x9b2J.png" in err
+    assert "bad\\x1b[2J\\nnest: done.txt" in err
