@@ -222,3 +222,36 @@ def test_index_names_skipped_files_escaped(tmp_path: Path) -> None:
     assert not RAW.search(done.stderr.replace("\n", "")), done.stderr
     assert "evil\\x1b]0;pwned\\x07\\x1b[2J.png" in done.stderr
     assert not any(line.startswith("nest: done: 0") for line in done.stderr.splitlines())
+
+
+# --- case 12: MCP errors carry their reason --------------------------------------------------
+def test_mcp_search_range_error_says_why_without_a_traceback(store: Path,
+                                                             tmp_path: Path) -> None:
+    """`nest mcp` over stdio, ``search`` with k past its bound. Before: "Error executing
+    tool search" and a traceback on stderr."""
+    pytest.importorskip("mcp")
+    import asyncio
+
+    from mcp import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    from nest_core.app.mcp_server import MAX_K
+
+    params = StdioServerParameters(
+        command=NEST[0], args=[*NEST[1:], "mcp", "--store", str(store)],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    log = tmp_path / "mcp-stderr.log"
+
+    async def search() -> Any:
+        with log.open("w") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), \
+                    ClientSession(read, write) as session:
+                await session.initialize()
+                return await session.call_tool("search", {"query": QUESTION, "k": MAX_K + 1})
+
+    result = asyncio.run(search())
+    assert result.is_error
+    text = " ".join(getattr(c, "text", "") for c in result.content)
+    assert "k" in text
+    assert str(MAX_K) in text  # the bound it broke
+    assert "Traceback" not in log.read_text(encoding="utf-8")

@@ -285,3 +285,18 @@ def test_skipped_file_names_reach_stderr_escaped(tmp_path, capsys):
     assert len(err.splitlines()) == 3  # unsupported, unreadable, the count: one line each
     assert "evil\\x1b]0;pwned\\x07\\x9b2J.png" in err
     assert "bad\\x1b[2J\\nnest: done.txt" in err
+
+
+# --- MCP errors carry their reason (case 12) -------------------------------------------------
+@pytest.mark.parametrize("k", [0, -1, 51, 10**9, 2.5, "many", None])
+def test_a_search_range_error_reaches_the_agent_with_its_reason(service, k):
+    """Before: "Error executing tool search", the reason only in a traceback on stderr.
+    (tests/unit/test_mcp_server.py has k=0 and k="many"; these are the other bounds.)"""
+    pytest.importorskip("mcp")
+    from tests.unit.test_mcp_server import session, text_of
+
+    _, (result,) = session(service, [("search", {"query": QUESTION, "k": k})])
+    assert result.is_error
+    text = text_of(result)
+    assert "k" in text
+    assert text != "Error executing tool search"
