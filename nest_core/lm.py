@@ -56,7 +56,8 @@ class LanguageModel:
         self._fingerprint: str | None = None
         self._words: dict[int, str | int] = {}
         self._empty_cache: Any = None
-        self._as_text: Any = None  # the tokenizer that reads special tokens' strings as text
+        # private copies of the tokenizer for prompts, by split_special_tokens (see _own)
+        self._own_tokenizers: dict[bool, Any] = {}
         # KV states of earlier prompts, shared by every decoder (and thread) of this model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         # transformers 5.2x renamed `past_key_values` to `cache`; accept both.
@@ -195,8 +196,9 @@ class LanguageModel:
         between them (template text and contents) is tokenised as text, so the messages
         cannot add or close a turn."""
         specials = _special_pattern(self.tokenizer)
+        rendered = self._render(messages)
         if specials is None:
-            return self._template_ids(messages)
+            return self._template_ids(rendered)
         for i, m in enumerate(messages):
             if specials.search(m["role"]):
                 msg = f"prompt[{i}] role {m['role']!r:.80} holds a special token"
@@ -206,9 +208,16 @@ class LanguageModel:
         # [template text, message index, template text, ..., template text]
         layout = _STAND_IN_RE.split(self._render(stand_ins))
         own = sum(len(specials.findall(part)) for part in layout[::2])
+        # a special token may also form where a message meets the template ("<|im_" + ...)
         if not any(specials.search(m["content"]) for m in messages) \
-                and len(specials.findall(self._render(messages))) == own:
-            return self._template_ids(messages)
+                and len(specials.findall(rendered)) == own:
+            return self._template_ids(rendered)
+        return self._guarded_ids(layout, messages, specials)
+
+    def _guarded_ids(self, layout: list[str], messages: list[Message],
+                     specials: re.Pattern[str]) -> list[int]:
+        """The ids of a rendered template (``layout``: its text around the messages'
+        indexes): the template's own special tokens as such, all else as text."""
         ids: list[int] = []
         text = ""  # text since the template's last special token
         for k, part in enumerate(layout):
@@ -227,27 +236,30 @@ class LanguageModel:
         return str(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                       tokenize=False))
 
-    def _template_ids(self, messages: list[Message]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=True)
-        if hasattr(ids, "keys") and "input_ids" in ids:  # BatchEncoding in transformers 5
-            ids = ids["input_ids"]
-        if ids and isinstance(ids[0], list):
-            ids = ids[0]
-        return [int(i) for i in ids]
+    def _template_ids(self, rendered: str) -> list[int]:
+        """A rendered template tokenised as ``apply_chat_template(tokenize=True)`` does."""
+        enc = self._own(split=False)(rendered, add_special_tokens=False)
+        return [int(i) for i in enc["input_ids"]]
 
     def _text_ids(self, text: str, bos: bool = False) -> list[int]:
         """``text`` as text: special tokens' strings are split into ordinary tokens.
         ``bos``: what the tokenizer adds to a whole input (BOS), as ``encode`` does."""
         if not text and not bos:
             return []
-        if self._as_text is None:
-            # A copy that always splits them: passing ``split_special_tokens`` per call flips
-            # a flag on the one Rust tokenizer that every thread's call reads.
-            self._as_text = copy.deepcopy(self.tokenizer)
-            self._as_text.split_special_tokens = True
-        enc = self._as_text(text, add_special_tokens=bos, split_special_tokens=True)
+        enc = self._own(split=True)(text, add_special_tokens=bos, split_special_tokens=True)
         return [int(i) for i in enc["input_ids"]]
+
+    def _own(self, split: bool) -> Any:
+        """A private copy of the tokenizer that always tokenises with
+        ``split_special_tokens=split``. A call with another value than the last flips a flag
+        on the Rust tokenizer, which every thread's call reads: on the shared tokenizer, a
+        passage being encoded (split) could make a concurrent prompt lose its turns."""
+        own = self._own_tokenizers.get(split)
+        if own is None:
+            own = copy.deepcopy(self.tokenizer)
+            own.split_special_tokens = split
+            own = self._own_tokenizers.setdefault(split, own)
+        return own
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True,
