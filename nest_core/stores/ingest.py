@@ -13,7 +13,6 @@ characters) are refused.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -39,18 +38,20 @@ from nest_core.stores.sources.base import drop_empty, embedding_text
 from nest_core.stores.sources.chroma import (
     DEFAULT_COLLECTION,
     DEFAULT_TIMEOUT,
-    DIM_KEY,
-    EMBEDDING_KEY,
-    FINGERPRINT_KEY,
-    ChromaSource,
     get_collection,
     http_client,
     persistent_client,
-    translate_chroma_error,
     with_deadline,
 )
 from nest_core.stores.sources.faiss_store import FaissStore, IndexKind
 from nest_core.stores.text import binary_reason, strip_invisible
+from nest_core.stores.writers import (
+    INCOMPLETE_KEY,
+    MARKER_FILE,
+    ChromaWriter,
+    FaissWriter,
+    StoreWriter,
+)
 from nest_core.types import Passage
 
 if TYPE_CHECKING:
@@ -60,8 +61,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MARKER_FILE = "nest_incomplete.json"  # in a FAISS store's folder while an ingest runs
-INCOMPLETE_KEY = "nest:incomplete"  # the same, in a Chroma collection's metadata
 CHECKPOINT_SECONDS = 30.0  # a FAISS store is saved at least this often while ingesting
 LARGE_INGEST = 1000  # passages from which the user gets a time estimate and how to resume
 ESTIMATE_SAMPLE = 8  # passages span-encoded up front to time the estimate of a large ingest
@@ -208,7 +207,7 @@ def ingest(documents: Iterable[Document], store: Any, *,
     report.empty_skipped = len(empty_docs)
     report.passages = len(passages)
     _check_unique(passages)
-    writer = _FaissWriter(store) if isinstance(store, FaissStore) else _ChromaWriter(store)
+    writer = FaissWriter(store) if isinstance(store, FaissStore) else ChromaWriter(store)
     with writer.locked():  # another `nest index` into this FAISS store waits, then merges
         _check_embedding(writer, embed)
         target = None if lm is None else datastore if datastore is not None \
@@ -236,7 +235,7 @@ def ingest(documents: Iterable[Document], store: Any, *,
     return report
 
 
-def _check_embedding(writer: _FaissWriter | _ChromaWriter, embed: EmbeddingFunction) -> None:
+def _check_embedding(writer: StoreWriter, embed: EmbeddingFunction) -> None:
     """Refuse another model than the one a non-empty store was written with: another name,
     or other weights (the fingerprint) under the same name."""
     built_with, name = writer.embedding(), embedding_name(embed)
@@ -253,7 +252,7 @@ def _check_embedding(writer: _FaissWriter | _ChromaWriter, embed: EmbeddingFunct
         raise ValueError(msg)
 
 
-def _write_all(writer: _FaissWriter | _ChromaWriter, passages: list[Passage],
+def _write_all(writer: StoreWriter, passages: list[Passage],
                embed: EmbeddingFunction, report: IngestReport, *, batch_size: int,
                progress: bool, estimate: _Estimate | None) -> None:
     """Embed and write the passages the store lacks, batch by batch, saving a FAISS store
@@ -375,182 +374,6 @@ def precompute_source(source: Any, lm: LanguageModel, *, datastore: KeyCache | N
     passages = drop_empty(list(read_all()), "precompute")
     return len(passages), precompute(passages, lm, datastore=datastore, config=config,
                                      progress=progress)
-
-
-class _FaissWriter:
-    def __init__(self, store: FaissStore) -> None:
-        self.store = store
-        self.dim: int | None = store.dim
-
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        return self.store.writing()
-
-    def embedding(self) -> str | None:
-        return self.store.meta.embedding if len(self.store) else None
-
-    def fingerprint(self) -> str | None:
-        return self.store.meta.embedding_fingerprint if len(self.store) else None
-
-    def changed(self, batch: list[Passage]) -> list[Passage]:
-        return [p for p in batch if not self.store.contains(p)]
-
-    def write(self, batch: list[Passage], vectors: Any, embed: EmbeddingFunction) -> None:
-        meta = self.store.meta
-        if meta.embedding is None:
-            meta.embedding = embedding_name(embed)
-        if meta.embedding_fingerprint is None:  # a new store, or one written before they were
-            meta.embedding_fingerprint = embedding_fingerprint(embed)
-        self.store.add(batch, vectors)
-
-    def remove_stale(self, doc_ids: list[str], keep: set[str]) -> int:
-        prefixes = tuple(f"{d}#" for d in doc_ids)
-        return self.store.delete([i for i in self.store.ids()
-                                  if i.startswith(prefixes) and i not in keep])
-
-    def remove_missing(self, prefixes: tuple[str, ...], present: set[str]) -> int:
-        """Passages of documents under ``prefixes`` that are not in ``present``."""
-        return self.store.delete([i for i in self.store.ids() if i.startswith(prefixes)
-                                  and i.rsplit("#", 1)[0] not in present])
-
-    def begin(self, note: str) -> None:
-        self.store.path.mkdir(parents=True, exist_ok=True)
-        (self.store.path / MARKER_FILE).write_text(note, encoding="utf-8")
-
-    def checkpoint(self, quiet: bool = False) -> None:
-        try:
-            self.store.save()
-        except Exception:
-            if not quiet:
-                raise
-            logger.exception("could not save the FAISS store while stopping")
-
-    def finish(self) -> None:
-        self.store.save()
-        (self.store.path / MARKER_FILE).unlink(missing_ok=True)
-
-    def datastore(self) -> KeyCache:
-        from nest_core.stores.datastore import SpanDatastore
-
-        return SpanDatastore.for_store(self.store.path)
-
-
-class _ChromaWriter:
-    def __init__(self, store: Any) -> None:
-        collection = store.collection if isinstance(store, ChromaSource) else store
-        if not callable(getattr(collection, "upsert", None)):
-            msg = (f"store must be a FaissStore, a ChromaSource or a chromadb collection, got "
-                   f"{type(store).__name__}")
-            raise TypeError(msg)
-        # a server may freeze: every call gives up after the source's timeout, or after
-        # DEFAULT_TIMEOUT for a bare collection of a server (an embedded one never hangs)
-        timeout = store.timeout if isinstance(store, ChromaSource) \
-            else DEFAULT_TIMEOUT if _remote(collection) else None
-        self.collection = collection if timeout is None else _TimedCollection(collection,
-                                                                               timeout)
-        meta = getattr(collection, "metadata", None) or {}
-        self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
-
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing to lock: Chroma serialises writers itself and every upsert is durable."""
-        return contextlib.nullcontext()
-
-    def embedding(self) -> str | None:
-        meta = getattr(self.collection, "metadata", None) or {}
-        name = meta.get(EMBEDDING_KEY)
-        return str(name) if name and self.collection.count() else None
-
-    def fingerprint(self) -> str | None:
-        meta = getattr(self.collection, "metadata", None) or {}
-        value = meta.get(FINGERPRINT_KEY)
-        return str(value) if value and self.collection.count() else None
-
-    def begin(self, note: str) -> None:
-        self._mark(note)
-
-    def checkpoint(self, quiet: bool = False) -> None:
-        """Nothing to save: every upsert is already durable."""
-
-    def _mark(self, note: str | None) -> None:
-        """Set or clear the incomplete marker in the collection's metadata (``modify``
-        replaces the metadata; the distance space lives in its configuration)."""
-        meta = {k: v for k, v in (getattr(self.collection, "metadata", None) or {}).items()
-                if not k.startswith("hnsw:")}
-        meta[INCOMPLETE_KEY] = note or ""  # "": complete (Chroma refuses empty metadata)
-        self.collection.modify(metadata=meta)
-
-    def changed(self, batch: list[Passage]) -> list[Passage]:
-        got = self.collection.get(ids=[p.id for p in batch], include=["documents", "metadatas"])
-        have = {i: (doc, (m or {}).get("title"))
-                for i, doc, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
-        return [p for p in batch if have.get(p.id) != (p.text, p.title)]
-
-    def write(self, batch: list[Passage], vectors: Any, embed: EmbeddingFunction) -> None:
-        try:
-            self.collection.upsert(ids=[p.id for p in batch], embeddings=vectors.tolist(),
-                                   documents=[p.text for p in batch],
-                                   metadatas=[dict(p.metadata) for p in batch])
-        except Exception as err:
-            raise translate_chroma_error(err, self.collection.name) from err
-
-    def remove_stale(self, doc_ids: list[str], keep: set[str]) -> int:
-        stale: list[str] = []
-        for start in range(0, len(doc_ids), 100):
-            where: Any = {"doc_id": {"$in": doc_ids[start:start + 100]}}
-            got = self.collection.get(where=where, include=[])
-            stale.extend(i for i in got["ids"] if i not in keep)
-        if stale:
-            self.collection.delete(ids=stale)
-        return len(stale)
-
-    def remove_missing(self, prefixes: tuple[str, ...], present: set[str]) -> int:
-        """Passages of documents under ``prefixes`` that are not in ``present`` (Chroma has
-        no prefix filter: the ids are read in pages)."""
-        stale: list[str] = []
-        offset, page = 0, 1000
-        while True:
-            got = self.collection.get(include=["metadatas"], limit=page, offset=offset)
-            for pid, meta in zip(got["ids"], got["metadatas"] or [], strict=False):
-                doc_id = str((meta or {}).get("doc_id", pid.rsplit("#", 1)[0]))
-                if doc_id.startswith(prefixes) and doc_id not in present:
-                    stale.append(pid)
-            if len(got["ids"]) < page:
-                break
-            offset += page
-        if stale:
-            self.collection.delete(ids=stale)
-        return len(stale)
-
-    def finish(self) -> None:
-        self._mark(None)
-
-    def datastore(self) -> KeyCache:
-        from nest_core.stores.datastore import SpanDatastore
-
-        return SpanDatastore()  # a collection does not reveal its directory
-
-
-class _TimedCollection:
-    """A chromadb collection whose every method call raises ``TimeoutError`` after
-    ``timeout`` seconds (:func:`~nest_core.stores.sources.chroma.with_deadline`)."""
-
-    def __init__(self, collection: Any, timeout: float) -> None:
-        self._collection, self._timeout = collection, timeout
-
-    def __getattr__(self, attr: str) -> Any:
-        value = getattr(self._collection, attr)
-        if not callable(value):
-            return value
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return with_deadline(lambda: value(*args, **kwargs), self._timeout,
-                                 f"collection {self._collection.name!r}")
-
-        return call
-
-
-def _remote(collection: Any) -> bool:
-    """Whether ``collection`` lives on a Chroma server (chromadb's HTTP client is FastAPI)."""
-    return "FastAPI" in type(getattr(collection, "_client", None)).__name__
 
 
 def _check_text(docs: list[Document]) -> None:
