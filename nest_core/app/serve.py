@@ -13,8 +13,13 @@ on a small CPU more buys little), ``max_queue`` more wait for a slot; a request 
 refused at once with 429, and one that waited ``queue_seconds`` without a slot gets 503, both
 with ``Retry-After``. Nothing is dropped silently: every request gets an answer or an error.
 The server has no authentication unless ``api_key`` is set (then ``Authorization: Bearer``
-is required on ``/v1/``; ``/health`` and ``/metrics`` stay open for probes and scrapers):
-keep it on loopback or behind your gateway.
+is required on ``/v1/``, compared in constant time; ``/health`` and ``/metrics`` stay open
+for probes and scrapers): keep it on loopback or behind your gateway. Even on loopback every
+web page its user opens can reach it, so (:mod:`~nest_core.app.guard`) a request whose
+``Host`` is not the bound host, a loopback name, an IP address or an ``--allowed-host`` name
+gets 400 (DNS rebinding), and a POST that is not ``application/json`` gets 415 (a cross-site
+form or ``text/plain`` POST). A client that leaves stops its answer: a stream at once, a
+plain request at the answer's next piece (counted as status 499).
 """
 
 from __future__ import annotations
