@@ -223,6 +223,9 @@ class _FingerprintCache:
     def save(self) -> None:
         if not self.changed:
             return
+        # entries of files gone (a deleted model, a temporary copy) are dropped
+        self.entries = {k: v for k, v in self.entries.items()
+                        if os.path.exists(k.rsplit("|", 2)[0])}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")

@@ -105,6 +105,8 @@ def assign_ids(store: Path, files: Sequence[tuple[Path, str]], folders: Sequence
             roots.add_folder(folder)
         for path, _ in files:
             roots.add_folder(absolute(path).parent)
-        ided = [(path, roots.doc_id(absolute(path))) for path, _ in files]
+        ided: dict[str, Path] = {}
+        for path, _ in files:  # a file named and inside a folder named is indexed once
+            ided.setdefault(roots.doc_id(absolute(path)), path)
         prefixes = sorted({p for f in folders for p in roots.complete_prefixes(f)})
-    return ided, prefixes
+    return [(path, doc_id) for doc_id, path in ided.items()], prefixes

@@ -289,3 +289,60 @@ def test_durations_are_said_to_an_estimates_precision():
     assert [_duration(s) for s in (0, 59, 60, 61, 3599, 3600, 3 * 3600 + 5 * 60)] == [
         "under 1 min", "under 1 min", "about 1 min", "about 2 min", "about 1 h", "about 1 h",
         "about 3 h 5 min"]
+
+
+# --- issue 26: ids relative to recorded roots, concurrent writers, model fingerprints -------
+def test_roots_give_distinct_ids_to_folders_of_one_name(tmp_path):
+    from nest_core.stores.roots import ROOTS_FILE, assign_ids
+
+    x, y = tmp_path / "x" / "notes", tmp_path / "y" / "notes"
+    for folder in (x / "sub", y):
+        folder.mkdir(parents=True)
+    for f in (x / "a.md", x / "sub" / "b.md", y / "a.md"):
+        f.write_text("text", "utf-8")
+    store = tmp_path / "store"
+    ided, prefixes = assign_ids(store, [(x / "a.md", "?"), (x / "sub" / "b.md", "?")], [x])
+    assert [i for _, i in ided] == ["notes/a.md", "notes/sub/b.md"]
+    assert prefixes == ["notes/"]
+    ided, prefixes = assign_ids(store, [(y / "a.md", "?")], [y])
+    (doc_id,) = [i for _, i in ided]
+    assert doc_id.startswith("notes~")
+    assert prefixes == [doc_id.rsplit("/", 1)[0] + "/"]
+    # a subfolder of a recorded root keys inside it; re-recording changes nothing
+    ided, prefixes = assign_ids(store, [(x / "sub" / "b.md", "?")], [x / "sub"])
+    assert (ided[0][1], prefixes) == ("notes/sub/b.md", ["notes/sub/"])
+    # the parent of a recorded root: its files keep their ids, and it covers them
+    (tmp_path / "x" / "top.md").write_text("text", "utf-8")
+    ided, prefixes = assign_ids(store, [(tmp_path / "x" / "top.md", "?"), (x / "a.md", "?"),
+                                        (x / "a.md", "?")], [tmp_path / "x"])
+    assert [i for _, i in ided] == ["x/top.md", "notes/a.md"]
+    assert prefixes == ["notes/", "x/"]
+    assert "notes" in (store / ROOTS_FILE).read_text("utf-8")
+
+
+def test_a_writer_adds_to_what_another_saved_after_it_opened_the_store(tmp_path):
+    """Two writers that both opened the store before either saved (two `nest index` runs):
+    the second takes up the first's passages under the lock instead of overwriting them."""
+    first, second = (open_faiss_store(tmp_path, embed=EMBED) for _ in range(2))
+    ingest(DOCS[:2], first, embed=EMBED, progress=False)
+    ingest(DOCS[2:], second, embed=EMBED, progress=False)
+    reopened = FaissStore.open(tmp_path)
+    assert {i.split("#")[0] for i in reopened.ids()} == {d.doc_id for d in DOCS}
+    assert len(reopened) == len(first) + 1
+
+
+def test_a_model_fingerprint_follows_its_files_not_its_folder_name(tmp_path, monkeypatch):
+    from nest_core.stores.embeddings import FINGERPRINT_CACHE, folder_fingerprint
+
+    monkeypatch.setenv("NEST_CACHE_DIR", str(tmp_path / "cache"))
+
+    a, b = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    for folder in (a, b):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text('{"dim": 4}', "utf-8")
+        (folder / "model.safetensors").write_bytes(bytes(range(256)))
+        (folder / "README.md").write_text(f"copied to {folder}", "utf-8")
+    assert folder_fingerprint(a) == folder_fingerprint(b)
+    assert (tmp_path / "cache" / FINGERPRINT_CACHE).is_file()
+    (b / "model.safetensors").write_bytes(bytes(range(255)) + b"\x00")
+    assert folder_fingerprint(a) != folder_fingerprint(b)
