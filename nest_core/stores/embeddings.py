@@ -256,20 +256,27 @@ class EmbeddingMismatchError(ValueError):
 def check_same_model(embed: EmbeddingFunction, *, store: str, recorded: str | None,
                      recorded_fingerprint: str | None) -> None:
     """Refuse ``embed`` for a store whose recorded weights fingerprint differs from its own
-    (both known); a differing name alone is only warned about (custom callables, stores of
-    other tools)."""
-    name, fingerprint = embedding_name(embed), None
-    if recorded_fingerprint:
-        fingerprint = embedding_fingerprint(embed)
-        if fingerprint and fingerprint != recorded_fingerprint:
-            raise EmbeddingMismatchError(store=store, recorded=recorded,
-                                         recorded_fingerprint=recorded_fingerprint,
-                                         embedding=name, fingerprint=fingerprint)
-        if fingerprint:
-            return  # the same weights under another name (a copied folder)
-    if recorded and recorded != name:
-        logger.warning("%s was built with embeddings %r but is queried with %r; results will "
-                       "be poor unless they are the same model", store, recorded, name)
+    (both known): :class:`EmbeddingMismatchError`. Call it once the vector size is known to
+    match (a model of another size gets :class:`EmbeddingDimensionError`, which says more)."""
+    fingerprint = embedding_fingerprint(embed) if recorded_fingerprint else None
+    if fingerprint and fingerprint != recorded_fingerprint:
+        raise EmbeddingMismatchError(store=store, recorded=recorded,
+                                     recorded_fingerprint=recorded_fingerprint,
+                                     embedding=embedding_name(embed), fingerprint=fingerprint)
+
+
+def warn_other_name(embed: EmbeddingFunction, *, store: str, recorded: str | None,
+                    recorded_fingerprint: str | None) -> None:
+    """Warn when ``embed``'s name differs from the one the store recorded, unless its weights
+    are the recorded ones (a copied folder): custom callables and stores of other tools have
+    no fingerprint, so their name is all there is to compare."""
+    name = embedding_name(embed)
+    if not recorded or recorded == name:
+        return
+    if recorded_fingerprint and embedding_fingerprint(embed) == recorded_fingerprint:
+        return
+    logger.warning("%s was built with embeddings %r but is queried with %r; results will be "
+                   "poor unless they are the same model", store, recorded, name)
 
 
 class EmbeddingDimensionError(ValueError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nest_core.stores.embeddings import (
     EmbeddingFunction,
-    EmbeddingMismatchError,
+    check_same_model,
     embed_texts,
     embedding_fingerprint,
     embedding_name,
@@ -239,17 +239,13 @@ def _check_embedding(writer: StoreWriter, embed: EmbeddingFunction) -> None:
     """Refuse another model than the one a non-empty store was written with: another name,
     or other weights (the fingerprint) under the same name."""
     built_with, name = writer.embedding(), embedding_name(embed)
-    recorded_fingerprint = writer.fingerprint()
-    fingerprint = embedding_fingerprint(embed) if recorded_fingerprint else None
-    if fingerprint and recorded_fingerprint and fingerprint != recorded_fingerprint:
-        raise EmbeddingMismatchError(store="this store", recorded=built_with,
-                                     recorded_fingerprint=recorded_fingerprint,
-                                     embedding=name, fingerprint=fingerprint)
     if built_with and built_with != name:
         msg = (f"this store was built with the embedding {built_with!r}, not {name!r}: adding "
                f"passages would mix vectors of two models, and search would return noise. "
                f"Ingest with {built_with!r}, or into a new store")
         raise ValueError(msg)
+    check_same_model(embed, store="this store", recorded=built_with,
+                     recorded_fingerprint=writer.fingerprint())
 
 
 def _write_all(writer: StoreWriter, passages: list[Passage],

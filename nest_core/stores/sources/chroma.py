@@ -32,6 +32,7 @@ from nest_core.stores.embeddings import (
     embedding_fingerprint,
     embedding_name,
     resolve_embedding,
+    warn_other_name,
 )
 from nest_core.stores.sources.base import (
     EmptyStoreError,
@@ -198,9 +199,10 @@ class ChromaSource(SyncPassageSource):
         self.dim: int | None = int(meta[DIM_KEY]) if DIM_KEY in meta else None
         built_with = meta.get(EMBEDDING_KEY)
         self.recorded: str | None = str(built_with) if built_with else None
-        check_same_model(self.embed, store=f"Chroma collection {collection.name!r}",
-                         recorded=self.recorded,
-                         recorded_fingerprint=meta.get(FINGERPRINT_KEY) or None)
+        self.fingerprint: str | None = meta.get(FINGERPRINT_KEY) or None
+        warn_other_name(self.embed, store=f"Chroma collection {collection.name!r}",
+                        recorded=self.recorded, recorded_fingerprint=self.fingerprint)
+        self._same_model = False  # checked on the first query, once its vector size matched
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], collection: str | None = None, *,
@@ -272,6 +274,10 @@ class ChromaSource(SyncPassageSource):
         vector = embed_texts(self.embed, [query], self.store_dim(),
                              store=f"Chroma collection {self.collection.name!r}",
                              recorded=self.recorded)
+        if not self._same_model:
+            check_same_model(self.embed, store=f"Chroma collection {self.collection.name!r}",
+                             recorded=self.recorded, recorded_fingerprint=self.fingerprint)
+            self._same_model = True
         def ask() -> Any:
             # Chroma fails on a k past its integer range; no store returns more than it holds
             n = max(1, min(k, self.collection.count()))

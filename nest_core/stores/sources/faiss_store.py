@@ -43,6 +43,7 @@ from nest_core.stores.embeddings import (
     check_same_model,
     embed_texts,
     resolve_embedding,
+    warn_other_name,
 )
 from nest_core.stores.locking import exclusive_lock, lock_if_free
 from nest_core.stores.sources.base import EmptyStoreError, SyncPassageSource, check_query
@@ -342,9 +343,10 @@ class FaissSource(SyncPassageSource):
     def __init__(self, store: FaissStore, *, embed: EmbeddingFunction | None = None) -> None:
         self.store = store
         self.embed = resolve_embedding(embed)
-        check_same_model(self.embed, store=f"the FAISS store at {store.path}",
-                         recorded=store.meta.embedding,
-                         recorded_fingerprint=store.meta.embedding_fingerprint)
+        warn_other_name(self.embed, store=f"the FAISS store at {store.path}",
+                        recorded=store.meta.embedding,
+                        recorded_fingerprint=store.meta.embedding_fingerprint)
+        self._same_model = False  # checked on the first query, once its vector size matched
 
     @classmethod
     def from_path(cls, path: str | os.PathLike[str], *,
@@ -360,6 +362,11 @@ class FaissSource(SyncPassageSource):
         vectors = embed_texts(self.embed, [query], self.store.dim,
                               store=f"the FAISS store at {self.store.path}",
                               recorded=self.store.meta.embedding)
+        if not self._same_model:
+            check_same_model(self.embed, store=f"the FAISS store at {self.store.path}",
+                             recorded=self.store.meta.embedding,
+                             recorded_fingerprint=self.store.meta.embedding_fingerprint)
+            self._same_model = True
         return self.store.search(vectors, k)[0]
 
     def passages(self) -> list[Passage]:
