@@ -296,7 +296,10 @@ async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request
     finally:
         close = getattr(pieces, "close", None)
         if close is not None:
-            await asyncio.to_thread(close)
+            try:
+                await asyncio.to_thread(close)
+            except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
+                logger.debug("decoder stream abandoned while a step was running")
 
 
 async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callable[[], None],
