@@ -67,12 +67,23 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.collection and args.store != "chroma":
         msg = f"--collection {args.collection} applies to --store chroma"
         raise CliError(msg)
-    from nest_core.stores.roots import assign_ids
+    from nest_core.stores.roots import assign_ids, remove_if_only_roots
 
+    out = Path(args.out).expanduser()
     folders = [Path(p).expanduser() for p in args.paths if Path(p).expanduser().is_dir()]
+    found, existed = collect_files(args.paths), out.exists()
     # ids relative to the folders the store records: two folders named notes never collide
-    files, prefixes = assign_ids(Path(args.out).expanduser(), collect_files(args.paths),
-                                 folders)
+    files, prefixes = assign_ids(out, found, folders)
+    try:
+        return _index_files(args, files, prefixes)
+    except BaseException:
+        if not existed:
+            remove_if_only_roots(out)
+        raise
+
+
+def _index_files(args: argparse.Namespace, files: list[tuple[Path, str]],
+                 prefixes: list[str]) -> int:
     embed = None
     if args.embedding:
         from nest_core.stores.embeddings import load_embedding

@@ -71,6 +71,20 @@ class StoreRoots:
         return max(holding, key=lambda pr: len(pr[1].parts), default=None)
 
 
+def remove_if_only_roots(store: Path) -> None:
+    """Remove ``store`` when it holds nothing but the folder record (an index that failed
+    before writing anything must not leave a store behind)."""
+    try:
+        names = {p.name for p in store.iterdir()}
+    except OSError:
+        return
+    if names <= {ROOTS_FILE, ROOTS_LOCK, f".{ROOTS_FILE}.tmp"}:
+        for name in names:
+            (store / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            store.rmdir()
+
+
 def absolute(path: Path) -> Path:
     """``path`` absolute, its folder resolved (symlinked folders on the way followed) but a
     symlinked file kept where it is linked, as the folder walk sees it."""
