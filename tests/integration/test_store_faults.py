@@ -128,16 +128,19 @@ def run_index(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 
 def stored_texts(store: Path) -> dict[str, str]:
-    """``{document id: its passages' text}`` of the FAISS store at ``store``."""
+    """``{document id: its passages' text}`` of the FAISS or Chroma store at ``store``."""
+    from nest_core.stores.sources import open_store
+
     docs: dict[str, str] = {}
-    for p in FaissStore.open(store).passages():
+    for p in open_store(store).passages():
         doc = str(p.metadata["doc_id"])
         docs[doc] = docs.get(doc, "") + p.text
     return docs
 
 
 # --- case 2: ids that cannot collide ---------------------------------------------------------
-def test_two_folders_of_the_same_name_keep_their_own_files(tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["faiss", "chroma"])
+def test_two_folders_of_the_same_name_keep_their_own_files(tmp_path, capsys, kind):
     """Case 2. Before: indexing x/notes and then y/notes into one store keyed both by
     ``notes/``: y's plan.md replaced x's, and x's extra.md was deleted ("1 removed"). Now
     the store records each folder it indexed, and the second ``notes`` gets its own prefix."""
@@ -148,8 +151,8 @@ def test_two_folders_of_the_same_name_keep_their_own_files(tmp_path, capsys):
     (x / "extra.md").write_text("The x extra budget is 40 thousand crowns.\n", "utf-8")
     (y / "plan.md").write_text("The y plan hires two engineers in June.\n", "utf-8")
     store = tmp_path / "store"
-    run_index(capsys, str(x), "--out", str(store))
-    err = run_index(capsys, str(y), "--out", str(store))
+    run_index(capsys, str(x), "--out", str(store), "--store", kind)
+    err = run_index(capsys, str(y), "--out", str(store), "--store", kind)
     assert "0 removed" in err
     texts = sorted(stored_texts(store).values())
     assert texts == sorted(["The x plan moves the office to Brno in May.",
@@ -157,7 +160,7 @@ def test_two_folders_of_the_same_name_keep_their_own_files(tmp_path, capsys):
                             "The y plan hires two engineers in June."])
     # re-indexing x after a file is deleted still removes that file, and only it
     (x / "extra.md").unlink()
-    assert "1 removed" in run_index(capsys, str(x), "--out", str(store))
+    assert "1 removed" in run_index(capsys, str(x), "--out", str(store), "--store", kind)
     assert "The x extra budget is 40 thousand crowns." not in stored_texts(store).values()
     assert len(stored_texts(store)) == 2
 
