@@ -181,6 +181,12 @@ def ingest(documents: Iterable[Document], store: Any, *,
     """Chunk, embed and write ``documents`` into ``store``: a :class:`FaissStore` (saved at
     the end), a :class:`ChromaSource` or a chromadb collection. Idempotent by passage id.
 
+    A FAISS store is written under its lock (:meth:`FaissStore.writing`): another ingest into
+    it, in any process, waits and then adds to what this one saved. A store written with
+    another embedding model (another name, or other weights: the fingerprint) is refused
+    before anything is written; so is a binary-looking document (NUL characters). Calls to
+    a Chroma server give up after the source's timeout (30 s for a bare collection).
+
     With ``lm``, also precompute the span datastore (``datastore``, default: the one inside a
     FAISS store's directory) with the key layer and window of ``config``, so queries over
     these passages run no LM on them. ``precompute_with`` encodes it elsewhere (default
