@@ -62,6 +62,9 @@ class NestConfig:
     repetition_stop: int = 0  # stop when the last n tokens already occurred (0: off)
     verify_against: VerifyAgainst = "mixture"  # drafts verified against p_M or p_LM
     focus_sentences: int | None = None  # the prompt shows the k sentences best for the question
+    # ... ranked by shared words plus this weight x their cosine to the question under the
+    # decoder's ``embed`` (0: words alone; nest_core.focus.best_sentences)
+    focus_meaning: float = 0.0
     question_drafts: bool = False  # draft the prompt's own words (prompt lookup)
     passage_drafts: bool = False  # spans also start where the output repeats a passage
     repeat_question: bool = False  # the prompt: request, background, request again
@@ -88,6 +91,7 @@ class NestConfig:
         _check_range("knn_lambda", self.knn_lambda, low=0.0, high=1.0)
         _check_range("abstain_below", self.abstain_below, low=0.0, high=1.0)
         _check_range("support_below", self.support_below, low=0.0, high=1.0)
+        _check_range("focus_meaning", self.focus_meaning, low=0.0)
         if not isinstance(self.abstention, str) or not self.abstention.strip():
             msg = f"abstention={self.abstention!r} must be a non-empty sentence"
             raise ValueError(msg)

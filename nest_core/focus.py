@@ -16,13 +16,15 @@ exactly what document QA asks about.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import Stemmer
 
 from nest_core.types import Passage
@@ -51,6 +53,8 @@ STOP_WORDS = frozenset((
     "answer", "few", "words", "word", "briefly", "give", "explain", "describe",
 ))
 NAME_WEIGHT = 1.5  # a name in the question says more about the answer than a common word
+# texts -> one vector each (the stores' embedding functions have this shape)
+Embed = Callable[[list[str]], Sequence[Sequence[float]]]
 
 
 @dataclass(frozen=True)
@@ -186,9 +190,34 @@ def continues_passage(prompt: str, passages: Sequence[Passage], words: int = 6) 
     return any(needle in " ".join(p.text.split()) for p in passages)
 
 
-def best_sentences(question: str, passages: Sequence[Passage], k: int) -> list[Sentence]:
-    """The ``k`` best sentences for ``question``; one sharing no word with it never counts."""
-    return [s for s in rank_sentences(question, passages)[:k] if s.score > 0]
+def best_sentences(question: str, passages: Sequence[Passage], k: int, *,
+                   embed: Embed | None = None, meaning: float = 0.0) -> list[Sentence]:
+    """The ``k`` best sentences for ``question``; none when no sentence shares a word with
+    it. With ``embed`` and ``meaning`` > 0, a sentence scores its shared words (scaled so
+    the best sentence's are 1) plus ``meaning`` x its cosine to the question, so a
+    paraphrase ("time off for a new baby" / "parental leave") can win over the sentence
+    that merely repeats the question's words; without shared words anywhere there is
+    nothing to anchor the meaning to, and the caller shows whole passages as before."""
+    ranked = rank_sentences(question, passages)
+    if not ranked or ranked[0].score <= 0:
+        return []
+    if embed is None or meaning <= 0:
+        return [s for s in ranked[:k] if s.score > 0]
+    top = ranked[0].score
+    texts = [titled(passages[s.passage_index], passages[s.passage_index].text[s.start:s.end])
+             for s in ranked]
+    near = cosines(question, texts, embed)  # one per ranked sentence
+    mixed = [dataclasses.replace(s, score=s.score / top + meaning * c)
+             for s, c in zip(ranked, near, strict=True)]
+    return sorted(mixed, key=lambda s: -s.score)[:k]
+
+
+def cosines(question: str, texts: Sequence[str], embed: Embed) -> list[float]:
+    """Cosine of each text to the question under ``embed`` (one call embeds them all)."""
+    vectors = np.asarray(embed([question, *texts]), dtype=np.float32)  # [1 + n, d]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.where(norms > 0, norms, 1.0)
+    return [float(c) for c in unit[1:] @ unit[0]]
 
 
 def focus_passages(passages: Sequence[Passage], best: Sequence[Sentence]) -> list[Passage]:

@@ -14,15 +14,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
-
-from nest_core.focus import stem, terms, titled
+from nest_core.focus import Embed, cosines, stem, terms, titled
 from nest_core.types import Passage
-
-# texts -> one vector each (the stores' embedding functions have this shape)
-Embed = Callable[[list[str]], Sequence[Sequence[float]]]
 
 # Words an answer adds that say nothing about where it came from (stemmed as terms() does).
 FILLER = frozenset(stem(w) for w in (
@@ -37,11 +32,7 @@ def relevance(question: str, passages: Sequence[Passage], embed: Embed) -> float
     (its title and text); 0.0 without passages."""
     if not passages:
         return 0.0
-    texts = [question, *(titled(p, p.text) for p in passages)]
-    vectors = np.asarray(embed(texts), dtype=np.float32)  # [1 + P, d]
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    unit = vectors / np.where(norms > 0, norms, 1.0)
-    return float((unit[1:] @ unit[0]).max())
+    return max(cosines(question, [titled(p, p.text) for p in passages], embed))
 
 
 def answer_support(question: str, answer: str, passages: Sequence[Passage]) -> float:

@@ -77,7 +77,8 @@ def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Pa
     passages whole); ``repeat_question`` asks the request again after the background."""
     if config.continuation is not None and continues_passage(question, passages):
         config = config.continuation
-    focus = (best_sentences(question, passages, config.focus_sentences)
+    focus = (best_sentences(question, passages, config.focus_sentences, embed=embed,
+                            meaning=config.focus_meaning)
              if config.focus_sentences is not None else [])
     shown: list[Passage] = []
     if config.passages_in_prompt:

@@ -338,3 +338,28 @@ def test_continuation_settings_must_share_the_keys():
         NestConfig(continuation=NestConfig(key_layer=-3))
     with pytest.raises(ValueError, match="without a continuation"):
         NestConfig(continuation=NestConfig(continuation=NestConfig()))
+
+
+def _concepts(texts: list[str]) -> list[list[float]]:
+    """A two-concept embedding: time off (leave, take off) and parties."""
+    return [[float("leave" in t.lower() or "take off" in t.lower()),
+             float("party" in t.lower())] for t in texts]
+
+
+def test_meaning_lets_a_paraphrase_win_over_shared_words():
+    # caught: meaning ignored, or the lexical score left unscaled (it would dominate)
+    passages = [Passage("p", "Staff may bring a baby to the summer party. "
+                             "Parental leave lasts 16 weeks.")]
+    q = "How long can I take off for a new baby?"
+    assert best_text(q, passages) == ["Staff may bring a baby to the summer party."]
+    # the party sentence: all the shared words (1.0), cosine 0; the leave one: none, cosine 1
+    (tie,) = best_sentences(q, passages, 1, embed=_concepts, meaning=1.0)
+    assert passages[0].text[tie.start:tie.end].startswith("Staff")  # a tie keeps text order
+    (best,) = best_sentences(q, passages, 1, embed=_concepts, meaning=2.0)
+    assert passages[0].text[best.start:best.end] == "Parental leave lasts 16 weeks."
+    assert best.score == 0.0 + 2.0 * 1.0
+    # weight 0 or no embedder: the words alone decide
+    assert best_sentences(q, passages, 1, embed=_concepts, meaning=0.0) == \
+        best_sentences(q, passages, 1)
+    # nothing shares a word with the question: no focus, whatever the meaning says
+    assert best_sentences("Holidays?", passages, 1, embed=_concepts, meaning=1.0) == []
