@@ -330,7 +330,9 @@ def test_case_06_escape_sequences_in_a_document_never_reach_the_terminal(
         smollm: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Case 6, terminal escapes. Before: an OSC window title and a clear-screen sequence in a
     document reached stdout with the answer's sources, even with `--color never`. After:
-    every control character from a document is shown as U+FFFD; the words around it stay."""
+    every control character from a document is shown as U+FFFD in quoted text, and as its
+    escape (``\\x1b``) in a one-line label (nest_core.app.safe_text); the words around it
+    stay."""
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "history.md").write_text(
@@ -344,7 +346,7 @@ def test_case_06_escape_sequences_in_a_document_never_reach_the_terminal(
     assert code == 0, err
     assert "\nSources\n" in out, out  # the document is cited, so its text is shown
     assert not CONTROL.search(out), repr(out)
-    assert "\ufffd]0;pwned\ufffdhistory" in out  # visible, not executed
+    assert "\\x1b]0;pwned\\x07history" in out  # the title: visible, not executed
     assert "\ufffd[2J\ufffd[H" in out
 
 
