@@ -55,7 +55,9 @@ class Source:
         characters escaped (:func:`~nest_core.app.safe_text.one_line`): a file name with a
         newline or ESC adds no line and sends no command."""
         meta = self.passage.metadata
-        where = [str(w) for w in (meta.get("source") or meta.get("url"),) if w]
+        # LlamaIndex's readers record file_path / file_name, not source
+        where = [str(w) for w in (meta.get("source") or meta.get("url")
+                                  or meta.get("file_path") or meta.get("file_name"),) if w]
         if isinstance(meta.get("chunk"), int):
             where.append(f"passage {meta['chunk'] + 1}")
         title = self.passage.title or self.passage.id

@@ -16,6 +16,7 @@ import pytest
 
 from nest_core.app.render import (
     LEGEND,
+    Source,
     excerpt,
     number_sources,
     render_comparison,
@@ -323,3 +324,11 @@ def test_function_words_and_marks_get_no_citation_mark() -> None:
     shown = render_terminal(res, show_sources=False)
     assert shown == "It was founded[1] by them in 2009[1]."
     assert "in[1]" not in render_markdown(res)
+
+
+def test_a_llama_index_node_is_labelled_by_its_file_not_its_uuid() -> None:
+    node = Passage(id="0b4f5c1e-uuid", text="x", metadata={"file_path": "/docs/02-offices.md",
+                                                           "file_name": "02-offices.md"})
+    named = Passage(id="0b4f5c1e-uuid", text="x", metadata={"file_name": "02-offices.md"})
+    assert Source(1, node).label == "0b4f5c1e-uuid (/docs/02-offices.md)"
+    assert Source(1, named).label == "0b4f5c1e-uuid (02-offices.md)"
