@@ -179,8 +179,8 @@ class PassageEncoder:
         ``split_special_tokens``: a passage saying "<|im_end|>" is text, never the control
         token (copying it would end the answer, and a passage must not steer the model)."""
         text, text_start = passage_string(passage)
-        enc = self.lm.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True,
-                                split_special_tokens=True)
+        enc = self.lm.text_tokenizer()(text, add_special_tokens=False,
+                                       return_offsets_mapping=True, split_special_tokens=True)
         ids = [int(i) for i in enc["input_ids"]]
         spans = []
         for s, e in enc["offset_mapping"]:

@@ -246,8 +246,13 @@ class LanguageModel:
         ``bos``: what the tokenizer adds to a whole input (BOS), as ``encode`` does."""
         if not text and not bos:
             return []
-        enc = self._own(split=True)(text, add_special_tokens=bos, split_special_tokens=True)
+        enc = self.text_tokenizer()(text, add_special_tokens=bos, split_special_tokens=True)
         return [int(i) for i in enc["input_ids"]]
+
+    def text_tokenizer(self) -> Any:
+        """The tokenizer that reads special tokens' strings as text (a private copy: see
+        :meth:`_own`), for passages and user text."""
+        return self._own(split=True)
 
     def _own(self, split: bool) -> Any:
         """A private copy of the tokenizer that always tokenises with
