@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nest_core.app.files import CliError, read_documents
+from nest_core.app.safe_text import printable
 from nest_core.types import Passage
 
 STORE_KINDS = ("chroma", "faiss")  # what `nest index` writes; `nest ask` reads more
@@ -264,5 +265,6 @@ def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str
 
 
 def note(message: str) -> None:
-    """Progress for the user: stderr, so stdout stays the answer (and JSON) alone."""
-    print(message, file=sys.stderr, flush=True)
+    """Progress for the user: stderr, so stdout stays the answer (and JSON) alone; a path
+    in it cannot send the terminal a command (:func:`~nest_core.app.safe_text.printable`)."""
+    print(printable(message), file=sys.stderr, flush=True)

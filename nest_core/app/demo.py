@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from nest_core.app.render import render_comparison
+from nest_core.app.safe_text import printable
 
 logger = logging.getLogger(__name__)
 
@@ -150,4 +151,4 @@ def _fingerprint(files: list[tuple[Path, str]]) -> str:
 
 
 def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    print(printable(message), file=sys.stderr, flush=True)
