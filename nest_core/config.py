@@ -209,11 +209,16 @@ ANSWER_DEFAULTS: dict[str, Any] = {
 
 def default_config(model_name: str | None = None, **overrides: Any) -> NestConfig:
     """The defaults every surface uses: the numbers calibrated for ``model_name`` (``None`` =
-    the bundled model), then :data:`ANSWER_DEFAULTS`, then ``overrides``; a prompt that
+    the bundled model), then :data:`ANSWER_DEFAULTS`, then the answer settings ``nest
+    calibrate`` measured for that model on the user's questions
+    (:mod:`nest_core.calibration`), then ``overrides``; a prompt that
     continues a passage is decoded by :func:`paper_config` (the paper's copy path: FOLDOC
     dev ROUGE-1 0.50 against 0.22 with the answer settings, which show one sentence and
     end where the LM would). ``NestConfig()`` alone keeps the paper's settings."""
-    settings = {**ANSWER_DEFAULTS, **overrides}
+    from nest_core.calibration import calibrated_settings
+
+    name = BUNDLED_MODEL if model_name is None else model_name
+    settings = {**ANSWER_DEFAULTS, **calibrated_settings(name), **overrides}
     settings.setdefault("continuation", paper_config(model_name))
     return paper_config(model_name, **settings)
 

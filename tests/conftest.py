@@ -161,6 +161,12 @@ PROMPT = "Who founded the Zephyr Widget Company?"
 
 
 @pytest.fixture(autouse=True)
+def no_calibrated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run the shipped defaults, whatever `nest calibrate` recorded on this machine."""
+    monkeypatch.setenv("NEST_ANSWER_SETTINGS", "")
+
+
+@pytest.fixture(autouse=True)
 def paper_prompt_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
                         ) -> None:
     """Unit tests: the default settings with the paper's prompt layout (instruction,

@@ -29,8 +29,10 @@ from nest_core.app.common import (
     answer,
     build_store,
     detect_store,
+    load_quietly,
     note,
     open_service,
+    open_source,
     precompute_existing,
 )
 from nest_core.app.files import (
@@ -201,6 +203,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     color=_color(args.color), width=width, rebuild=args.rebuild)
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure the answer settings on the user's questions over their store and record them
+    for the model (:mod:`nest_core.calibration`)."""
+    from nest_core import NestDecoder
+    from nest_core.calibration import calibrate, load_questions, save_settings
+    from nest_core.config import default_config
+    from nest_core.grounding import relevance
+    from nest_core.stores.datastore import SpanDatastore
+    from nest_core.stores.embeddings import default_embedding_function
+    from nest_core.stores.sources.open import span_datastore_dir
+
+    try:
+        questions = load_questions(Path(args.questions).expanduser())
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    detect_store(args.store, args.collection)
+    source = open_source(args.store, collection=args.collection, embedding=args.embedding,
+                         allow_dangerous_deserialization=args.allow_dangerous_deserialization)
+    lm = load_quietly()
+    embed = default_embedding_function()
+    key_cache = SpanDatastore(span_datastore_dir(args.store))
+    note(f"calibrating {lm.name} on {len(questions)} question(s) ...")
+
+    def answer(question: str, passages: list[Any], overrides: dict[str, Any]) -> Any:
+        decoder = NestDecoder(lm, default_config(lm.name, **overrides), key_cache=key_cache,
+                              embed=embed)
+        return decoder.generate(question, passages, max_new_tokens=args.max_new_tokens)
+
+    found = calibrate(answer, lambda q: source.retrieve(q, args.k),
+                      lambda q, ps: relevance(q, ps, embed), questions)
+    print(found.table())
+    if args.dry_run:
+        return 0
+    path = save_settings(lm.name, found)
+    note(f"wrote {found.settings} for {lm.name} to {path}: every surface now uses them "
+         f"with this model (set NEST_ANSWER_SETTINGS='' to turn them off)")
+    return 0
+
+
 def cmd_cache_clear(args: argparse.Namespace) -> int:
     from nest_core.app.demo import demo_dir
     from nest_core.stores.datastore import clear_cache, default_datastore_dir
@@ -297,6 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     color_option(p)
     dtype_option(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("calibrate", help="measure the answer settings on your own questions")
+    p.add_argument("questions", metavar="QUESTIONS.json",
+                   help='a JSON list of {"question": "...", "answers": ["..."]} '
+                        '(answers [] for a question the documents do not answer)')
+    p.add_argument("--store", required=True, metavar="DIR",
+                   help="a store from `nest index`, LangChain or LlamaIndex")
+    store_options(p)
+    p.add_argument("--k", type=passage_count, default=DEFAULT_K,
+                   help=f"passages to retrieve (1-{MAX_K})")
+    p.add_argument("--max-new-tokens", type=new_tokens, default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--dry-run", action="store_true", help="print the table, record nothing")
+    dtype_option(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("cache", help="manage cached span datastores")
     cache = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)

@@ -328,3 +328,33 @@ def test_ask_abstains_on_a_question_the_files_do_not_answer(
     assert result["finish_reason"] == "abstained", result["text"]
     assert result["text"] == "The documents do not say."
     assert result["spans"] == result["matches"] == []
+
+
+def test_calibrate_records_settings_that_ask_then_uses(faiss_store: Path, tmp_path: Path) -> None:
+    """`nest calibrate` on the user's questions over their store: a table, the settings
+    written for the model, and `nest ask` abstaining on the unanswerable question by them."""
+    questions = tmp_path / "questions.json"
+    questions.write_text(json.dumps([
+        {"question": QUESTION, "answers": ["1987"]},
+        {"question": "How many days of paid leave does a Zephyr employee get?",
+         "answers": ["31"]},
+        {"question": "Which football club won the 1998 cup final?", "answers": []}]))
+    settings = tmp_path / "settings.json"
+    env = {"NEST_ANSWER_SETTINGS": str(settings)}
+    proc = nest("calibrate", str(questions), "--store", str(faiss_store), "--k", "2",
+                "--max-new-tokens", "24", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "| focus | right (answerable) |" in proc.stdout
+    assert "abstains on 100% of unanswerable and 0% of answerable questions" in proc.stdout
+    (entry,) = json.loads(settings.read_text()).values()
+    assert entry["settings"]["focus_sentences"] in (1, 2, 3, None)
+    assert entry["settings"]["abstain_below"] > 0
+    asked = nest("ask", "Which football club won the 1998 cup final?", "--store",
+                 str(faiss_store), "--json", "--max-new-tokens", "8", env=env)
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout)["nest"]["finish_reason"] == "abstained"
+    dry = nest("calibrate", str(questions), "--store", str(faiss_store), "--dry-run",
+               "--k", "2", "--max-new-tokens", "8", env={"NEST_ANSWER_SETTINGS": str(
+                   tmp_path / "untouched.json")})
+    assert dry.returncode == 0, dry.stderr
+    assert not (tmp_path / "untouched.json").exists()

@@ -1,0 +1,95 @@
+"""nest calibrate: per-model answer settings measured on the user's questions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import PASSAGES
+
+from nest_core import NestDecoder
+from nest_core.calibration import (
+    CalibrationQuestion,
+    calibrate,
+    calibrated_settings,
+    choose_threshold,
+    load_questions,
+    save_settings,
+)
+from nest_core.config import ANSWER_DEFAULTS, default_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_the_threshold_declines_the_unanswerable_within_the_answerable_cap():
+    # caught: the cap ignored (threshold above answerable ones), or <= instead of <
+    answerable = [0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.44, 0.3]  # 10: 1 may fall
+    assert choose_threshold(answerable, [0.2, 0.35]) == pytest.approx(0.35, abs=1e-5)
+    t = choose_threshold(answerable, [0.2, 0.5])  # 0.5 cannot go: it would decline 3
+    assert t == 0.44
+    assert sum(a < t for a in answerable) == 1
+    assert choose_threshold(answerable, []) == 0.0  # nothing to decline: never abstain
+
+
+def test_questions_file_is_checked(tmp_path: Path):
+    good = tmp_path / "q.json"
+    good.write_text(json.dumps([{"question": "Who founded it?", "answers": ["Marta"]},
+                                {"question": "What is the price?", "answers": []}]))
+    qs = load_questions(good)
+    assert [q.answerable for q in qs] == [True, False]
+    assert qs[0].is_right("It was  MARTA Quillfeather.")
+    bad = tmp_path / "bad.json"
+    for body in ("{}", "[]", '[{"question": ""}]', '[{"question": "x", "answers": [1]}]'):
+        bad.write_text(body)
+        with pytest.raises(ValueError, match=r"bad\.json"):
+            load_questions(bad)
+
+
+def test_settings_are_recorded_per_model_and_applied_by_default_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # caught: default_config ignoring the file, or another model's settings applied
+    path = tmp_path / "settings.json"
+    monkeypatch.setenv("NEST_ANSWER_SETTINGS", str(path))
+    assert calibrated_settings("m") == {}
+    cal = calibrate(lambda q, ps, o: None, lambda q: [], lambda q, ps: 0.0, [])  # type: ignore
+    cal.settings.update(focus_sentences=3, abstain_below=0.3)
+    assert save_settings("m", cal) == path
+    assert calibrated_settings("m") == {"focus_sentences": 3, "abstain_below": 0.3}
+    config = default_config("m")
+    assert (config.focus_sentences, config.abstain_below) == (3, 0.3)
+    assert default_config("m", focus_sentences=1).focus_sentences == 1  # overrides win
+    other = default_config("other")
+    assert other.focus_sentences == ANSWER_DEFAULTS["focus_sentences"]
+    monkeypatch.setenv("NEST_ANSWER_SETTINGS", "")  # off
+    assert default_config("m").focus_sentences == ANSWER_DEFAULTS["focus_sentences"]
+    path.write_text("{not json")
+    monkeypatch.setenv("NEST_ANSWER_SETTINGS", str(path))
+    with pytest.raises(ValueError, match=r"settings\.json"):
+        default_config("m")
+
+
+def test_calibrate_measures_each_focus_with_the_real_decoder(tiny_lm):
+    # the tiny random model answers the same whatever it is shown only by chance: the
+    # right rates are what the decoder gives, and ties keep the smaller focus
+    seen: list[tuple[str, object]] = []
+
+    def answer(question, passages, overrides):
+        seen.append((question, overrides["focus_sentences"]))
+        config = default_config(tiny_lm.name, **overrides)
+        return NestDecoder(tiny_lm, config).generate(question, passages, max_new_tokens=6)
+
+    first = answer("Who founded the Zephyr Widget Company?", PASSAGES,
+                   {"focus_sentences": 1, "abstain_below": 0.0}).text.split()
+    seen.clear()
+    questions = [CalibrationQuestion("Who founded the Zephyr Widget Company?",
+                                     (first[0],) if first else ("\x00",)),
+                 CalibrationQuestion("What does the company charge?", ())]
+    relevance = {"Who founded the Zephyr Widget Company?": 0.8,
+                 "What does the company charge?": 0.2}
+    cal = calibrate(answer, lambda q: PASSAGES, lambda q, ps: relevance[q], questions)
+    assert seen == [(questions[0].question, f) for f in (1, 2, 3, None)]  # answerable only
+    assert cal.right_by_focus["1"] == (1.0 if first else 0.0)
+    assert cal.settings["focus_sentences"] == 1  # best or tied: the smallest
+    assert cal.settings["abstain_below"] == pytest.approx(0.2, abs=1e-5)
+    assert (cal.abstain_unanswerable, cal.abstain_answerable) == (1.0, 0.0)
