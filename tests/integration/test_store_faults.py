@@ -216,7 +216,7 @@ def test_ctrl_c_stops_a_large_index_and_keeps_what_is_done(tmp_path):
     Now passages are bounded, so a real SIGINT stops `nest index` (exit 130) between
     batches; the store keeps the batches written and is marked incomplete. The signal is
     sent once the run has said its estimate (after its first batch of 1000+ passages)."""
-    line = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo" * 130_000  # 4.5 MB, no space: ~1100 passages
+    line = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo" * 520_000  # 18 MB, no space: ~4500 passages
     (tmp_path / "big.md").write_text(line + "\n", "utf-8")
     store = tmp_path / "store"
     proc = subprocess.Popen([*NEST, "index", str(tmp_path / "big.md"), "--out", str(store),
