@@ -140,15 +140,17 @@ def score(item: Item, text: str) -> float:
 
 def citations(item: Item, result: Any) -> dict[str, Any]:
     """Cited-correct of a :class:`~nest_core.NestResult` for copied, matched and either kind
-    of span (``matches`` read with getattr: the core may not have them)."""
+    of span as the surfaces show them (``cited_spans()``: the citation rule applied;
+    ``matches`` read with getattr: an old core may not have them)."""
     if not item.gold_passage:
         return {"cited_copied": None, "cited_matched": None, "cited_any": None}
     copied = list(result.spans)
     matched = list(getattr(result, "matches", None) or [])
     refs, gold = item.references, item.gold_passage
+    shown = list(result.cited_spans()) if hasattr(result, "cited_spans") else copied + matched
     return {"cited_copied": cited_correct(result.text, copied, refs, gold),
             "cited_matched": cited_correct(result.text, matched, refs, gold),
-            "cited_any": cited_correct(result.text, copied + matched, refs, gold)}
+            "cited_any": cited_correct(result.text, shown, refs, gold)}
 
 
 def base_config(system: str, overrides: dict[str, Any] | None = None) -> NestConfig:
