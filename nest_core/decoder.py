@@ -9,14 +9,14 @@ from collections.abc import Iterator, Sequence
 
 from nest_core.config import NestConfig, default_config
 from nest_core.decoding.loop import Generation
-from nest_core.decoding.policy import FAST, Shortcuts, context, unsupported
+from nest_core.decoding.policy import FAST, Shortcuts, context, quote, unsupported
 from nest_core.encoding import KeyCache, PassageEncoder
 from nest_core.grounding import Embed, answer_support
 from nest_core.lm import LanguageModel, Message, check_prompt
 from nest_core.matching import match_spans
 from nest_core.prompts import fit_context, question_of
 from nest_core.token_index import TokenIndex
-from nest_core.types import DecodeStats, NestChunk, NestResult, Passage
+from nest_core.types import DecodeStats, NestChunk, NestResult, Passage, Span
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,12 @@ class NestDecoder:
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
                          started=started, prompt_truncated=truncated,
                          shortcuts=self.shortcuts)
-        held: list[NestChunk] = []  # with support_below: the answer waits for its check
+        # with support_below or quote_below the answer waits for its check
+        hold = bool(cfg.support_below or cfg.quote_below) and bool(answer.shown)
+        held: list[NestChunk] = []
         for chunk in run.run():
             if chunk.result is None:
-                if cfg.support_below and answer.shown:
+                if hold:
                     held.append(chunk)
                 else:
                     yield chunk
@@ -124,13 +126,37 @@ class NestDecoder:
             if unsupported(cfg, question, result.text, answer.shown):
                 yield self._abstention(cfg, passages, started, stats)
                 return
+            support = (answer_support(question, result.text, answer.shown)
+                       if answer.shown else None)
+            quoted = quote(cfg, question, support, answer, passages)
+            if quoted:
+                yield self._quote(quoted, result)
+                return
             yield from held
             matches = (match_spans(result.text, result.passages, result.spans)
                        if result.passages else [])
-            support = (answer_support(question, result.text, answer.shown)
-                       if answer.shown else None)
             yield dataclasses.replace(chunk, result=dataclasses.replace(
                 result, matches=matches, support=support))
+
+    def _quote(self, sentences: list[tuple[Passage, int, int]], result: NestResult
+               ) -> NestChunk:
+        """The focus sentences as the answer, each cited whole (a ``matched`` span: text a
+        passage holds verbatim, not produced by the copy path), instead of the model's
+        words; the model's work stays in the stats. A quote's words are all the context's:
+        its support is 1."""
+        text, spans = "", []
+        for passage, start, end in sentences:
+            text += " " if text else ""
+            piece = passage.text[start:end]
+            spans.append(Span(text=piece, out_start=len(text), out_end=len(text) + len(piece),
+                              passage=passage, src_start=start, src_end=end, token_start=0,
+                              token_end=0, kind="matched"))
+            text += piece
+        ids = [int(i) for i in self.lm.text_tokenizer()(text, add_special_tokens=False)[
+            "input_ids"]]
+        quoted = dataclasses.replace(result, text=text, token_ids=ids, spans=[],
+                                     matches=spans, support=1.0, quoted=True)
+        return NestChunk(text=text, token_ids=ids, span=None, result=quoted)
 
     @staticmethod
     def _abstention(cfg: NestConfig, passages: list[Passage], started: float,

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from nest_core.focus import Embed, cosines, stem, terms, titled
@@ -48,4 +49,14 @@ def answer_support(question: str, answer: str, passages: Sequence[Passage]) -> f
     return sum(t in context for t in new) / len(new)
 
 
-__all__ = ["Embed", "answer_support", "relevance"]
+_YES_NO = re.compile(r"^\W*(?:is|are|was|were|am|do|does|did|can|could|should|would|will|"
+                     r"shall|may|might|must|has|have|had)(?:n't)?\b", re.IGNORECASE)
+
+
+def asks_yes_or_no(question: str) -> bool:
+    """Whether ``question`` opens with an auxiliary verb ("Is ...", "Does ...", "Can ..."):
+    a quote of the context does not answer it; the model's yes or no does."""
+    return bool(_YES_NO.match(question))
+
+
+__all__ = ["Embed", "answer_support", "asks_yes_or_no", "relevance"]

@@ -155,6 +155,9 @@ class NestResult:
     # the share of the answer's new content words the context shown to the LM holds
     # (nest_core.grounding.answer_support); None where the decoder showed no context
     support: float | None = None
+    # the text is the focus sentence quoted whole (NestConfig.quote_below): the model's own
+    # answer added words that sentence does not hold
+    quoted: bool = False
 
     @property
     def abstained(self) -> bool:
@@ -195,6 +198,7 @@ class NestResult:
             "mean_span_length": self.mean_span_length,
             "finish_reason": self.finish_reason,
             "support": self.support,
+            "quoted": self.quoted,
             "citations": [s.to_dict() for s in self.cited_spans()],
             "stats": self.stats.to_dict(),
         }

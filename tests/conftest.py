@@ -176,12 +176,15 @@ def paper_prompt_layout(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     itself is pinned in tests/unit/test_focus.py; integration tests run the real default
     on SmolLM2. Abstention is off too: the surfaces' unit tests retrieve with mock
     embeddings, so which passages come back is arbitrary; it is pinned in
-    tests/unit/test_grounding.py and runs on every surface in the integration tests."""
+    tests/unit/test_grounding.py and runs on every surface in the integration tests. So is
+    the quote (a random model's answer is never supported: every answer would be one);
+    it is pinned in tests/unit/test_citations.py."""
     if "unit" in request.node.path.parts:
         from nest_core.config import ANSWER_DEFAULTS
 
         monkeypatch.setitem(ANSWER_DEFAULTS, "repeat_question", False)
         monkeypatch.setitem(ANSWER_DEFAULTS, "abstain_below", 0.0)
+        monkeypatch.setitem(ANSWER_DEFAULTS, "quote_below", 0.0)
 
 
 # --- reference decoding paths (tests/unit/test_fast_paths.py, its SmolLM2 twin) ---------

@@ -32,7 +32,7 @@ from nest_core.decoding.judges import (
 )
 from nest_core.decoding.stops import EndOfSequence, RepetitionStop, TokenStop
 from nest_core.focus import Sentence, best_sentences, continues_passage, focus_passages
-from nest_core.grounding import Embed, answer_support, relevance
+from nest_core.grounding import Embed, answer_support, asks_yes_or_no, relevance
 from nest_core.lm import LanguageModel, Message
 from nest_core.prompts import with_background
 from nest_core.token_index import TokenIndex
@@ -95,6 +95,18 @@ def unsupported(config: NestConfig, question: str, answer: str, shown: Sequence[
     (``support_below``): then the answer is withheld and ``config.abstention`` said."""
     return bool(config.support_below) and bool(shown) \
         and answer_support(question, answer, shown) < config.support_below
+
+
+def quote(config: NestConfig, question: str, support: float | None, ctx: Context,
+          passages: Sequence[Passage]) -> list[tuple[Passage, int, int]]:
+    """The focus sentences to answer with instead of the model's words (``quote_below``):
+    ``(passage, start, end)`` each, as the prompt shows them; none when the answer is supported
+    enough, when there is no focus, or for a yes/no question (a quote says neither)."""
+    if not config.quote_below or support is None or support >= config.quote_below \
+            or not ctx.focus or asks_yes_or_no(question):
+        return []
+    return [(passages[s.passage_index], s.start, s.end)
+            for s in sorted(ctx.focus, key=lambda s: (s.passage_index, s.start))]
 
 
 @dataclass(frozen=True)

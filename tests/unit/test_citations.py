@@ -11,7 +11,7 @@ from conftest import PASSAGES, PROMPT
 from nest_core import NestDecoder, Passage
 from nest_core.citations import MIN_SUPPORT, citations, is_citation
 from nest_core.config import default_config
-from nest_core.decoding.policy import context
+from nest_core.decoding.policy import context, quote
 from nest_core.grounding import answer_support
 from nest_core.types import DecodeStats, NestResult, Span
 
@@ -116,3 +116,33 @@ def test_the_decoder_measures_support_on_the_context_it_showed(tiny_lm):
     assert res.support == answer_support(PROMPT, res.text, shown)
     paper = NestDecoder(tiny_lm, dataclasses.replace(config, passages_in_prompt=False))
     assert paper.generate(PROMPT, PASSAGES, max_new_tokens=4).support is None
+
+
+def test_an_unsupported_answer_becomes_the_focus_sentence_quoted_whole(tiny_lm):
+    # caught: the quote ignored, cited in part, streamed before it is decided, or given to
+    # a yes/no question
+    q = "Who founded the Zephyr Widget Company?"
+    free = NestDecoder(tiny_lm, default_config(tiny_lm.name)).generate(q, PASSAGES,
+                                                                      max_new_tokens=8)
+    shown = context(default_config(tiny_lm.name), q, q, PASSAGES).shown
+    assert free.support is not None
+    assert free.support < 1.0, free.text  # the random model adds words the sentence lacks
+    decoder = NestDecoder(tiny_lm, default_config(tiny_lm.name, quote_below=1.0))
+    chunks = list(decoder.stream(q, PASSAGES, max_new_tokens=8))
+    assert len(chunks) == 1  # held until decided: nothing of the model's answer streamed
+    res = chunks[0].result
+    assert res is not None
+    assert res.quoted
+    assert res.text == shown[0].text == PASSAGES[0].text  # the focus: the one sentence
+    (span,) = res.cited_spans()
+    assert (span.kind, span.text, span.out_start, span.src_start) == (
+        "matched", res.text, 0, 0)
+    assert tiny_lm.decode(res.token_ids) == res.text
+    assert res.support == 1.0
+    assert not free.quoted
+    yes_no = "Was the Zephyr Widget Company founded in 1987?"
+    assert not decoder.generate(yes_no, PASSAGES, max_new_tokens=8).quoted
+    at = default_config(tiny_lm.name, quote_below=0.5)
+    ctx = context(at, q, q, PASSAGES)
+    assert quote(at, q, 0.5, ctx, PASSAGES) == []  # support at the bound: the answer stays
+    assert quote(at, q, 0.49, ctx, PASSAGES) == [(PASSAGES[0], 0, len(PASSAGES[0].text))]
