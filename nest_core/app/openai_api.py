@@ -18,7 +18,7 @@ answer is. The full record is the extension field ``nest`` at the top level of t
                              "passage_id", "title", "source", "src_start", "src_end"}],
              "sources": [{"id", "title", "text", "metadata"}],   # the cited passages
              "retrieved": ["<passage id>", ...],                  # in retrieval order
-             "abstained": false, "prompt_truncated": false,
+             "abstained": false, "quoted": false, "prompt_truncated": false,
              "attribution_ratio": 0.4, "stats": {...}}
 
 A prompt that does not fit the model's context window with ``max_tokens`` is refused (400,
@@ -274,6 +274,7 @@ def extension(result: NestResult, retrieved: list[Passage]) -> dict[str, Any]:
                      "metadata": _jsonable(p.metadata)} for p in sources.values()],
         "retrieved": [p.id for p in retrieved],
         "abstained": result.abstained,
+        "quoted": result.quoted,
         "prompt_truncated": result.prompt_truncated,
         "attribution_ratio": result.attribution_ratio,
         "stats": result.stats.to_dict(),

@@ -401,5 +401,7 @@ def nest_metadata(result: NestResult) -> dict[str, Any]:
         "attribution_ratio": result.attribution_ratio,
         "mean_span_length": result.mean_span_length,
         "prompt_truncated": result.prompt_truncated,
+        "abstained": result.abstained,
+        "quoted": result.quoted,
         "citations": [s.to_dict() for s in result.cited_spans()],
     }

@@ -79,7 +79,8 @@ def decode_pieces(decoder: Any, prompt: Any, passages: Sequence[Passage],
     When the generator is exhausted, ``metadata["nest_matches"]`` holds the matched spans
     (text the LM wrote that a node holds verbatim; known only at the end), and ``metadata``
     also holds ``nest_stats``,
-    ``nest_attribution_ratio``, ``nest_finish_reason`` and, with markers on, ``nest_text``
+    ``nest_attribution_ratio``, ``nest_finish_reason``, ``nest_quoted`` and, with markers
+    on, ``nest_text``
     (the decoder's text without markers).
     """
     assembler = SpanAssembler(source_map(kept), metadata["nest_spans"],
@@ -98,5 +99,6 @@ def decode_pieces(decoder: Any, prompt: Any, passages: Sequence[Passage],
         metadata["nest_stats"] = result.stats.to_dict()
         metadata["nest_attribution_ratio"] = result.attribution_ratio
         metadata["nest_finish_reason"] = result.finish_reason
+        metadata["nest_quoted"] = result.quoted  # the answer is a focus sentence, quoted
     if citation_markers:
         metadata["nest_text"] = assembler.plain
