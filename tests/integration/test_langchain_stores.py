@@ -159,8 +159,8 @@ def test_faiss_vectorstore_with_nest_llm(faiss_store: Any) -> None:
     gen = llm.generate([QUESTION]).generations[0][0]
     info = gen.generation_info
     assert info["source_documents"][0].id == "foldoc"
-    assert info["spans"]
-    for s in info["spans"]:
+    assert info["citations"]  # copied spans, or the focus sentence quoted (a matched span)
+    for s in info["citations"]:
         src = STORED[s["passage_id"]][s["src_start"]:s["src_end"]]
         assert gen.text[s["out_start"]:s["out_end"]] == s["text"] == src
     assert "".join(llm.stream(QUESTION)) == gen.text

@@ -220,13 +220,16 @@ def test_nest_llm_behind_a_stock_query_engine(chroma_dir, embed_model):
     assert asked == []
     assert res.response.strip()
     assert res.source_nodes[0].node.ref_doc_id == "zephyr"
-    assert res.metadata["nest_spans"]
+    # copied spans, or the focus sentence quoted whole (a matched span)
+    assert res.metadata["nest_spans"] or (res.metadata["nest_quoted"]
+                                          and res.metadata["nest_matches"])
     assert_spans_consistent(res)
     direct = llm.complete(QUESTION)
     assert [b.query_str for b in asked] == [QUESTION]
     assert isinstance(asked[0], QueryBundle)
-    assert direct.additional_kwargs["nest_spans"]
-    for s in direct.additional_kwargs["nest_spans"]:
+    meta = direct.additional_kwargs
+    assert meta["nest_spans"] or (meta["nest_quoted"] and meta["nest_matches"])
+    for s in [*meta["nest_spans"], *meta["nest_matches"]]:
         assert direct.text[s["out_start"]:s["out_end"]] == s["cited_text"]
 
 

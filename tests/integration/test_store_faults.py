@@ -219,9 +219,11 @@ def test_ctrl_c_stops_a_large_index_and_keeps_what_is_done(tmp_path):
     line = "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo" * 520_000  # 18 MB, no space: ~4500 passages
     (tmp_path / "big.md").write_text(line + "\n", "utf-8")
     store = tmp_path / "store"
+    # a test run started in the background inherits SIGINT ignored; a user's shell does not
     proc = subprocess.Popen([*NEST, "index", str(tmp_path / "big.md"), "--out", str(store),
                              "--no-precompute"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = wait_for_line(proc, "Ctrl-C keeps what is done")
     proc.send_signal(signal.SIGINT)
     assert proc.stderr is not None
