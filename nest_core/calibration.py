@@ -2,7 +2,7 @@
 
 The shipped answer settings (:data:`nest_core.config.ANSWER_DEFAULTS`) were measured with the
 bundled 135M model on the handbook benchmark: one focus sentence in the prompt, abstention
-below a MiniLM cosine of 0.46. A bigger model reads more than one sentence well, and another
+below a MiniLM cosine of 0.50. A bigger model reads more than one sentence well, and another
 corpus puts its unanswerable questions at another distance. ``nest calibrate QUESTIONS.json
 --store DIR`` measures, on the user's questions over their own store, which focus size
 answers most questions right and which abstention threshold declines the unanswerable ones
@@ -131,16 +131,16 @@ class Calibration:
 
 def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float],
                      cap: float = MAX_ABSTAIN_ANSWERABLE) -> float:
-    """The abstention threshold on relevance: the largest that declines at most ``cap`` of
-    the answerable questions (abstention is ``relevance < threshold``), and no higher than
-    needed to decline every unanswerable one; 0.0 (never) without unanswerable questions."""
+    """The abstention threshold on relevance (abstention is ``relevance < threshold``): the
+    lowest that declines as many unanswerable questions as any threshold declining at most
+    ``cap`` of the answerable ones can; 0.0 (never) when none can be declined so."""
     if not unanswerable or not answerable:
         return 0.0
     ranked = sorted(answerable)
     allowed = int(cap * len(ranked))  # answerable questions that may fall below
     ceiling = ranked[allowed]  # declining below this declines at most `allowed` of them
-    needed = max(unanswerable) + 1e-6  # a threshold above every unanswerable one
-    return min(ceiling, needed)
+    reachable = [u for u in unanswerable if u < ceiling]
+    return min(ceiling, max(reachable) + 1e-6) if reachable else 0.0
 
 
 def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult],

@@ -26,10 +26,13 @@ def test_the_threshold_declines_the_unanswerable_within_the_answerable_cap():
     # caught: the cap ignored (threshold above answerable ones), or <= instead of <
     answerable = [0.9, 0.8, 0.7, 0.65, 0.6, 0.55, 0.5, 0.45, 0.44, 0.3]  # 10: 1 may fall
     assert choose_threshold(answerable, [0.2, 0.35]) == pytest.approx(0.35, abs=1e-5)
-    t = choose_threshold(answerable, [0.2, 0.5])  # 0.5 cannot go: it would decline 3
-    assert t == 0.44
+    # 0.5 cannot go (it would decline 3 answerable): decline 0.2 and 0.4, no higher
+    t = choose_threshold(answerable, [0.2, 0.4, 0.5])
+    assert t == pytest.approx(0.4, abs=1e-5)
     assert sum(a < t for a in answerable) == 1
+    assert choose_threshold(answerable, [0.44 - 1e-7]) == 0.44  # never past the cap's ceiling
     assert choose_threshold(answerable, []) == 0.0  # nothing to decline: never abstain
+    assert choose_threshold(answerable, [0.6]) == 0.0  # none can go within the cap
 
 
 def test_questions_file_is_checked(tmp_path: Path):
