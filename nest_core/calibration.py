@@ -2,7 +2,7 @@
 
 The shipped answer settings (:data:`nest_core.config.ANSWER_DEFAULTS`) were measured with the
 bundled 135M model on the handbook benchmark: one focus sentence in the prompt, abstention
-below a MiniLM cosine of 0.50. A bigger model reads more than one sentence well, and another
+below a MiniLM cosine of 0.46. A bigger model reads more than one sentence well, and another
 corpus puts its unanswerable questions at another distance. ``nest calibrate QUESTIONS.json
 --store DIR`` measures, on the user's questions over their own store, which focus size
 answers most questions right and which abstention threshold declines the unanswerable ones

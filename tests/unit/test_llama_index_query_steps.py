@@ -57,7 +57,7 @@ async def test_similarity_cutoff_drops_nodes_before_decoding(tiny_lm, use_async)
     assert [n.node.node_id for n in res.source_nodes] == ["node-0", "node-1", "node-2"]
     assert set(res.metadata) - {"node-0", "node-1", "node-2"} <= {
         "nest_spans", "nest_matches", "nest_stats", "nest_attribution_ratio",
-        "nest_finish_reason"}
+        "nest_finish_reason", "nest_quoted"}
     assert {s["node_id"] for s in res.metadata["nest_spans"]} <= {"node-0", "node-1",
                                                                    "node-2"}
     assert res.metadata["nest_stats"]["datastore_keys"] > 0
