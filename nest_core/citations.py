@@ -12,8 +12,9 @@ chunks, LangChain, LlamaIndex, server, MCP, CLI) only when:
 2. **It is whole words:** it neither starts nor ends inside a word of the output, so "Sid"
    of "Siduction" is no citation. Spans from one passage that follow each other in the
    output as they follow each other in the passage (the text between them the same in
-   both) are judged as one stretch, and merged into one when they are of one kind: a copied
-   "48." after the LM's own "0" cites "048." whole.
+   both) are judged as one stretch and shown as one citation: a copied "48." after the LM's
+   own "0" cites "048." whole (a ``matched`` one when it mixes kinds: verbatim, not all
+   copied), and a copied "in" before a matched "2009" is one "in 2009", never "in[1]".
 3. **The answer is supported:** when the decoder knows what context it showed the LM, an
    answer most of whose new words that context does not hold (:func:`answer_support` below
    :data:`MIN_SUPPORT`) cites nothing, so a wrong answer is not decorated with the marks of
@@ -97,14 +98,17 @@ def _continues(first: Span, then: Span, output: str) -> bool:
 
 
 def _merged(group: Sequence[Span], output: str) -> list[Span]:
-    """Neighbours of one kind in ``group`` as one span (the invariant holds: the text
-    between them is the same in output and passage)."""
+    """``group`` as one span (the invariant holds: the text between its pieces is the same
+    in output and passage). Pieces of both kinds make a ``matched`` span: the stretch is
+    verbatim in the passage, but not all of it came from the copy path."""
+    if len({s.kind for s in group}) > 1:
+        first, last = group[0], group[-1]
+        return [Span(text=output[first.out_start:last.out_end], out_start=first.out_start,
+                     out_end=last.out_end, passage=first.passage, src_start=first.src_start,
+                     src_end=last.src_end, token_start=0, token_end=0, kind="matched")]
     out = [group[0]]
     for span in group[1:]:
         prev = out[-1]
-        if span.kind != prev.kind:
-            out.append(span)
-            continue
         out[-1] = Span(text=output[prev.out_start:span.out_end], out_start=prev.out_start,
                        out_end=span.out_end, passage=prev.passage, src_start=prev.src_start,
                        src_end=span.src_end, token_start=prev.token_start,

@@ -71,9 +71,13 @@ def test_adjacent_pieces_of_one_passage_merge_into_one_citation():
     assert [(s.text, s.out_start, s.out_end, s.src_start, s.src_end) for s in merged] == [
         ("Siduction is a", 0, 14, 0, 14)]
     assert (merged[0].token_start, merged[0].token_end) == (first.token_start, rest.token_end)
-    # a matched neighbour is judged with its copied one but stays its own (honest) kind
+    # a matched neighbour makes one mark with its copied one: matched (verbatim, not all
+    # copied), so a copied "in" is never shown alone beside a matched "2009"
     mixed = citations([first, cite(out, "uction is a", kind="matched")], out)
-    assert [(s.text, s.kind) for s in mixed] == [("Sid", "copied"), ("uction is a", "matched")]
+    assert [(s.text, s.kind, s.num_tokens) for s in mixed] == [("Siduction is a", "matched", 0)]
+    year = "It was released in 2009."
+    marks = citations([cite(year, "in"), cite(year, "2009.", kind="matched")], year)
+    assert [(s.text, s.kind) for s in marks] == [("in 2009.", "matched")]
 
 
 def test_pieces_from_different_places_do_not_merge():
