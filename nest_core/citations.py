@@ -9,7 +9,8 @@ chunks, LangChain, LlamaIndex, server, MCP, CLI) only when:
 1. **It carries content:** at least :data:`MIN_CHARS` non-space characters, and a word that
    is not a stop word (:data:`nest_core.focus.STOP_WORDS`): "2009", "Ghent", "apt-get
    install"; not "in", "of the", ".".
-2. **It is whole words:** it neither starts nor ends inside a word of the output, so "Sid"
+2. **It is whole words** (and ends on a content word: a trailing "in" or "of the" is left
+   out of the mark): it neither starts nor ends inside a word of the output, so "Sid"
    of "Siduction" is no citation. Spans from one passage that follow each other in the
    output as they follow each other in the passage (the text between them the same in
    both) are judged as one stretch and shown as one citation: a copied "48." after the LM's
@@ -74,8 +75,27 @@ def citations(spans: Sequence[Span], output: str, support: float | None = None
         first, last = group[0], group[-1]
         text = output[first.out_start:last.out_end]
         if carries_content(text) and whole_words(output, first.out_start, last.out_end):
-            out += _merged(group, output)
+            out += [_without_trailing_function_words(s) for s in _merged(group, output)]
     return out
+
+
+_TRAILING_WORD = re.compile(r"\s+(\w+)\s*$")
+
+
+def _without_trailing_function_words(span: Span) -> Span:
+    """``span`` ending on its last content word: the mark follows "Brecker", not a dangling
+    "in" ("... Brecker in[1] 2009" read as a cited "in"); output and passage shrink alike."""
+    text = span.text
+    while (m := _TRAILING_WORD.search(text)) and m.group(1).lower() in STOP_WORDS \
+            and carries_content(text[:m.start()]):
+        text = text[:m.start()]
+    cut = len(span.text) - len(text)
+    if not cut:
+        return span
+    return Span(text=text, out_start=span.out_start, out_end=span.out_end - cut,
+                passage=span.passage, src_start=span.src_start, src_end=span.src_end - cut,
+                token_start=span.token_start, token_end=span.token_end,
+                source_row=span.source_row, kind=span.kind)
 
 
 def _stretches(spans: Sequence[Span], output: str) -> list[list[Span]]:

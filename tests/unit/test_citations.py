@@ -69,12 +69,12 @@ def test_adjacent_pieces_of_one_passage_merge_into_one_citation():
     assert not is_citation(rest, out)
     merged = citations([rest, first], out)
     assert [(s.text, s.out_start, s.out_end, s.src_start, s.src_end) for s in merged] == [
-        ("Siduction is a", 0, 14, 0, 14)]
+        ("Siduction", 0, 9, 0, 9)]  # merged, then ended on its content word
     assert (merged[0].token_start, merged[0].token_end) == (first.token_start, rest.token_end)
     # a matched neighbour makes one mark with its copied one: matched (verbatim, not all
     # copied), so a copied "in" is never shown alone beside a matched "2009"
     mixed = citations([first, cite(out, "uction is a", kind="matched")], out)
-    assert [(s.text, s.kind, s.num_tokens) for s in mixed] == [("Siduction is a", "matched", 0)]
+    assert [(s.text, s.kind, s.num_tokens) for s in mixed] == [("Siduction", "matched", 0)]
     year = "It was released in 2009."
     marks = citations([cite(year, "in"), cite(year, "2009.", kind="matched")], year)
     assert [(s.text, s.kind) for s in marks] == [("in 2009.", "matched")]
@@ -150,3 +150,12 @@ def test_an_unsupported_answer_becomes_the_focus_sentence_quoted_whole(tiny_lm):
     ctx = context(at, q, q, PASSAGES)
     assert quote(at, q, 0.5, ctx, PASSAGES) == []  # support at the bound: the answer stays
     assert quote(at, q, 0.49, ctx, PASSAGES) == [(PASSAGES[0], 0, len(PASSAGES[0].text))]
+
+
+def test_a_citation_ends_on_a_content_word():
+    # the demo's "... Tomasz Brecker in[1] 2009": the mark goes after "Brecker"
+    out = "It was released in 2009."
+    (span,) = citations([cite(out, "released in")], out)
+    assert (span.text, span.out_end, span.src_end) == (
+        "released", out.index("released") + 8, DOC.text.index("released") + 8)
+    assert out[span.out_start:span.out_end] == DOC.text[span.src_start:span.src_end]
