@@ -12,7 +12,8 @@ Metrics, per system: **right** (answerable questions: every answer group found i
 output as a whole token, yes/no: its first "yes" or "no"), **cited-right** (right, and each
 answer group inside a citation, ``NestResult.cited_spans()``, of a gold passage; yes/no: a
 citation of a gold passage), **cited-wrong** (share of all answers that are wrong, or answer
-an unanswerable question, and still carry a citation: the worst outcome), **abstained** on unanswerable and on answerable questions (the result's
+an unanswerable question, and still carry a citation: the worst outcome), **abstained**
+on unanswerable and on answerable questions (the result's
 ``finish_reason == "abstained"``, or a baseline saying it does not know), seconds per answer.
 
 Run: ``python -m benchmarks.handbook_qa [--split dev] [--items N] [--systems ...]``
