@@ -25,9 +25,15 @@ async def aiter_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncGenerator[_T
                 return
             yield item  # type: ignore[misc]
     finally:
-        close = getattr(iterator, "close", None)
-        if close is not None:
-            try:
-                await asyncio.to_thread(close)
-            except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
-                logger.debug("decoder stream abandoned while a step was running")
+        await close_in_thread(iterator)
+
+
+async def close_in_thread(iterator: Iterator[object]) -> None:
+    """Close a generator (which runs its cleanup: the decoder releases its caches) off the
+    event loop; one still mid-step in another thread is left to the garbage collector."""
+    close = getattr(iterator, "close", None)
+    if close is not None:
+        try:
+            await asyncio.to_thread(close)
+        except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
+            logger.debug("decoder stream abandoned while a step was running")

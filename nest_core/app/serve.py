@@ -57,7 +57,7 @@ from nest_core.app.openai_api import (
 )
 from nest_core.app.schemas import REQUEST_BODIES, components, request_body
 from nest_core.app.service import AnswerService
-from nest_core.async_iter import aiter_in_thread
+from nest_core.async_iter import aiter_in_thread, close_in_thread
 from nest_core.types import NestChunk, NestResult, Passage
 
 logger = logging.getLogger(__name__)
@@ -294,12 +294,7 @@ async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request
                 logger.info("the client left: stopped decoding its answer")
                 return None
     finally:
-        close = getattr(pieces, "close", None)
-        if close is not None:
-            try:
-                await asyncio.to_thread(close)
-            except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
-                logger.debug("decoder stream abandoned while a step was running")
+        await close_in_thread(pieces)
 
 
 async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callable[[], None],
