@@ -410,7 +410,9 @@ def test_a_read_only_chroma_database_is_queried(public_tmp):
     before = snapshot(db)
     env = {**os.environ, "HOME": str(public_tmp), "NEST_CACHE_DIR": str(public_tmp / "cache"),
            "TMPDIR": "/tmp"}
-    query = subprocess.run([sys.executable, "-c", READ_ONLY_QUERY, str(db)], env=env,
+    # cwd "/": the user nobody may not read a clone under a private temporary directory
+    # (chromadb's settings look for ./.env there)
+    query = subprocess.run([sys.executable, "-c", READ_ONLY_QUERY, str(db)], env=env, cwd="/",
                            capture_output=True, text=True, check=False, timeout=WAIT_S)
     assert query.returncode == 0, query.stderr
     assert query.stdout.strip() == "The office opens at nine."
