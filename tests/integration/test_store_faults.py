@@ -392,6 +392,13 @@ def public_tmp() -> Iterator[Path]:
     shutil.rmtree(folder)
 
 
+def _others_can_reach(path: Path) -> bool:
+    """Whether every folder above ``path`` lets other users through (o+x)."""
+    return all(p.stat().st_mode & 0o001 for p in path.resolve().parents)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and not _others_can_reach(Path(sys.prefix)),
+                    reason="the user nobody cannot reach this checkout's interpreter")
 def test_a_read_only_chroma_database_is_queried(public_tmp):
     """Case 7. Before: a Chroma store on a read-only mount failed with "attempt to write a
     readonly database" (FAISS worked). Now it is read from a private copy and answers; the
