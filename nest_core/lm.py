@@ -125,11 +125,21 @@ class LanguageModel:
     # --- forwards --------------------------------------------------------------------------
     def new_cache(self) -> Any:
         """An empty KV cache for this model: a copy of one built once (building one from
-        the config reads the layer types anew, ~1 ms per call)."""
+        the config reads the layer types anew, ~1 ms per call).
+
+        Sliding-window layers (Mistral, Gemma 2/3, ...) record their past: the decoder
+        crops the cache after a partly accepted draft, and a sliding layer that keeps only
+        its window refuses to roll back once the window is full. Recording, it keeps every
+        token until a crop trims it back to the window (as transformers' own assisted
+        decoding does)."""
         if self._empty_cache is None:
             from transformers import DynamicCache
 
-            self._empty_cache = DynamicCache(config=self.model.config)
+            cache = DynamicCache(config=self.model.config)
+            if any(getattr(layer, "is_sliding", False) for layer in cache.layers) \
+                    and hasattr(cache, "activate_past_recording"):
+                cache.activate_past_recording()
+            self._empty_cache = cache
         return copy.deepcopy(self._empty_cache)
 
     @torch.inference_mode()
