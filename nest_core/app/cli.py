@@ -172,6 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                          max_tokens=args.max_tokens_limit)
+    if args.ray or args.replicas is not None or args.ray_address is not None:
+        return serve_on_ray(args, limits)
     service = _service(args)
     note(f"serving {args.store} at http://{args.host}:{args.port}/v1 (model "
          f"{' or '.join(repr(m) for m in service.model_ids)}; {limits.max_concurrent} "
@@ -179,6 +181,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run(service, host=args.host, port=args.port, limits=limits,
         api_key=args.api_key or os.environ.get("NEST_API_KEY") or None,
         allowed=args.allowed_host)
+    return 0
+
+
+def serve_on_ray(args: argparse.Namespace, limits: Any) -> int:
+    """``nest serve --ray [--replicas N] [--ray-address ADDR]``: the same app as N Ray Serve
+    replicas behind Ray's proxy (:mod:`~nest_core.app.ray_serve`)."""
+    if not args.ray:
+        msg = "--replicas and --ray-address apply with --ray; add --ray"
+        raise CliError(msg)
+    from nest_core.app.guard import LOOPBACK_NAMES, allowed_hosts
+    from nest_core.app.ray_serve import RayServeOptions, ReplicaSpec, import_serve, run_on_ray
+
+    import_serve()  # a missing install fails before anything starts
+    detect_store(args.store, args.collection)
+    opts = RayServeOptions(replicas=args.replicas or 2, address=args.ray_address)
+    api_key = args.api_key or os.environ.get("NEST_API_KEY") or None
+    if args.host not in LOOPBACK_NAMES and not api_key:
+        logger.warning("serving on %s without --api-key: anyone who can reach this port can "
+                       "query your documents", args.host)
+    spec = ReplicaSpec(store=args.store, k=args.k, mode=args.mode, collection=args.collection,
+                       embedding=args.embedding,
+                       allow_dangerous_deserialization=args.allow_dangerous_deserialization,
+                       dtype=args.dtype, limits=limits, api_key=api_key,
+                       hosts=allowed_hosts(args.host, args.allowed_host))
+    note(f"starting {opts.replicas} Ray Serve replica(s) over {args.store} "
+         f"({'a local Ray cluster' if opts.address is None else opts.address}) ...")
+
+    def ready(running: int) -> None:
+        note(f"serving {args.store} at http://{args.host}:{args.port}/v1 on Ray Serve: "
+             f"{running} replica(s) running, each {limits.max_concurrent} answering, "
+             f"{limits.max_queue} queued; Ctrl-C stops")
+
+    run_on_ray(spec, opts, host=args.host, port=args.port, on_ready=ready)
     return 0
 
 
@@ -324,6 +359,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer requests sent to this Host name (repeatable; besides "
                    "--host, the loopback names and IP addresses; '*': any, behind a gateway "
                    "that checks it). Others get 400: DNS rebinding protection")
+    p.add_argument("--ray", action="store_true",
+                   help="serve N replicas of this app on Ray Serve behind Ray's proxy (needs "
+                   "`pip install 'nest-decoding[ray]'`): a local cluster unless --ray-address")
+    p.add_argument("--replicas", type=positive, metavar="N",
+                   help="Ray Serve replicas, each loading the model once on one CPU "
+                   "(default 2)")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="an existing Ray cluster: auto (this machine ran `ray start`) or "
+                   "ray://HEAD:10001; every node must see --store at the same path")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("mcp", help="an MCP server (stdio) with the tools ask and search")
