@@ -3,7 +3,7 @@
 Nest's own unit tests run on a tiny Llama (``tests/conftest.py``). Qwen, Mistral, Gemma and
 Phi checkpoints differ from it in ways the decoder can trip over: tied embeddings and
 attention biases (Qwen2), per-head query/key norms (Qwen3), a sliding attention window
-(Mistral; Gemma 2 and 3 alternate sliding and full layers), scaled embeddings and logit
+(Mistral, Phi-3; Gemma 2 and 3 mix sliding and full layers), scaled embeddings and logit
 soft-capping (Gemma), fused ``qkv_proj``/``gate_up_proj`` layers (Phi-3). Each builder here
 makes a 3-layer model (hidden 32, head dim 8) of one such configuration, seeded, so every
 test that uses it sees the same weights, with the tiny BPE tokenizer of ``conftest`` (the
@@ -17,8 +17,9 @@ API (kept small: batched-decoding tests reuse it)::
     from tiny_archs import ARCHITECTURES, tiny_lm
     lm = tiny_lm("gemma2", torch.bfloat16)   # a fresh nest_core.lm.LanguageModel
 
-``ARCHITECTURES`` lists the names; ``tiny_lm`` builds a new model on every call (tests that
-patch a model's layers get their own); ``tiny_model`` is the bare transformers model.
+``ARCHITECTURES`` lists the names (``SLIDING``: those with a sliding window); ``tiny_lm``
+builds a new model on every call (a test that patches a model's layers gets its own);
+``tiny_model`` is the bare transformers model, ``tokenizer()`` the shared tokenizer.
 Import it from a test in ``tests/unit`` as ``from tiny_archs import ...`` (pytest puts the
 test's folder on ``sys.path``, as it does for ``conftest``).
 """
@@ -99,8 +100,8 @@ def _gemma3() -> Spec:
 def _phi3() -> Spec:
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    # fused qkv_proj and gate_up_proj linear layers
-    return Phi3Config, Phi3ForCausalLM, {"sliding_window": None}
+    # fused qkv_proj and gate_up_proj linear layers; Phi-3-mini-4k also slides (2047)
+    return Phi3Config, Phi3ForCausalLM, {"sliding_window": SLIDING_WINDOW}
 
 
 _BUILDERS: dict[str, Callable[[], Spec]] = {
@@ -110,7 +111,7 @@ _BUILDERS: dict[str, Callable[[], Spec]] = {
 ARCHITECTURES: tuple[str, ...] = tuple(_BUILDERS)
 # which of them have a sliding attention window (their KV cache is not a plain DynamicLayer
 # list: the prefix cache neither stores nor seeds it)
-SLIDING: frozenset[str] = frozenset({"mistral", "gemma2", "gemma3"})
+SLIDING: frozenset[str] = frozenset({"mistral", "gemma2", "gemma3", "phi3"})
 
 
 @functools.cache
