@@ -164,6 +164,8 @@ def run_on_ray(spec: ReplicaSpec, opts: RayServeOptions, *, host: str = "127.0.0
         _check_port_free(host, port)
     if started:
         _init(ray, opts)
+    if not logger.isEnabledFor(logging.DEBUG):  # "Started Serve", "Connecting to existing..."
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     stop = _SigtermAsInterrupt()
     try:
         with stop:
