@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
+from nest_core.batching import batcher_for
 from nest_core.config import NestConfig, default_config
 from nest_core.decoding.loop import Generation
 from nest_core.decoding.policy import FAST, Shortcuts, context, quote, unsupported
@@ -37,12 +40,14 @@ class NestDecoder:
     exact slow path they equal). ``embed`` (texts -> vectors, e.g. the bundled
     ``nest_core.stores.embeddings.default_embedding_function()``): lets the decoder abstain
     on a question far from every passage (``NestConfig.abstain_below``, calibrated for the
-    bundled all-MiniLM-L6-v2).
+    bundled all-MiniLM-L6-v2). ``batching``: concurrent calls (threads, the server's
+    requests, :meth:`generate_many`) share each model forward (:mod:`nest_core.batching`);
+    a call alone decodes exactly as without it.
     """
 
     def __init__(self, lm: LanguageModel, config: NestConfig | None = None, *,
                  key_cache: KeyCache | None = None, shortcuts: Shortcuts = FAST,
-                 embed: Embed | None = None) -> None:
+                 embed: Embed | None = None, batching: bool = False) -> None:
         if not isinstance(lm, LanguageModel):
             msg = (f"lm must be a nest_core.LanguageModel (use nest_core.load_model()), "
                    f"got {type(lm).__name__}")
@@ -51,6 +56,7 @@ class NestDecoder:
             msg = f"config must be a NestConfig, got {type(config).__name__}"
             raise TypeError(msg)
         self.lm, self.shortcuts, self.embed = lm, shortcuts, embed
+        self.batcher = batcher_for(lm) if batching else None
         # None: the defaults calibrated for this model, or the paper's for any other model
         self.config = config or default_config(lm.name)
         self.encoder = PassageEncoder(lm, key_layer=self.config.key_layer,
@@ -70,6 +76,35 @@ class NestDecoder:
             if chunk.result is not None:
                 return chunk.result
         raise AssertionError("stream ended without a result")  # pragma: no cover
+
+    def generate_many(self, prompts: Sequence[Prompt],
+                      passages: Sequence[Sequence[Passage] | None] | None = None, *,
+                      max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
+                      questions: Sequence[str | None] | None = None) -> list[NestResult]:
+        """Answer several prompts at once, ``passages[i]`` for ``prompts[i]``: each is decoded
+        as by :meth:`generate`, in its own thread, their forwards batched (continuous
+        batching: an answer that ends leaves the batch, the others go on)."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            msg = f"prompts must be a list of prompts, got {type(prompts).__name__}"
+            raise TypeError(msg)
+        n = len(prompts)
+        per_prompt = list(passages) if passages is not None else [None] * n
+        asked = list(questions) if questions is not None else [None] * n
+        if len(per_prompt) != n or len(asked) != n:
+            msg = (f"passages and questions need one entry per prompt: {n} prompts, "
+                   f"{len(per_prompt)} passage lists, {len(asked)} questions")
+            raise ValueError(msg)
+        decoder = self
+        if self.batcher is None:  # a twin sharing everything but the batcher
+            decoder = copy.copy(self)
+            decoder.batcher = batcher_for(self.lm)
+        with ThreadPoolExecutor(max_workers=max(1, n),
+                                thread_name_prefix="nest-generate") as pool:
+            futures = [pool.submit(decoder.generate, prompt, found, max_new_tokens=max_new_tokens,
+                                   stop=stop, question=question)
+                       for prompt, found, question in zip(prompts, per_prompt, asked,
+                                                          strict=True)]
+            return [f.result() for f in futures]
 
     def stream(self, prompt: Prompt, passages: Sequence[Passage] | None = None, *,
                max_new_tokens: int = 128, stop: str | Sequence[str] | None = None,
@@ -111,7 +146,7 @@ class NestDecoder:
         run = Generation(self.lm, cfg, prompt_ids, passages, index, span_starts=starts,
                          max_new_tokens=max_new_tokens, stop=stops, stats=stats,
                          started=started, prompt_truncated=truncated,
-                         shortcuts=self.shortcuts)
+                         shortcuts=self.shortcuts, batcher=self.batcher)
         # with support_below or quote_below the answer waits for its check
         hold = bool(cfg.support_below or cfg.quote_below) and bool(answer.shown)
         held: list[NestChunk] = []

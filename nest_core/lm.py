@@ -74,6 +74,11 @@ class LanguageModel:
         return next(self.model.parameters()).dtype
 
     @property
+    def cache_arg(self) -> str:
+        """The name the model's forward gives its KV cache argument."""
+        return self._cache_arg
+
+    @property
     def max_context(self) -> int:
         cfg = self.model.config
         for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):

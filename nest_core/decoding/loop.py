@@ -8,6 +8,7 @@ What the step is made of was chosen when the generation was set up
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -25,6 +26,8 @@ from nest_core.types import DecodeStats, NestChunk, Passage
 
 if TYPE_CHECKING:
     import torch
+
+    from nest_core.batching import ForwardBatcher
 
 
 class Trace(Protocol):
@@ -52,7 +55,9 @@ class Generation:
     """Decodes one answer. Built by :class:`~nest_core.decoder.NestDecoder`; not reusable.
 
     ``shortcuts``: the lossless speed-ups (:data:`~nest_core.decoding.policy.REFERENCE`
-    is the exact path they must equal); ``trace``: an observer of the loop's steps.
+    is the exact path they must equal); ``trace``: an observer of the loop's steps;
+    ``batcher``: runs this generation's forwards together with those of the other
+    generations of the model (:mod:`nest_core.batching`), instead of one by one.
     """
 
     def __init__(self, lm: LanguageModel, config: NestConfig, prompt_ids: list[int],
@@ -60,8 +65,9 @@ class Generation:
                  max_new_tokens: int, stop: Sequence[str], stats: DecodeStats,
                  started: float, prompt_truncated: bool,
                  span_starts: torch.Tensor | None = None, shortcuts: Shortcuts = FAST,
-                 trace: Trace | None = None) -> None:
+                 trace: Trace | None = None, batcher: ForwardBatcher | None = None) -> None:
         self.lm, self.index, self.stats = lm, index, stats
+        self.batcher = batcher
         self.prompt_ids, self.passages = prompt_ids, list(passages)
         self.prompt_truncated, self.shortcuts = prompt_truncated, shortcuts
         self.trace: Trace = trace or NoTrace()
@@ -74,6 +80,10 @@ class Generation:
         self.cache = lm.new_cache()
 
     def run(self) -> Iterator[NestChunk]:
+        with self.batcher.session() if self.batcher else contextlib.nullcontext():
+            yield from self._steps()
+
+    def _steps(self) -> Iterator[NestChunk]:
         """The step: propose a draft (Eqs. 5-6, or a lookup), check its first token against
         the current belief, verify the rest in one forward (Eq. 7), keep the accepted
         prefix; with no draft, or its first token refused, decode the judge's one token."""
@@ -129,7 +139,8 @@ class Generation:
     def forward(self, ids: Sequence[int], last_only: bool = False) -> list[Belief]:
         """Feed ``ids``; ``beliefs[i]`` is the belief at the position after ``ids[i]``."""
         t0 = time.perf_counter()
-        lm_out = self.lm.forward(ids, self.cache, self.plan.key_layer, last_only=last_only)
+        run = self.batcher.forward if self.batcher else self.lm.forward
+        lm_out = run(ids, self.cache, self.plan.key_layer, last_only=last_only)
         self.stats.lm_seconds += time.perf_counter() - t0
         self.stats.lm_forwards += 1
         beliefs = self.judge.beliefs(lm_out.logits, lm_out.hidden)

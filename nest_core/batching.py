@@ -1,0 +1,295 @@
+"""Continuous batching of the forwards of concurrent generations: one weight read for all.
+
+A CPU forward of a small LM is bound by reading the weights: a 1-token forward costs about
+what an 8-token one does (:mod:`nest_core.small_batches`). Concurrent requests that take
+turns on the weights each pay that read alone. Here every generation keeps its own loop
+(drafts, verification, spans, stops) and its own KV cache, but hands its forward to one
+:class:`ForwardBatcher` thread, which runs the forwards that are waiting as ONE model call:
+the new tokens of every request side by side in one packed row (no padding), each at its own
+positions, each attending to its own cache only (:func:`packed_attention`). Requests join
+and leave between steps (continuous batching). A prompt's prefill (many tokens, logits of
+the last only) runs alone, and so does a forward with no other request waiting: one request
+alone decodes exactly as without batching.
+
+Packed rows go through the same weights as solo rows, but a matrix product of several rows
+may round differently in the last bits from a product of one (another BLAS kernel); where
+two tokens' scores nearly tie, a greedy answer can then differ from the request's solo
+answer (measured in ``benchmarks/bench_serve.py``).
+
+Models whose attention cannot be switched (``set_attn_implementation``: flash kernels,
+remote code) keep decoding, each forward alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from nest_core.lm import KeyLayer, LanguageModel, LMOutput
+
+logger = logging.getLogger(__name__)
+
+PACKED = "nest_packed_"  # prefix of the attention implementations registered here
+MAX_PACKED_TOKENS = 64  # most new tokens of all requests in one packed forward
+MAX_WAIT_SECONDS = 0.004  # how long a step waits for the other requests' next forwards
+PREFILL_TOKENS = 32  # a forward of more tokens than this runs alone
+
+Forward = Callable[..., LMOutput]
+
+
+class PackedCache:
+    """The KV caches of the requests in one packed forward, seen by the model as one cache.
+
+    The model hands each layer's new keys and values for the packed row
+    (``(1, H, sum(T_i), d)``); each request's own cache takes its slice and returns the
+    keys and values that request attends to, which :func:`packed_attention` reads by layer.
+    """
+
+    def __init__(self, caches: Sequence[Any], lengths: Sequence[int]) -> None:
+        self.caches, self.lengths = list(caches), list(lengths)
+        self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
+               *_: Any, **__: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        # keys, values: [1, H, sum(T_i), d] -> each request's [1, H, L_i + T_i, d]
+        self.layers[layer_idx] = [
+            cache.update(k, v, layer_idx) for cache, k, v in
+            zip(self.caches, keys.split(self.lengths, -2), values.split(self.lengths, -2),
+                strict=True)]
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # positions are passed explicitly
+
+
+def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[..., Any]:
+    """An attention function that is ``original`` for ordinary forwards, and for a packed
+    forward (``nest_packed=`` a :class:`PackedCache`) runs ``original`` once per request:
+    its queries against its own keys, causal within its new tokens. ``additive``: the
+    function adds a float mask (eager) instead of taking a boolean one (sdpa)."""
+
+    def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        packed: PackedCache | None = kwargs.pop("nest_packed", None)
+        if packed is None:
+            return original(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+        outs, start = [], 0
+        for t, (k, v) in zip(packed.lengths, packed.layers[module.layer_idx], strict=True):
+            q = query[:, :, start:start + t]  # [1, H, T_i, d]
+            start += t
+            mask = None
+            if t > 1:  # query j (at position L_i + j) sees keys 0 .. L_i + j
+                length = k.shape[-2]
+                mask = torch.ones(t, length, dtype=torch.bool, device=q.device)
+                mask = mask.tril(length - t)[None, None]  # [1, 1, T_i, L_i + T_i]
+                if additive:
+                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) \
+                        .masked_fill(~mask, torch.finfo(q.dtype).min)
+            out, _ = original(module, q, k, v, mask, **kwargs)  # [1, T_i, H, d]
+            outs.append(out)
+        return torch.cat(outs, dim=1), None
+
+    return attention
+
+
+def enable_packing(lm: LanguageModel) -> bool:
+    """Switch ``lm``'s attention to one that also runs packed forwards (and is the model's
+    own for every other forward). Idempotent; False where the model's attention cannot be
+    switched (its forwards then run one by one)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    model = lm.model
+    current = getattr(model.config, "_attn_implementation", None) or "eager"
+    if current.startswith(PACKED):
+        return True
+    if current not in ("sdpa", "eager"):
+        logger.warning("batching needs sdpa or eager attention, %s has %s: its forwards run "
+                       "one at a time", lm.name, current)
+        return False
+    if current == "sdpa":
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward as original
+    else:  # the model's own eager function (Gemma 2's soft-capping lives there)
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        original = getattr(sys.modules[type(model).__module__], "eager_attention_forward",
+                           eager_attention_forward)
+    name = f"{PACKED}{current}_{type(model).__name__}"
+    AttentionInterface.register(name, packed_attention(original, current == "eager"))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    try:
+        model.set_attn_implementation(name)
+    except (ValueError, TypeError, AttributeError) as err:  # pragma: no cover - exotic models
+        logger.warning("batching is off for %s: %s", lm.name, err)
+        return False
+    return True
+
+
+@torch.inference_mode()
+def forward_packed(lm: LanguageModel, calls: Sequence[tuple[Sequence[int], Any]],
+                   key_layer: int) -> list[LMOutput]:
+    """One model call for several requests' new tokens: ``calls`` are (ids, cache) pairs;
+    each cache grows by its ids, and ``outputs[i]`` is what ``lm.forward(ids_i, cache_i)``
+    returns, computed in one pass over the weights."""
+    lengths = [len(ids) for ids, _ in calls]
+    caches = [cache for _, cache in calls]
+    packed = PackedCache(caches, lengths)
+    ids = torch.tensor([[int(i) for ids, _ in calls for i in ids]], dtype=torch.long,
+                       device=lm.device)  # [1, sum(T_i)]
+    positions = torch.tensor([[c.get_seq_length() + j for c, t in zip(caches, lengths,
+                                                                       strict=True)
+                               for j in range(t)]], device=lm.device)  # [1, sum(T_i)]
+    # a 4-D mask is taken as given: the packed attention masks each request itself
+    no_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=lm.device)
+    with KeyLayer(lm.model, key_layer) as key:
+        out = lm.model(input_ids=ids, position_ids=positions, attention_mask=no_mask,
+                       use_cache=True, nest_packed=packed, **key.kwargs,
+                       **{lm.cache_arg: packed})
+    logits = out.logits[0].float().split(lengths)  # T_i x [T_i, V]
+    hidden = key.states(out)[0].float().split(lengths)  # T_i x [T_i, D]
+    return [LMOutput(logits=lg, hidden=h) for lg, h in zip(logits, hidden, strict=True)]
+
+
+@dataclass
+class BatchStats:
+    """What the batcher has run: ``forwards`` model calls for ``calls`` requested forwards
+    of ``tokens`` tokens in all (``packed``: the calls that shared a model call)."""
+
+    forwards: int = 0
+    calls: int = 0
+    packed: int = 0
+    tokens: int = 0
+
+    @property
+    def calls_per_forward(self) -> float:
+        return self.calls / self.forwards if self.forwards else 0.0
+
+
+@dataclass
+class _Call:
+    ids: list[int]
+    cache: Any
+    key_layer: int
+    last_only: bool
+    done: Future[LMOutput] = field(default_factory=Future)
+
+    @property
+    def alone(self) -> bool:
+        return self.last_only or len(self.ids) > PREFILL_TOKENS
+
+
+class ForwardBatcher:
+    """Runs the forwards of every generation of one model on one thread, packed.
+
+    A generation opens a :meth:`session` for its life and calls :meth:`forward` like
+    ``lm.forward``; the call waits for its turn. The thread waits up to ``max_wait`` for the
+    sessions that have not handed in their next forward (each is checking its last draft),
+    then runs all that are waiting: prefills one by one, the rest packed
+    (:func:`forward_packed`), at most ``max_tokens`` new tokens per model call.
+    """
+
+    def __init__(self, lm: LanguageModel, *, max_tokens: int = MAX_PACKED_TOKENS,
+                 max_wait: float = MAX_WAIT_SECONDS) -> None:
+        self.lm, self.max_tokens, self.max_wait = lm, max_tokens, max_wait
+        self.packs = enable_packing(lm)
+        self.stats = BatchStats()
+        self._pending: list[_Call] = []
+        self._sessions = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        with self._cond:
+            self._sessions += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sessions -= 1
+                self._cond.notify_all()
+
+    def forward(self, input_ids: Sequence[int], cache: Any, key_layer: int,
+                last_only: bool = False) -> LMOutput:
+        call = _Call([int(i) for i in input_ids], cache, key_layer, last_only)
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, daemon=True,
+                                                name="nest-forward-batcher")
+                self._thread.start()
+            self._pending.append(call)
+            self._cond.notify_all()
+        return call.done.result()
+
+    def _serve(self) -> None:
+        while True:
+            for group in self._next_groups():
+                self._run(group)
+
+    def _next_groups(self) -> list[list[_Call]]:
+        """The waiting calls, once every session has handed one in or ``max_wait`` passed:
+        packed groups first (requests mid-answer), then each prefill alone."""
+        with self._cond:
+            while not self._pending:
+                self._cond.wait()
+            deadline = time.monotonic() + self.max_wait
+            while len(self._pending) < self._sessions:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            calls, self._pending = self._pending, []
+        groups: list[list[_Call]] = []
+        for call in calls:
+            if call.alone or not self.packs:
+                continue
+            group = next((g for g in groups if g[0].key_layer == call.key_layer
+                          and sum(len(c.ids) for c in g) + len(call.ids) <= self.max_tokens),
+                         None)
+            if group is None:
+                groups.append([call])
+            else:
+                group.append(call)
+        return groups + [[c] for c in calls if c.alone or not self.packs]
+
+    def _run(self, group: list[_Call]) -> None:
+        try:
+            if len(group) == 1:
+                c = group[0]
+                outs = [self.lm.forward(c.ids, c.cache, c.key_layer, last_only=c.last_only)]
+            else:
+                outs = forward_packed(self.lm, [(c.ids, c.cache) for c in group],
+                                      group[0].key_layer)
+        except Exception as err:  # handed to every caller, who raises it
+            for c in group:
+                c.done.set_exception(err)
+            return
+        self.stats.forwards += 1
+        self.stats.calls += len(group)
+        self.stats.packed += len(group) if len(group) > 1 else 0
+        self.stats.tokens += sum(len(c.ids) for c in group)
+        for c, out in zip(group, outs, strict=True):
+            c.done.set_result(out)
+
+
+_CREATE = threading.Lock()
+
+
+def batcher_for(lm: LanguageModel) -> ForwardBatcher:
+    """The one batcher of ``lm``: every decoder of a model shares its weights, so they share
+    the thread that runs its forwards."""
+    with _CREATE:
+        found: ForwardBatcher | None = getattr(lm, "_nest_batcher", None)
+        if found is None:
+            found = ForwardBatcher(lm)
+            lm._nest_batcher = found  # type: ignore[attr-defined]
+        return found
