@@ -82,15 +82,21 @@ def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[.
         packed: PackedCache | None = kwargs.pop("nest_packed", None)
         if packed is None:
             return original(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
+        window = kwargs.get("sliding_window")  # a sliding layer sees this many keys
         outs, start = [], 0
         for t, (k, v) in zip(packed.lengths, packed.layers[module.layer_idx], strict=True):
             q = query[:, :, start:start + t]  # [1, H, T_i, d]
             start += t
             mask = None
-            if t > 1:  # query j (at position L_i + j) sees keys 0 .. L_i + j
-                length = k.shape[-2]
+            length = k.shape[-2]  # the keys of the last `length` positions, new ones last
+            if t > 1 or (window and length >= t + window):
+                # query j sees key i when i <= length - t + j (causal) and, in a sliding
+                # layer, i > length - t + j - window
                 mask = torch.ones(t, length, dtype=torch.bool, device=q.device)
-                mask = mask.tril(length - t)[None, None]  # [1, 1, T_i, L_i + T_i]
+                mask = mask.tril(length - t)
+                if window:
+                    mask &= ~torch.ones_like(mask).tril(length - t - window)
+                mask = mask[None, None]  # [1, 1, T_i, length]
                 if additive:
                     mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) \
                         .masked_fill(~mask, torch.finfo(q.dtype).min)

@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from conftest import PASSAGES, PROMPT, TINY_CORPUS, make_tiny_model, make_tiny_tokenizer
+from tiny_archs import ARCHITECTURES, tiny_lm
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.batching import ForwardBatcher, batcher_for, enable_packing, forward_packed
@@ -70,7 +71,8 @@ def test_packing_leaves_ordinary_forwards_as_they_were() -> None:
     """The switched attention is the model's own for every forward that is not packed:
     prefills, drafts and ``generate`` give the very same numbers."""
     before, after = fresh_lm(), fresh_lm()
-    assert enable_packing(after) and enable_packing(after)  # idempotent
+    assert enable_packing(after)
+    assert enable_packing(after)  # idempotent
     ids = torch.tensor([before.prompt_ids(PROMPT)])
     for lm_ in (before, after):
         lm_.out = lm_.model.generate(ids, max_new_tokens=12, do_sample=False,
@@ -96,7 +98,7 @@ def test_answers_decoded_together_equal_answers_decoded_alone(lm: LanguageModel,
     for n in sorted(set(budgets)):  # one call per budget; all start together in each
         picked = [i for i, b in enumerate(budgets) if b == n]
         together += list(zip(picked, dec.generate_many(
-            [QUESTIONS[i] for i in picked], [CORPUS] * len(picked), max_new_tokens=n)))
+            [QUESTIONS[i] for i in picked], [CORPUS] * len(picked), max_new_tokens=n), strict=True))
     many = dec.generate_many(QUESTIONS, [CORPUS] * 5, max_new_tokens=30)
     for i, res in together:
         assert res.token_ids == alone[i].token_ids
@@ -120,7 +122,8 @@ def test_each_answer_keeps_its_own_passages_and_stops(lm: LanguageModel) -> None
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     both = dec.generate_many(QUESTIONS[:4], passages, max_new_tokens=20)
     assert [r.passages for r in both] == [p or [] for p in passages]
-    assert both[1].spans == [] and both[1].stats.copied_tokens == 0
+    assert both[1].spans == []
+    assert both[1].stats.copied_tokens == 0
 
 
 def test_one_request_alone_runs_the_unpacked_forward(lm: LanguageModel) -> None:
@@ -172,3 +175,27 @@ def test_generate_many_checks_its_arguments(lm: LanguageModel) -> None:
     with pytest.raises(ValueError, match="one entry per prompt"):
         dec.generate_many([PROMPT, PROMPT], [PASSAGES])
     assert dec.generate_many([]) == []
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packing_on_every_tested_architecture(arch: str, dtype: torch.dtype) -> None:
+    """Llama, Qwen, Mistral, Gemma and Phi-3 layouts: a packed forward equals each request
+    alone, past the sliding window too (prompts of 7, 20 and 30 tokens, window 16); in fp32
+    answers decoded together are the answers decoded alone."""
+    lm = tiny_lm(arch, dtype)
+    torch.manual_seed(2)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (7, 20, 30)]
+    steps = [[5, 6, 7], [9], [10, 11, 12, 13]]
+    alone_caches, packed_caches = prefilled(lm, prompts), prefilled(lm, prompts)
+    alone = [lm.forward(s, c, key_layer=2) for s, c in zip(steps, alone_caches, strict=True)]
+    assert enable_packing(lm)
+    packed = forward_packed(lm, list(zip(steps, packed_caches, strict=True)), key_layer=2)
+    tol = 1e-5 if dtype == torch.float32 else 0.05
+    for a, p in zip(alone, packed, strict=True):
+        torch.testing.assert_close(p.logits, a.logits, rtol=0, atol=tol)
+    if dtype == torch.float32:
+        dec = NestDecoder(lm, COPY_HEAVY)
+        alone_answers = [dec.generate(q, CORPUS, max_new_tokens=24) for q in QUESTIONS[:3]]
+        together = dec.generate_many(QUESTIONS[:3], [CORPUS] * 3, max_new_tokens=24)
+        assert [r.token_ids for r in together] == [r.token_ids for r in alone_answers]
