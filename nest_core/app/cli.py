@@ -170,7 +170,8 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nest_core.app.serve import ServeLimits, run
 
-    limits = ServeLimits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+    concurrent = args.max_concurrent or (BATCHED_CONCURRENT if args.batching else 2)
+    limits = ServeLimits(max_concurrent=concurrent, max_queue=args.max_queue,
                          max_tokens=args.max_tokens_limit)
     if args.ray or args.replicas is not None or args.ray_address is not None:
         return serve_on_ray(args, limits)
@@ -203,7 +204,7 @@ def serve_on_ray(args: argparse.Namespace, limits: Any) -> int:
     spec = ReplicaSpec(store=args.store, k=args.k, mode=args.mode, collection=args.collection,
                        embedding=args.embedding,
                        allow_dangerous_deserialization=args.allow_dangerous_deserialization,
-                       dtype=args.dtype, limits=limits, api_key=api_key,
+                       dtype=args.dtype, limits=limits, api_key=api_key, batching=args.batching,
                        hosts=allowed_hosts(args.host, args.allowed_host))
     note(f"starting {opts.replicas} Ray Serve replica(s) over {args.store} "
          f"({'a local Ray cluster' if opts.address is None else opts.address}) ...")
@@ -227,7 +228,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 def _service(args: argparse.Namespace) -> Any:
     return open_service(args.store, k=args.k, mode=args.mode, collection=args.collection,
                         embedding=args.embedding,
-                        allow_dangerous_deserialization=args.allow_dangerous_deserialization)
+                        allow_dangerous_deserialization=args.allow_dangerous_deserialization,
+                        batching=getattr(args, "batching", True))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -295,6 +297,7 @@ def cmd_cache_clear(args: argparse.Namespace) -> int:
 
 
 MAX_PORT = 65535
+BATCHED_CONCURRENT = 8  # `nest serve` answers decoding at once, their forwards batched
 
 
 # --- plumbing --------------------------------------------------------------------------------
@@ -348,8 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     _service_options(p)
     p.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (1-65535)")
-    p.add_argument("--max-concurrent", type=positive, default=2,
-                   help="answers decoded at once (threads share the model)")
+    p.add_argument("--max-concurrent", type=positive, default=None,
+                   help="answers decoded at once, their forwards batched (default 8; 2 with "
+                   "--no-batching)")
+    p.add_argument("--no-batching", dest="batching", action="store_false",
+                   help="run each answer's forwards alone instead of batching the concurrent "
+                   "answers' forwards into shared model calls")
     p.add_argument("--max-queue", type=non_negative, default=8,
                    help="requests waiting beyond those; more get 429")
     p.add_argument("--max-tokens-limit", type=new_tokens, default=512,

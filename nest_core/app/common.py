@@ -249,9 +249,10 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
 
 def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str = DEFAULT_PRESET,
                  collection: str | None = None, embedding: str | None = None,
-                 allow_dangerous_deserialization: bool = False) -> Any:
+                 allow_dangerous_deserialization: bool = False, batching: bool = True) -> Any:
     """The :class:`~nest_core.app.service.AnswerService` of ``nest serve`` / ``nest mcp``:
-    the store opened, the model loaded and the span datastore found once, for every request."""
+    the store opened, the model loaded and the span datastore found once, for every request
+    (``batching``: concurrent answers share model forwards)."""
     from nest_core.app.service import AnswerService
     from nest_core.stores.datastore import SpanDatastore
     from nest_core.stores.sources.open import span_datastore_dir
@@ -261,7 +262,7 @@ def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str
                          allow_dangerous_deserialization=allow_dangerous_deserialization)
     lm = load_quietly()
     return AnswerService(source, lm, k=k, config=nest_config(mode, lm.name),
-                         key_cache=SpanDatastore(span_datastore_dir(store)))
+                         key_cache=SpanDatastore(span_datastore_dir(store)), batching=batching)
 
 
 def note(message: str) -> None:

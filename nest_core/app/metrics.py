@@ -5,8 +5,11 @@ latency to the last byte, streams included (``nest_request_seconds``), requests 
 answers decoding and waiting (``nest_decoding``, ``nest_queued``), and what the answers
 were: ``nest_answers_total``, ``nest_abstentions_total`` (the documents did not support an
 answer), ``nest_cited_answers_total`` (with at least one citation) and
-``nest_generated_tokens_total``. Routes are the app's path templates (``unmatched`` for a
-path no route serves), so a client cannot grow the label set.
+``nest_generated_tokens_total``; ``nest_forward_calls_total`` (the forwards the answers
+asked for) and ``nest_model_forwards`` (the model calls that ran them: fewer when
+concurrent answers are batched), so tokens per model call is one division. Routes are the
+app's path templates (``unmatched`` for a path no route serves), so a client cannot grow the
+label set.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class ServeMetrics:
     """One server's metrics, in a registry of its own (two apps in one process, as in
     tests, count apart)."""
 
-    def __init__(self, decoding: Callable[[], float], queued: Callable[[], float]) -> None:
+    def __init__(self, decoding: Callable[[], float], queued: Callable[[], float],
+                 model_forwards: Callable[[], float | None] | None = None) -> None:
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("nest_requests", "HTTP requests by route and status",
                                 ["route", "status"], registry=registry)
@@ -55,11 +59,20 @@ class ServeMetrics:
                              registry=registry)
         self.tokens = Counter("nest_generated_tokens", "Tokens of the answers",
                               registry=registry)
+        self.calls = Counter("nest_forward_calls", "Model forwards the answers asked for",
+                             registry=registry)
+        self.forward_calls = 0
+        batched = model_forwards or (lambda: None)
+        Gauge("nest_model_forwards", "Model calls that ran the answers' forwards (with "
+              "batching, one call runs several answers' forwards)", registry=registry) \
+            .set_function(lambda: _first(batched(), self.forward_calls))
 
     def answered(self, result: NestResult) -> None:
         """Count one answer (plain or at the end of its stream)."""
         self.answers.inc()
         self.tokens.inc(len(result.token_ids))
+        self.calls.inc(result.stats.lm_forwards)
+        self.forward_calls += result.stats.lm_forwards
         if result.abstained:
             self.abstentions.inc()
         if result.cited_spans():
@@ -67,6 +80,10 @@ class ServeMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _first(value: float | None, otherwise: float) -> float:
+    return otherwise if value is None else value
 
 
 class MetricsMiddleware:

@@ -78,6 +78,7 @@ class ReplicaSpec:
     limits: ServeLimits = field(default_factory=ServeLimits)
     api_key: str | None = None
     hosts: frozenset[str] | None = None
+    batching: bool = True
 
 
 def replica_app(spec: ReplicaSpec, replica: str | None = None) -> Any:
@@ -91,7 +92,8 @@ def replica_app(spec: ReplicaSpec, replica: str | None = None) -> Any:
     service = open_service(
         spec.store, k=spec.k, mode=spec.mode, collection=spec.collection,
         embedding=spec.embedding,
-        allow_dangerous_deserialization=spec.allow_dangerous_deserialization)
+        allow_dangerous_deserialization=spec.allow_dangerous_deserialization,
+        batching=spec.batching)
     app = create_app(service, spec.limits, spec.api_key, hosts=spec.hosts)
     app.add_middleware(ReplicaHeader, replica=replica or _replica_id())
     return app

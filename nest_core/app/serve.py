@@ -8,10 +8,12 @@
 :mod:`~nest_core.app.completions_api`). A prompt past the model's context window is refused
 with 400 unless the request sends ``"truncation": "auto"``.
 
-Capacity is explicit: ``max_concurrent`` answers decode at once (threads share the weights;
-on a small CPU more buys little), ``max_queue`` more wait for a slot; a request past that is
-refused at once with 429, and one that waited ``queue_seconds`` without a slot gets 503, both
-with ``Retry-After``. Nothing is dropped silently: every request gets an answer or an error.
+Capacity is explicit: ``max_concurrent`` answers decode at once, their forwards batched into
+shared model calls (:mod:`~nest_core.batching`; ``nest serve --no-batching``: one by one,
+where more than two buy little on a small CPU), ``max_queue`` more wait for a slot; a request
+past that is refused at once with 429, and one that waited ``queue_seconds`` without a slot
+gets 503, both with ``Retry-After``. Nothing is dropped silently: every request gets an
+answer or an error.
 The server has no authentication unless ``api_key`` is set (then ``Authorization: Bearer``
 is required on ``/v1/``, compared in constant time; ``/health`` and ``/metrics`` stay open
 for probes and scrapers): keep it on loopback or behind your gateway. Even on loopback every
@@ -147,7 +149,8 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
 
     app.add_middleware(RequestGuard, hosts=hosts, api_key=api_key)
     metrics = ServeMetrics(decoding=lambda: gate.decoding,
-                           queued=lambda: gate.inside - gate.decoding)
+                           queued=lambda: gate.inside - gate.decoding,
+                           model_forwards=lambda: getattr(service, "model_forwards", None))
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
 
     @app.get("/metrics", include_in_schema=False)

@@ -24,18 +24,26 @@ SERVED_ALIAS = "nest"  # model name every client may send, whatever the model is
 class AnswerService:
     """What every request shares: the store, the model, the decoder settings, the span
     datastore. Thread-safe: each request gets its own decoder state; retrieval is
-    serialised (the embedding model and some stores are not safe to share)."""
+    serialised (the embedding model and some stores are not safe to share). ``batching``:
+    the requests decoding at once share each model forward (:mod:`nest_core.batching`)."""
 
     def __init__(self, source: PassageSource, lm: LanguageModel, *, k: int = 8,
-                 config: Any = None, key_cache: Any = None, name: str | None = None) -> None:
+                 config: Any = None, key_cache: Any = None, name: str | None = None,
+                 batching: bool = True) -> None:
         from nest_core.decoder import NestDecoder
         from nest_core.stores.embeddings import default_embedding_function
 
         self.source, self.lm, self.k = source, lm, k
         self.decoder = NestDecoder(lm, config, key_cache=key_cache,
-                                   embed=default_embedding_function())
+                                   embed=default_embedding_function(), batching=batching)
         self.name = name or lm.name
         self._retrieval = threading.Lock()
+
+    @property
+    def model_forwards(self) -> int | None:
+        """Model calls run for the answers so far, several answers' forwards in one when
+        batching (None without batching: every answer's forward is one call)."""
+        return self.decoder.batcher.stats.forwards if self.decoder.batcher else None
 
     @property
     def model_ids(self) -> tuple[str, ...]:

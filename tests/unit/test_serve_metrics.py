@@ -81,3 +81,26 @@ def test_abstentions_are_counted(tiny_lm: Any) -> None:
     got = samples(client)
     assert (got[("nest_answers_total", ())], got[("nest_abstentions_total", ())]) == (1, 1)
     assert got[("nest_generated_tokens_total", ())] == 0
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_metrics_count_forward_calls_and_the_model_calls_that_ran_them(
+        tiny_lm: Any, batching: bool) -> None:
+    """Tokens per model call is one division: without batching every forward an answer asks
+    for is a model call; with it, the batcher's count (one call may run several answers')."""
+    service = AnswerService(InMemorySource(PASSAGES, embed=HashingEmbeddings(64)), tiny_lm,
+                            k=3, config=paper_config(tiny_lm.name), batching=batching)
+    client = TestClient(create_app(service, ServeLimits(max_tokens=64)))
+    before = service.model_forwards
+    r = client.post(CHAT, json={"model": "nest", "max_tokens": 8,
+                                "messages": [{"role": "user", "content": QUESTION}]})
+    assert r.status_code == 200
+    got = samples(client)
+    calls = got[("nest_forward_calls_total", ())]
+    assert calls >= 2  # the prompt, then at least one step
+    if batching:
+        assert service.model_forwards - before == calls  # one request alone: nothing shared
+        assert got[("nest_model_forwards", ())] == service.model_forwards
+    else:
+        assert service.model_forwards is None
+        assert got[("nest_model_forwards", ())] == calls
