@@ -1,13 +1,17 @@
-"""Load test of ``nest serve`` on loopback: throughput, latency, errors, and what happens past
-capacity. ``python -m benchmarks.bench_serve [--levels 1 4 16] [--requests 16]``
+"""Load test of ``nest serve`` on loopback, batching on against off in one run: throughput,
+latency, tokens per model call, errors, and whether batched answers equal solo answers.
+``python -m benchmarks.bench_serve [--levels 1 2 4 8] [--rounds 3]``
 
 Starts a real ``nest serve`` process over the demo handbook store (built with ``nest index``
-once, cached), answers each demo question alone first (the reference), then for each level of
-N concurrent clients sends ``--requests`` requests in all (each client loops until the budget
-is spent, or ``--seconds`` pass) and records every response: status, latency, and whether a
-200 answer equals the reference answer token for token (greedy decoding: it must). Bounded
-by request count and duration, it stops by itself. Writes ``results/serve_load.json`` and
-prints a markdown table.
+once, cached) for each setting in turn (``--no-batching`` with its default 2 answering, then
+batching with 8), answers each of :data:`QUESTIONS` alone first (the reference), then for
+each level of N concurrent clients sends ``rounds x N`` requests in all (each client loops
+until the budget is spent, or ``--seconds`` pass) and records every response: status,
+latency, and whether a 200 answer equals the solo answer token for token. A batched forward
+may round differently in the last bits from a solo one (:mod:`nest_core.batching`), so a
+near tie can flip an answer: ``wrong`` counts those, never hidden. Tokens per model call
+comes from the server's ``/metrics`` (``nest_generated_tokens_total`` over
+``nest_model_forwards``). Writes ``results/serve_load.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -44,11 +48,30 @@ def build_store() -> Path:
     return out
 
 
-def start_server(store: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[str]:
+# twelve questions over the twelve files of examples/data, one each
+QUESTIONS = (
+    "Who founded Halvorsen Orchard Robotics, and when?",
+    "Where is the headquarters of Halvorsen Orchard Robotics?",
+    "How many apples per hour can the Pomona 3 pick?",
+    "What are the core hours?",
+    "What is the paid leave allowance?",
+    "What is the daily meal allowance in Europe?",
+    "What colour are contractor badges?",
+    "What is the onboarding buddy programme called?",
+    "How many weeks a year may employees work fully remotely?",
+    "What is the learning budget per year?",
+    "Who runs the independent ethics line?",
+    "When are payslips published?",
+)
+
+
+def start_server(store: Path, port: int, args: argparse.Namespace, batching: bool
+                 ) -> subprocess.Popen[str]:
+    concurrent = args.max_concurrent if batching else args.max_concurrent_off
     proc = subprocess.Popen(
         [sys.executable, "-m", "nest_core.app.cli", "serve", "--store", str(store),
-         "--port", str(port), "--max-concurrent", str(args.max_concurrent),
-         "--max-queue", str(args.max_queue)],
+         "--port", str(port), "--max-concurrent", str(concurrent),
+         "--max-queue", str(args.max_queue), *([] if batching else ["--no-batching"])],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, text=True)
     import httpx
@@ -81,11 +104,22 @@ def ask(url: str, question: str, max_tokens: int) -> tuple[int, float, str | Non
     return r.status_code, seconds, text
 
 
+def counters(url: str) -> dict[str, float]:
+    """The server's answer counters (Prometheus text, parsed by prometheus-client)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {s.name: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if not s.labels}
+
+
 def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[str, str],
               args: argparse.Namespace) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
-    budget = [args.requests]
+    budget = [max(args.rounds * clients, len(questions) // 2)]
+    before = counters(url)
     deadline = time.monotonic() + args.seconds
 
     def client(i: int) -> None:
@@ -111,6 +145,10 @@ def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[
     for t in threads:
         t.join()
     wall = time.perf_counter() - started
+    after = counters(url)
+    tokens = after["nest_generated_tokens_total"] - before["nest_generated_tokens_total"]
+    forwards = after["nest_model_forwards"] - before["nest_model_forwards"]
+    calls = after["nest_forward_calls_total"] - before["nest_forward_calls_total"]
     ok = [r["seconds"] for r in records if r["status"] == 200]
     statuses: dict[str, int] = {}
     for r in records:
@@ -121,29 +159,21 @@ def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[
             "answers_per_second": len(ok) / wall if wall else 0.0,
             "p50_seconds": percentile(ok, 0.5), "p95_seconds": percentile(ok, 0.95),
             "mean_seconds": statistics.fmean(ok) if ok else float("nan"),
+            "tokens_per_model_call": tokens / forwards if forwards else 0.0,
+            "forwards_per_model_call": calls / forwards if forwards else 0.0,
             "wall_seconds": wall}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--requests", type=int, default=16, help="requests per level, in all")
-    ap.add_argument("--seconds", type=float, default=240.0, help="most seconds per level")
-    ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--max-concurrent", type=int, default=2)
-    ap.add_argument("--max-queue", type=int, default=8)
-    args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from nest_core.app.demo import QUESTIONS
-
-    store = build_store()
+def run_setting(store: Path, args: argparse.Namespace, batching: bool) -> dict[str, Any]:
+    """One server (batching on or off): solo references, then every level."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = int(s.getsockname()[1])
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(store, port, args)
+    proc = start_server(store, port, args, batching)
     try:
         reference = {}
+        ask(url, QUESTIONS[0], args.max_tokens)  # warm-up: first-call costs out of the levels
         for q in QUESTIONS:
             status, _, text = ask(url, q, args.max_tokens)
             if status != 200 or text is None:
@@ -153,21 +183,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    out = {"max_concurrent": args.max_concurrent, "max_queue": args.max_queue,
-           "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(), "levels": levels}
+    return {"batching": batching,
+            "max_concurrent": args.max_concurrent if batching else args.max_concurrent_off,
+            "reference": reference, "levels": levels}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="requests per client at each level (at least 6 per level)")
+    ap.add_argument("--seconds", type=float, default=300.0, help="most seconds per level")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--max-concurrent", type=int, default=8, help="answering, batching on")
+    ap.add_argument("--max-concurrent-off", type=int, default=2,
+                    help="answering, batching off (its shipped default)")
+    ap.add_argument("--max-queue", type=int, default=16)
+    ap.add_argument("--settings", default="off,on", help="off,on or one of them")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    store = build_store()
+    runs = [run_setting(store, args, name == "on") for name in args.settings.split(",")]
+    solo = runs[0]["reference"]
+    for run in runs:  # a request alone decodes the same whatever the setting
+        run["solo_answers_differ"] = sum(run["reference"][q] != solo[q] for q in QUESTIONS)
+    out = {"max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
+           "questions": len(QUESTIONS), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"nest serve, {args.max_concurrent} answering + {args.max_queue} queued, "
-          f"{os.cpu_count()} CPUs, max_tokens {args.max_tokens}\n")
-    print("| clients | requests | answered | 429 / 503 | lost | wrong | answers/s "
-          "| p50 s | p95 s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for lv in levels:
-        st = lv["statuses"]
-        print(f"| {lv['clients']} | {lv['requests']} | {lv['answered']} | "
-              f"{st.get('429', 0)} / {st.get('503', 0)} | {lv['lost']} | {lv['wrong']} | "
-              f"{lv['answers_per_second']:.2f} | {lv['p50_seconds']:.1f} | "
-              f"{lv['p95_seconds']:.1f} |")
+    print(f"nest serve on loopback, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, "
+          f"{len(QUESTIONS)} questions\n")
+    print("| batching | clients | requests | 429 / 503 | lost | wrong | answers/s | x 1 client "
+          "| p50 s | p95 s | tokens / model call | forwards / model call |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for run in runs:
+        one = run["levels"][0]["answers_per_second"] or float("nan")
+        for lv in run["levels"]:
+            st = lv["statuses"]
+            print(f"| {'on' if run['batching'] else 'off'} ({run['max_concurrent']}) | "
+                  f"{lv['clients']} | {lv['requests']} | {st.get('429', 0)} / "
+                  f"{st.get('503', 0)} | {lv['lost']} | {lv['wrong']} | "
+                  f"{lv['answers_per_second']:.2f} | {lv['answers_per_second'] / one:.2f} | "
+                  f"{lv['p50_seconds']:.1f} | {lv['p95_seconds']:.1f} | "
+                  f"{lv['tokens_per_model_call']:.2f} | {lv['forwards_per_model_call']:.2f} |")
     return 0
 
 

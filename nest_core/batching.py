@@ -122,8 +122,11 @@ def enable_packing(lm: LanguageModel) -> bool:
         logger.warning("batching needs sdpa or eager attention, %s has %s: its forwards run "
                        "one at a time", lm.name, current)
         return False
+    original: Callable[..., Any]
     if current == "sdpa":
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward as original
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        original = sdpa_attention_forward
     else:  # the model's own eager function (Gemma 2's soft-capping lives there)
         from transformers.models.llama.modeling_llama import eager_attention_forward
 
