@@ -6,7 +6,9 @@ below a MiniLM cosine of 0.46. A bigger model reads more than one sentence well,
 corpus puts its unanswerable questions at another distance. ``nest calibrate QUESTIONS.json
 --store DIR`` measures, on the user's questions over their own store, which focus size
 answers most questions right and which abstention threshold declines the unanswerable ones
-while declining at most :data:`MAX_ABSTAIN_ANSWERABLE` of the answerable ones; it writes
+while declining at most :data:`MAX_ABSTAIN_ANSWERABLE` of the answerable ones, with and
+without ``abstain_unnamed`` (a name the question writes that no passage holds), which it
+turns on where it declines more unanswerable questions within that cap; it writes
 them to the settings file (:func:`settings_path`) under the model's name, and
 :func:`~nest_core.config.default_config` applies them for that model on every surface.
 
@@ -25,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nest_core.grounding import missing_names
 from nest_core.types import NestResult, Passage
 
 SETTINGS_ENV = "NEST_ANSWER_SETTINGS"  # the settings file; "" turns calibrated settings off
-CALIBRATED = ("focus_sentences", "abstain_below")  # what a calibration may set
+CALIBRATED = ("focus_sentences", "abstain_below", "abstain_unnamed")  # what a calibration may set
 FOCUS_GRID: tuple[int | None, ...] = (1, 2, 3, None)  # None: the top passages whole
 MAX_ABSTAIN_ANSWERABLE = 0.1  # the share of answerable questions abstention may decline
 
@@ -123,7 +126,8 @@ class Calibration:
         rows = ["| focus | right (answerable) |", "|---|---:|"]
         rows += [f"| {k} | {v:.3f} |" for k, v in self.right_by_focus.items()]
         if self.abstain_unanswerable is not None:
-            rows += ["", (f"abstain_below={self.settings.get('abstain_below', 0.0):.3f}: "
+            rows += ["", (f"abstain_below={self.settings.get('abstain_below', 0.0):.3f}, "
+                          f"abstain_unnamed={self.settings.get('abstain_unnamed', False)}: "
                           f"abstains on {self.abstain_unanswerable:.0%} of unanswerable and "
                           f"{self.abstain_answerable:.0%} of answerable questions")]
         return "\n".join(rows)
@@ -134,13 +138,42 @@ def choose_threshold(answerable: Sequence[float], unanswerable: Sequence[float],
     """The abstention threshold on relevance (abstention is ``relevance < threshold``): the
     lowest that declines as many unanswerable questions as any threshold declining at most
     ``cap`` of the answerable ones can; 0.0 (never) when none can be declined so."""
-    if not unanswerable or not answerable:
+    return _threshold(answerable, unanswerable, int(cap * len(answerable)))
+
+
+def _threshold(answerable: Sequence[float], unanswerable: Sequence[float], allowed: int
+               ) -> float:
+    """:func:`choose_threshold` with ``allowed`` answerable questions that may fall below."""
+    if not unanswerable or not answerable or allowed < 0:
         return 0.0
     ranked = sorted(answerable)
-    allowed = int(cap * len(ranked))  # answerable questions that may fall below
     ceiling = ranked[allowed]  # declining below this declines at most `allowed` of them
     reachable = [u for u in unanswerable if u < ceiling]
     return min(ceiling, max(reachable) + 1e-6) if reachable else 0.0
+
+
+def choose_abstention(answerable: Sequence[tuple[float, bool]],
+                      unanswerable: Sequence[tuple[float, bool]],
+                      cap: float = MAX_ABSTAIN_ANSWERABLE) -> dict[str, Any]:
+    """``abstain_below`` and ``abstain_unnamed`` from each question's ``(relevance, a name
+    it writes is in no passage)``: the threshold alone (:func:`choose_threshold`), or the
+    missing names plus the threshold chosen on the questions they leave, within the same
+    cap of answerable questions declined; the names go on only where they decline more
+    unanswerable questions than the threshold alone."""
+    allowed = int(cap * len(answerable))
+    alone = choose_threshold([s for s, _ in answerable], [s for s, _ in unanswerable], cap)
+    left = [s for s, n in answerable if not n]  # the answerable questions names keep
+    threshold = _threshold(left, [s for s, n in unanswerable if not n],
+                           allowed - (len(answerable) - len(left)))
+    if len(answerable) - len(left) <= allowed and declined(unanswerable, threshold, True) \
+            > declined(unanswerable, alone, False):
+        return {"abstain_below": threshold, "abstain_unnamed": True}
+    return {"abstain_below": alone, "abstain_unnamed": False}
+
+
+def declined(questions: Sequence[tuple[float, bool]], threshold: float, unnamed: bool) -> int:
+    """How many of ``questions`` ``(relevance, a name missing)`` the rule declines."""
+    return sum(s < threshold or (unnamed and n) for s, n in questions)
 
 
 def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult],
@@ -149,15 +182,17 @@ def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult]
               questions: Sequence[CalibrationQuestion],
               focus_grid: Sequence[int | None] = FOCUS_GRID) -> Calibration:
     """Measure each focus size on the answerable ``questions`` (abstention off), then the
-    abstention threshold on all of them. ``answer(question, passages, overrides)`` decodes
-    with ``default_config(**overrides)``; ties keep the earlier (smaller, faster) focus."""
+    abstention (:func:`choose_abstention`) on all of them. ``answer(question, passages,
+    overrides)`` decodes with ``default_config(**overrides)``; ties keep the earlier
+    (smaller, faster) focus."""
     found = {q.question: retrieve(q.question) for q in questions}
     answerable = [q for q in questions if q.answerable]
     right: dict[str, float] = {}
     best: int | None = focus_grid[0]
     for focus in focus_grid:
         hits = [q.is_right(answer(q.question, found[q.question],
-                                  {"focus_sentences": focus, "abstain_below": 0.0}).text)
+                                  {"focus_sentences": focus, "abstain_below": 0.0,
+                                   "abstain_unnamed": False}).text)
                 for q in answerable]
         right["whole" if focus is None else str(focus)] = \
             sum(hits) / len(hits) if hits else 0.0
@@ -167,13 +202,18 @@ def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult]
     scores = {q.question: relevance(q.question, found[q.question]) for q in questions}
     yes = [scores[q.question] for q in answerable]
     no = [scores[q.question] for q in questions if not q.answerable]
-    threshold = choose_threshold(yes, no)
     settings: dict[str, Any] = {"focus_sentences": best}
     un = ans = None
     if no:
-        settings["abstain_below"] = threshold
-        un = sum(s < threshold for s in no) / len(no)
-        ans = sum(s < threshold for s in yes) / len(yes) if yes else 0.0
+        judged = {q.question: (scores[q.question],
+                               bool(missing_names(q.question, found[q.question])))
+                  for q in questions}
+        can = [judged[q.question] for q in answerable]
+        cannot = [judged[q.question] for q in questions if not q.answerable]
+        settings.update(choose_abstention(can, cannot))
+        rule = settings["abstain_below"], settings["abstain_unnamed"]
+        un = declined(cannot, *rule) / len(cannot)
+        ans = declined(can, *rule) / len(can) if can else 0.0
     evidence = {"questions": len(questions), "answerable": len(answerable),
                 "right_by_focus": right,
                 "relevance_answerable_median": statistics.median(yes) if yes else None,
@@ -182,4 +222,5 @@ def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult]
 
 
 __all__ = ["Calibration", "CalibrationQuestion", "calibrate", "calibrated_settings",
-           "choose_threshold", "load_questions", "save_settings", "settings_path"]
+           "choose_abstention", "choose_threshold", "declined", "load_questions", "save_settings",
+           "settings_path"]

@@ -72,6 +72,10 @@ class NestConfig:
     # question's cosine to the best passage (under the decoder's ``embed``, calibrated for
     # the bundled all-MiniLM-L6-v2) is below this (0: never; no ``embed``: never)
     abstain_below: float = 0.0
+    # ... or when a name the question writes (capitalised mid-sentence: "Kubernetes",
+    # "Proxmox VE") is in no passage: the documents share the topic, not the thing asked
+    # about (nest_core.grounding.missing_names; lexical, needs no ``embed``)
+    abstain_unnamed: bool = False
     # ... or when the answer's new content words are less than this share in the context
     # shown (0: never; the answer is then held back until it is complete)
     support_below: float = 0.0
@@ -97,6 +101,9 @@ class NestConfig:
         _check_range("support_below", self.support_below, low=0.0, high=1.0)
         _check_range("focus_meaning", self.focus_meaning, low=0.0)
         _check_range("quote_below", self.quote_below, low=0.0, high=1.0)
+        if not isinstance(self.abstain_unnamed, bool):
+            msg = f"abstain_unnamed={self.abstain_unnamed!r} must be True or False"
+            raise ValueError(msg)
         if not isinstance(self.abstention, str) or not self.abstention.strip():
             msg = f"abstention={self.abstention!r} must be a non-empty sentence"
             raise ValueError(msg)

@@ -117,6 +117,12 @@ def question_weights(question: str) -> dict[frozenset[str], float]:
     return out
 
 
+def question_names(question: str) -> list[frozenset[str]]:
+    """The names ``question`` writes (:func:`question_weights`: a run of words capitalised
+    mid-sentence, stemmed), each as the set of its words."""
+    return [t for t, w in question_weights(question).items() if w == NAME_WEIGHT]
+
+
 def split_sentences(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` character ranges of the non-empty sentences of ``text``.
 

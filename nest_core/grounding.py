@@ -10,14 +10,23 @@
   words not already in the question) the context holds. An answer read from the context
   repeats its words; a made-up one ("$100,000") does not. Lexical on purpose: names,
   numbers, commands and file names decide document answers.
+* :func:`missing_names`: the names the question writes ("Kubernetes", "Nextcloud",
+  "Proxmox VE") that no retrieved passage holds. A question on the documents' topic about
+  a thing they never mention is close in meaning to them (the cosine passes it) but names
+  what they lack; handbook dev: 12 of 13 unanswerable questions declined with
+  ``abstain_below`` 0.46 (11 without), no answerable one more
+  (``benchmarks/abstention_signals.py``).
+* :func:`coverage`: the share of the question's content words the passages hold, weighted
+  by rarity among them (measured, not used: its threshold did not carry from dev to test).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
-from nest_core.focus import Embed, cosines, stem, terms, titled
+from nest_core.focus import Embed, cosines, question_names, stem, terms, titled
 from nest_core.types import Passage
 
 # Words an answer adds that say nothing about where it came from (stemmed as terms() does).
@@ -34,6 +43,32 @@ def relevance(question: str, passages: Sequence[Passage], embed: Embed) -> float
     if not passages:
         return 0.0
     return max(cosines(question, [titled(p, p.text) for p in passages], embed))
+
+
+def missing_names(question: str, passages: Sequence[Passage]) -> list[frozenset[str]]:
+    """The names ``question`` writes (:func:`nest_core.focus.question_names`, stemmed words
+    each) that no passage holds whole (its title and text, every word of the name); none
+    without passages (nothing to judge by)."""
+    bags = [terms(titled(p, p.text)) for p in passages]
+    if not bags:
+        return []
+    return [n for n in question_names(question) if not any(n <= b for b in bags)]
+
+
+def coverage(question: str, passages: Sequence[Passage]) -> float:
+    """The weighted share of the question's content words that some passage (title and
+    text) holds; each word weighs its inverse frequency among the passages,
+    ``log(1 + (n + 1) / (df + 1))``, so a word no passage holds weighs most and one every
+    passage holds least; 1.0 for a question without content words, 0.0 without passages."""
+    asked = terms(question)
+    if not asked:
+        return 1.0
+    if not passages:
+        return 0.0
+    bags = [terms(titled(p, p.text)) for p in passages]
+    n = len(bags)
+    weight = {t: math.log(1.0 + (n + 1) / (1 + sum(t in b for b in bags))) for t in asked}
+    return sum(w for t, w in weight.items() if any(t in b for b in bags)) / sum(weight.values())
 
 
 def answer_support(question: str, answer: str, passages: Sequence[Passage]) -> float:
@@ -59,4 +94,5 @@ def asks_yes_or_no(question: str) -> bool:
     return bool(_YES_NO.match(question))
 
 
-__all__ = ["Embed", "answer_support", "asks_yes_or_no", "relevance"]
+__all__ = ["Embed", "answer_support", "asks_yes_or_no", "coverage", "missing_names",
+           "relevance"]

@@ -32,7 +32,13 @@ from nest_core.decoding.judges import (
 )
 from nest_core.decoding.stops import EndOfSequence, RepetitionStop, TokenStop
 from nest_core.focus import Sentence, best_sentences, continues_passage, focus_passages
-from nest_core.grounding import Embed, answer_support, asks_yes_or_no, relevance
+from nest_core.grounding import (
+    Embed,
+    answer_support,
+    asks_yes_or_no,
+    missing_names,
+    relevance,
+)
 from nest_core.lm import LanguageModel, Message
 from nest_core.prompts import with_background
 from nest_core.token_index import TokenIndex
@@ -84,9 +90,21 @@ def context(config: NestConfig, prompt: Prompt, question: str, passages: list[Pa
     if config.passages_in_prompt:
         shown = focus_passages(passages, focus) if focus else passages[:config.prompt_passages]
         prompt = with_background(prompt, shown, repeat_question=config.repeat_question)
-    abstain = bool(config.abstain_below) and embed is not None and bool(passages) \
-        and relevance(question, passages, embed) < config.abstain_below
+    abstain = abstains(config, question, passages, embed)
     return Context(config, prompt, focus, shown, abstain)
+
+
+def abstains(config: NestConfig, question: str, passages: Sequence[Passage],
+             embed: Embed | None = None) -> bool:
+    """Whether the ``passages`` do not hold the question: its cosine to the best of them is
+    below ``abstain_below`` (with ``embed``), or, with ``abstain_unnamed``, a name it writes
+    is in none of them. Never without passages (nothing was retrieved to judge by)."""
+    if not passages:
+        return False
+    if config.abstain_unnamed and missing_names(question, passages):
+        return True
+    return bool(config.abstain_below) and embed is not None \
+        and relevance(question, passages, embed) < config.abstain_below
 
 
 def unsupported(config: NestConfig, question: str, answer: str, shown: Sequence[Passage]

@@ -13,6 +13,7 @@ from nest_core.calibration import (
     CalibrationQuestion,
     calibrate,
     calibrated_settings,
+    choose_abstention,
     choose_threshold,
     load_questions,
     save_settings,
@@ -33,6 +34,31 @@ def test_the_threshold_declines_the_unanswerable_within_the_answerable_cap():
     assert choose_threshold(answerable, [0.44 - 1e-7]) == 0.44  # never past the cap's ceiling
     assert choose_threshold(answerable, []) == 0.0  # nothing to decline: never abstain
     assert choose_threshold(answerable, [0.6]) == 0.0  # none can go within the cap
+
+
+def test_missing_names_go_on_only_where_they_decline_more_within_the_cap():
+    # caught: names on whatever they cost; the cap not shared between names and threshold;
+    # names on where they add nothing; the threshold chosen over the named questions too
+    answerable = [(0.9, False), (0.8, False), (0.7, False), (0.65, False), (0.6, False),
+                  (0.55, False), (0.5, False), (0.45, False), (0.44, False), (0.3, False)]
+    # the threshold alone declines 0.2 and 0.35 (at most 1 of 10 answerable below it);
+    # a named 0.7 one only with the names
+    unanswerable = [(0.2, False), (0.35, False), (0.7, True)]
+    on = choose_abstention(answerable, unanswerable)
+    assert on["abstain_unnamed"] is True
+    assert on["abstain_below"] == pytest.approx(0.35, abs=1e-5)
+    # one answerable question named too: it uses the cap, so the threshold must keep 0.3
+    named_answerable = [*answerable[:-2], (0.95, True), (0.3, False)]
+    both = choose_abstention(named_answerable, [*unanswerable, (0.75, True)])
+    assert both["abstain_unnamed"] is True
+    assert both["abstain_below"] == pytest.approx(0.2, abs=1e-5)  # 0.35 would take 0.3
+    # the names add nothing: off, the threshold alone
+    alone = choose_abstention(answerable, [(0.2, True), (0.35, False)])
+    assert alone == {"abstain_below": pytest.approx(0.35, abs=1e-5), "abstain_unnamed": False}
+    # the names cost more answerable questions than the cap: off, however many they catch
+    costly = [(s, i < 2) for i, (s, _) in enumerate(answerable)]
+    many = [*unanswerable, (0.75, True), (0.8, True)]
+    assert choose_abstention(costly, many)["abstain_unnamed"] is False
 
 
 def test_questions_file_is_checked(tmp_path: Path):
@@ -56,11 +82,13 @@ def test_settings_are_recorded_per_model_and_applied_by_default_config(
     monkeypatch.setenv("NEST_ANSWER_SETTINGS", str(path))
     assert calibrated_settings("m") == {}
     cal = calibrate(lambda q, ps, o: None, lambda q: [], lambda q, ps: 0.0, [])  # type: ignore
-    cal.settings.update(focus_sentences=3, abstain_below=0.3)
+    cal.settings.update(focus_sentences=3, abstain_below=0.3, abstain_unnamed=True)
     assert save_settings("m", cal) == path
-    assert calibrated_settings("m") == {"focus_sentences": 3, "abstain_below": 0.3}
+    assert calibrated_settings("m") == {"focus_sentences": 3, "abstain_below": 0.3,
+                                        "abstain_unnamed": True}
     config = default_config("m")
-    assert (config.focus_sentences, config.abstain_below) == (3, 0.3)
+    assert (config.focus_sentences, config.abstain_below, config.abstain_unnamed) == (
+        3, 0.3, True)
     assert default_config("m", focus_sentences=1).focus_sentences == 1  # overrides win
     other = default_config("other")
     assert other.focus_sentences == ANSWER_DEFAULTS["focus_sentences"]
@@ -95,4 +123,5 @@ def test_calibrate_measures_each_focus_with_the_real_decoder(tiny_lm):
     assert cal.right_by_focus["1"] == (1.0 if first else 0.0)
     assert cal.settings["focus_sentences"] == 1  # best or tied: the smallest
     assert cal.settings["abstain_below"] == pytest.approx(0.2, abs=1e-5)
+    assert cal.settings["abstain_unnamed"] is False  # no name missing: nothing to add
     assert (cal.abstain_unanswerable, cal.abstain_answerable) == (1.0, 0.0)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PASSAGES
+from conftest import PASSAGES, PROMPT
 
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.config import default_config
 from nest_core.decoding.policy import context
-from nest_core.grounding import answer_support, relevance
+from nest_core.grounding import answer_support, missing_names, relevance
 from nest_core.stores.embeddings import HashingEmbeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +42,38 @@ def test_answer_support_counts_the_answers_new_words_the_context_holds():
     # new words: "list" (held), "registry" (not); "sources" was asked
     assert answer_support(q, "APT sources.list registry", BOOK) == 0.5
     assert answer_support(q, "APT package sources", BOOK) == 1.0  # adds nothing
+
+
+def test_missing_names_are_the_question_names_no_passage_holds_whole():
+    # caught: a name held word by word across passages, or by any of its words; the title
+    # left out; one passage's holding not enough; lower-case words taken for names
+    assert missing_names("How do I run Kubernetes with APT?", BOOK) == [
+        frozenset({"kubernet"})]
+    assert missing_names("How does Pinning keep a package with APT?", BOOK) == []  # title
+    # "Zephyr" and "fox" are both in PASSAGES, never in one passage
+    assert missing_names("When did Zephyr Fox start?", PASSAGES) == [
+        frozenset({"zephyr", "fox"})]
+    assert missing_names("Is the Zephyr Widget Company old?", PASSAGES) == []
+    assert missing_names("Does the fox know Marta?", [*PASSAGES[1:], PASSAGES[0]]) == []
+    assert missing_names("how do i run kubernetes?", BOOK) == []  # no capital: no name
+    assert missing_names("How do I run Kubernetes?", []) == []  # nothing to judge by
+
+
+def test_a_question_naming_what_no_passage_holds_gets_the_abstention(tiny_lm):
+    # caught: the option ignored, or applied when off; the names rule needing an embedder
+    # (it is lexical); abstaining without passages
+    q = "What does a Pomona robot cost at the Zephyr Widget Company?"  # no "Pomona" anywhere
+    on = default_config("tiny", abstain_unnamed=True, abstention="Not in the documents.")
+    assert context(on, q, q, PASSAGES).abstain
+    assert not context(on, PROMPT, PROMPT, PASSAGES).abstain  # every name held
+    assert not context(on, q, q, []).abstain
+    assert not context(default_config("tiny"), q, q, PASSAGES).abstain  # off by default
+    res = NestDecoder(tiny_lm, on).generate(q, PASSAGES, max_new_tokens=8)
+    assert (res.finish_reason, res.text, res.token_ids) == (
+        "abstained", "Not in the documents.", [])
+    assert not NestDecoder(tiny_lm, on).generate(PROMPT, PASSAGES, max_new_tokens=4).abstained
+    with pytest.raises(ValueError, match="abstain_unnamed"):
+        NestConfig(abstain_unnamed="yes")  # type: ignore[arg-type]
 
 
 def _decoder(tiny_lm, **overrides):
