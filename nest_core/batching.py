@@ -7,9 +7,9 @@ turns on the weights each pay that read alone. Here every generation keeps its o
 :class:`ForwardBatcher` thread, which runs the forwards that are waiting as ONE model call:
 the new tokens of every request side by side in one packed row (no padding), each at its own
 positions, each attending to its own cache only (:func:`packed_attention`). Requests join
-and leave between steps (continuous batching). A prompt's prefill (many tokens, logits of
-the last only) runs alone, and so does a forward with no other request waiting: one request
-alone decodes exactly as without batching.
+and leave between steps (continuous batching); a new request's prompt is read in the same
+model call as the others' drafts (its logits at its last position only). A forward with no
+other request waiting runs unpacked: one request alone decodes exactly as without batching.
 
 Packed rows go through the same weights as solo rows, but a matrix product of several rows
 may round differently in the last bits from a product of one (another BLAS kernel); where
@@ -23,6 +23,7 @@ remote code) keep decoding, each forward alone.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sys
 import threading
@@ -39,9 +40,8 @@ from nest_core.lm import KeyLayer, LanguageModel, LMOutput
 logger = logging.getLogger(__name__)
 
 PACKED = "nest_packed_"  # prefix of the attention implementations registered here
-MAX_PACKED_TOKENS = 64  # most new tokens of all requests in one packed forward
+MAX_PACKED_TOKENS = 512  # most new tokens of all requests in one packed forward
 MAX_WAIT_SECONDS = 0.004  # how long a step waits for the other requests' next forwards
-PREFILL_TOKENS = 32  # a forward of more tokens than this runs alone
 
 Forward = Callable[..., LMOutput]
 
@@ -145,12 +145,16 @@ def enable_packing(lm: LanguageModel) -> bool:
 
 @torch.inference_mode()
 def forward_packed(lm: LanguageModel, calls: Sequence[tuple[Sequence[int], Any]],
-                   key_layer: int) -> list[LMOutput]:
+                   key_layer: int, last_only: Sequence[bool] | None = None) -> list[LMOutput]:
     """One model call for several requests' new tokens: ``calls`` are (ids, cache) pairs;
-    each cache grows by its ids, and ``outputs[i]`` is what ``lm.forward(ids_i, cache_i)``
-    returns, computed in one pass over the weights."""
+    each cache grows by its ids, and ``outputs[i]`` is what ``lm.forward(ids_i, cache_i,
+    last_only=last_only[i])`` returns, computed in one pass over the weights."""
     lengths = [len(ids) for ids, _ in calls]
     caches = [cache for _, cache in calls]
+    last = list(last_only) if last_only is not None else [False] * len(calls)
+    keep: list[int] = []  # the packed positions whose logits are wanted
+    for end, t, only in zip(itertools.accumulate(lengths), lengths, last, strict=True):
+        keep += [end - 1] if only else list(range(end - t, end))
     packed = PackedCache(caches, lengths)
     ids = torch.tensor([[int(i) for ids, _ in calls for i in ids]], dtype=torch.long,
                        device=lm.device)  # [1, sum(T_i)]
@@ -162,10 +166,13 @@ def forward_packed(lm: LanguageModel, calls: Sequence[tuple[Sequence[int], Any]]
     with KeyLayer(lm.model, key_layer) as key:
         out = lm.model(input_ids=ids, position_ids=positions, attention_mask=no_mask,
                        use_cache=True, nest_packed=packed, **key.kwargs,
+                       logits_to_keep=torch.tensor(keep, device=lm.device),
                        **{lm.cache_arg: packed})
-    logits = out.logits[0].float().split(lengths)  # T_i x [T_i, V]
-    hidden = key.states(out)[0].float().split(lengths)  # T_i x [T_i, D]
-    return [LMOutput(logits=lg, hidden=h) for lg, h in zip(logits, hidden, strict=True)]
+    kept = [1 if only else t for t, only in zip(lengths, last, strict=True)]
+    logits = out.logits[0].float().split(kept)  # [1 or T_i, V] each
+    hidden = key.states(out)[0].float().split(lengths)  # [T_i, D] each
+    return [LMOutput(logits=lg, hidden=h[-1:] if only else h)
+            for lg, h, only in zip(logits, hidden, last, strict=True)]
 
 
 @dataclass
@@ -191,10 +198,6 @@ class _Call:
     last_only: bool
     done: Future[LMOutput] = field(default_factory=Future)
 
-    @property
-    def alone(self) -> bool:
-        return self.last_only or len(self.ids) > PREFILL_TOKENS
-
 
 class ForwardBatcher:
     """Runs the forwards of every generation of one model on one thread, packed.
@@ -202,8 +205,8 @@ class ForwardBatcher:
     A generation opens a :meth:`session` for its life and calls :meth:`forward` like
     ``lm.forward``; the call waits for its turn. The thread waits up to ``max_wait`` for the
     sessions that have not handed in their next forward (each is checking its last draft),
-    then runs all that are waiting: prefills one by one, the rest packed
-    (:func:`forward_packed`), at most ``max_tokens`` new tokens per model call.
+    then runs all that are waiting packed (:func:`forward_packed`), at most ``max_tokens``
+    new tokens per model call (a longer prompt is read alone).
     """
 
     def __init__(self, lm: LanguageModel, *, max_tokens: int = MAX_PACKED_TOKENS,
@@ -245,8 +248,8 @@ class ForwardBatcher:
                 self._run(group)
 
     def _next_groups(self) -> list[list[_Call]]:
-        """The waiting calls, once every session has handed one in or ``max_wait`` passed:
-        packed groups first (requests mid-answer), then each prefill alone."""
+        """The waiting calls, once every session has handed one in or ``max_wait`` passed,
+        in groups of at most ``max_tokens`` new tokens."""
         with self._cond:
             while not self._pending:
                 self._cond.wait()
@@ -259,16 +262,14 @@ class ForwardBatcher:
             calls, self._pending = self._pending, []
         groups: list[list[_Call]] = []
         for call in calls:
-            if call.alone or not self.packs:
-                continue
-            group = next((g for g in groups if g[0].key_layer == call.key_layer
+            group = next((g for g in groups if self.packs and g[0].key_layer == call.key_layer
                           and sum(len(c.ids) for c in g) + len(call.ids) <= self.max_tokens),
                          None)
             if group is None:
                 groups.append([call])
             else:
                 group.append(call)
-        return groups + [[c] for c in calls if c.alone or not self.packs]
+        return groups
 
     def _run(self, group: list[_Call]) -> None:
         try:
@@ -277,7 +278,7 @@ class ForwardBatcher:
                 outs = [self.lm.forward(c.ids, c.cache, c.key_layer, last_only=c.last_only)]
             else:
                 outs = forward_packed(self.lm, [(c.ids, c.cache) for c in group],
-                                      group[0].key_layer)
+                                      group[0].key_layer, [c.last_only for c in group])
         except Exception as err:  # handed to every caller, who raises it
             for c in group:
                 c.done.set_exception(err)

@@ -67,6 +67,30 @@ def test_a_packed_forward_equals_each_request_alone(attn: str) -> None:
             torch.testing.assert_close(layer_p.values, layer_a.values, rtol=0, atol=1e-5)
 
 
+def test_a_new_prompt_is_read_in_the_same_call_as_the_others_steps(lm: LanguageModel
+                                                                   ) -> None:
+    """A prompt (logits of its last position only) packed with two requests' drafts: each
+    gets what it gets alone, the prompt its last position's logits and key-layer state."""
+    torch.manual_seed(3)
+    prompts = [torch.randint(3, 300, (n,)).tolist() for n in (7, 12)]
+    fresh = torch.randint(3, 300, (9,)).tolist()
+    steps = [[5, 6, 7], [9]]
+    alone_caches, packed_caches = prefilled(lm, prompts), prefilled(lm, prompts)
+    alone = [lm.forward(s, c, key_layer=2) for s, c in zip(steps, alone_caches, strict=True)]
+    alone_prompt_cache, packed_prompt_cache = lm.new_cache(), lm.new_cache()
+    alone.insert(1, lm.forward(fresh, alone_prompt_cache, key_layer=2, last_only=True))
+    assert enable_packing(lm)
+    packed = forward_packed(lm, [(steps[0], packed_caches[0]), (fresh, packed_prompt_cache),
+                                 (steps[1], packed_caches[1])], key_layer=2,
+                            last_only=[False, True, False])
+    for a, p in zip(alone, packed, strict=True):
+        assert p.logits.shape == a.logits.shape
+        assert p.hidden.shape == a.hidden.shape
+        torch.testing.assert_close(p.logits, a.logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p.hidden, a.hidden, rtol=0, atol=1e-5)
+    assert packed_prompt_cache.get_seq_length() == len(fresh)
+
+
 def test_packing_leaves_ordinary_forwards_as_they_were() -> None:
     """The switched attention is the model's own for every forward that is not packed:
     prefills, drafts and ``generate`` give the very same numbers."""
