@@ -17,6 +17,7 @@ import math
 import os
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,28 @@ class SentenceTransformerEmbeddings:
 
     ``model_name_or_path`` defaults to the bundled all-MiniLM-L6-v2. Vectors are L2-normalised
     so inner product equals cosine similarity in every store.
+
+    Calls of at most ``batch_size`` texts (questions, the retrieved passages whose relevance
+    decides abstention) keep the vectors of the last ``cache_texts`` texts: a served store
+    hands the same passages to many questions, and embedding them again was about 40% of an
+    answer's time (``nest serve``, SmolLM2 on 2 CPU cores). A text's vector is the one of
+    its first call (a batch of other lengths may round the last bits otherwise).
+    Indexing calls (more texts) bypass it. Embedding is serialised: concurrent calls would
+    each start their own CPU threads and slow each other down.
     """
 
     def __init__(self, model_name_or_path: str | os.PathLike[str] | None = None, *,
-                 batch_size: int = 64, device: str = "cpu", name: str | None = None) -> None:
+                 batch_size: int = 64, device: str = "cpu", name: str | None = None,
+                 cache_texts: int = 4096) -> None:
         self.model_name_or_path = model_name_or_path
         self.batch_size = batch_size
         self.device = device
         self._name = name
         self._model: Any = None
         self._lock = threading.Lock()
+        self._encoding = threading.Lock()
+        self.cache_texts = cache_texts
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @property
     def name(self) -> str:
@@ -96,10 +109,26 @@ class SentenceTransformerEmbeddings:
     def __call__(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
-        vectors = self._load().encode(list(texts), batch_size=self.batch_size,
+        texts = list(texts)
+        if len(texts) > self.batch_size or self.cache_texts <= 0:
+            return self._encode(texts).tolist()
+        with self._encoding:
+            new = list(dict.fromkeys(t for t in texts if t not in self._cache))
+            if new:
+                for text, vector in zip(new, self._encode(new), strict=True):
+                    self._cache[text] = vector
+            for text in texts:
+                self._cache.move_to_end(text)
+            out = [self._cache[t].tolist() for t in texts]
+            while len(self._cache) > self.cache_texts:
+                self._cache.popitem(last=False)
+        return out
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self._load().encode(texts, batch_size=self.batch_size,
                                       normalize_embeddings=True, show_progress_bar=False,
                                       convert_to_numpy=True)
-        return np.asarray(vectors, dtype=np.float32).tolist()
+        return np.asarray(vectors, dtype=np.float32)  # [n, d]
 
     def _load(self) -> Any:
         with self._lock:

@@ -4,6 +4,7 @@ with SmolLM2 over a warm span datastore."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from conftest import free_port
 
@@ -97,3 +98,27 @@ def test_faiss_store_reopens_without_embedding_model(tmp_path, minilm):
     assert reopened.meta.embedding == "all-MiniLM-L6-v2"
     assert reopened.dim == 384
     assert len(reopened) == 2
+
+
+def test_the_default_embedder_keeps_recent_vectors_and_gives_them_back_unchanged() -> None:
+    """Small calls (a question, the passages whose relevance decides abstention) reuse the
+    vectors of texts seen before: the same numbers as the first call, no model call."""
+    from nest_core.stores.embeddings import SentenceTransformerEmbeddings
+
+    embed = SentenceTransformerEmbeddings(cache_texts=3)
+    texts = ["Orchard robots pick apples.", "Blossom Week is in May.", "Badges are green."]
+    first = embed(texts)
+    model_calls = []
+    real_encode = embed._encode
+    embed._encode = lambda new: model_calls.append(new) or real_encode(new)  # type: ignore[method-assign]
+    again = embed([texts[1], "What colour are badges?", texts[1]])
+    assert model_calls == [["What colour are badges?"]]  # only the new text, once
+    assert again[0] == first[1]
+    assert again[2] == first[1]
+    fresh = SentenceTransformerEmbeddings(cache_texts=0)([texts[1]])[0]
+    assert np.allclose(again[0], fresh, atol=1e-5)
+    embed(["Another text entirely."])  # the least recently used (texts[0], texts[2]) go
+    assert set(embed._cache) == {texts[1], "What colour are badges?", "Another text entirely."}
+    many = [f"text {i}" for i in range(embed.batch_size + 1)]  # indexing: not kept
+    assert len(embed(many)) == len(many)
+    assert not set(many) & set(embed._cache)
