@@ -2,11 +2,12 @@
 latency, tokens per model call, errors, and whether batched answers equal solo answers.
 ``python -m benchmarks.bench_serve [--levels 1 2 4 8] [--rounds 3]``
 
-Starts a real ``nest serve`` process over the demo handbook store (built with ``nest index``
-once, cached) for each setting in turn (``--no-batching`` with its default 2 answering, then
-batching with 8), answers each of :data:`QUESTIONS` alone first (the reference), then for
-each level of N concurrent clients sends ``rounds x N`` requests in all (each client loops
-until the budget is spent, or ``--seconds`` pass) and records every response: status,
+Starts two real ``nest serve`` processes over the demo handbook store (built with ``nest
+index`` once, cached): ``--no-batching`` with its default 2 answering, and batching with 8.
+Each answers every one of :data:`QUESTIONS` alone first (the reference); then for each level
+of N concurrent clients, one server after the other (so both see the same machine, minutes
+apart at most), N clients send ``max(rounds x N, 12)`` requests in all (each client loops
+until the budget is spent, or ``--seconds`` pass), and every response is recorded: status,
 latency, and whether a 200 answer equals the solo answer token for token. A batched forward
 may round differently in the last bits from a solo one (:mod:`nest_core.batching`), so a
 near tie can flip an answer: ``wrong`` counts those, never hidden. Tokens per model call
@@ -70,7 +71,7 @@ def start_server(store: Path, port: int, args: argparse.Namespace, batching: boo
     concurrent = args.max_concurrent if batching else args.max_concurrent_off
     proc = subprocess.Popen(
         [sys.executable, "-m", "nest_core.app.cli", "serve", "--store", str(store),
-         "--port", str(port), "--max-concurrent", str(concurrent),
+         "--port", str(port), "--max-concurrent", str(concurrent), "--mode", args.mode,
          "--max-queue", str(args.max_queue), *([] if batching else ["--no-batching"])],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, text=True)
@@ -118,7 +119,7 @@ def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[
               args: argparse.Namespace) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     lock = threading.Lock()
-    budget = [max(args.rounds * clients, len(questions) // 2)]
+    budget = [max(args.rounds * clients, len(questions))]
     before = counters(url)
     deadline = time.monotonic() + args.seconds
 
@@ -164,28 +165,35 @@ def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[
             "wall_seconds": wall}
 
 
-def run_setting(store: Path, args: argparse.Namespace, batching: bool) -> dict[str, Any]:
-    """One server (batching on or off): solo references, then every level."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(store, port, args, batching)
-    try:
-        reference = {}
-        ask(url, QUESTIONS[0], args.max_tokens)  # warm-up: first-call costs out of the levels
+class Server:
+    """One ``nest serve`` (batching on or off) and its solo answers."""
+
+    def __init__(self, store: Path, args: argparse.Namespace, batching: bool) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        self.url = f"http://127.0.0.1:{port}"
+        self.batching = batching
+        self.max_concurrent = args.max_concurrent if batching else args.max_concurrent_off
+        self.proc = start_server(store, port, args, batching)
+        self.reference: dict[str, str] = {}
+        self.levels: list[dict[str, Any]] = []
+
+    def solo_answers(self, args: argparse.Namespace) -> None:
+        ask(self.url, QUESTIONS[0], args.max_tokens)  # warm-up: first-call costs out
         for q in QUESTIONS:
-            status, _, text = ask(url, q, args.max_tokens)
+            status, _, text = ask(self.url, q, args.max_tokens)
             if status != 200 or text is None:
                 raise SystemExit(f"the reference answer failed with status {status}")
-            reference[q] = text
-        levels = [run_level(url, n, QUESTIONS, reference, args) for n in args.levels]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    return {"batching": batching,
-            "max_concurrent": args.max_concurrent if batching else args.max_concurrent_off,
-            "reference": reference, "levels": levels}
+            self.reference[q] = text
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    def record(self) -> dict[str, Any]:
+        return {"batching": self.batching, "max_concurrent": self.max_concurrent,
+                "reference": self.reference, "levels": self.levels}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -200,19 +208,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="answering, batching off (its shipped default)")
     ap.add_argument("--max-queue", type=int, default=16)
     ap.add_argument("--settings", default="off,on", help="off,on or one of them")
+    ap.add_argument("--mode", default="default",
+                    help="the servers' --mode (nest: the paper's decoding, longer answers)")
+    ap.add_argument("--out", default="serve_load.json", help="file name under results/")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     store = build_store()
-    runs = [run_setting(store, args, name == "on") for name in args.settings.split(",")]
+    servers: list[Server] = []
+    try:
+        for name in args.settings.split(","):
+            servers.append(Server(store, args, batching=name == "on"))
+        for server in servers:
+            server.solo_answers(args)
+        for n in args.levels:  # each level on every server in turn
+            for server in servers:
+                server.levels.append(run_level(server.url, n, QUESTIONS, server.reference,
+                                               args))
+    finally:
+        for server in servers:
+            server.stop()
+    runs = [server.record() for server in servers]
     solo = runs[0]["reference"]
     for run in runs:  # a request alone decodes the same whatever the setting
         run["solo_answers_differ"] = sum(run["reference"][q] != solo[q] for q in QUESTIONS)
-    out = {"max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
+    out = {"mode": args.mode, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
            "questions": len(QUESTIONS), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(f"nest serve on loopback, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, "
-          f"{len(QUESTIONS)} questions\n")
+    (RESULTS / args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"nest serve --mode {args.mode} on loopback, {os.cpu_count()} CPUs, max_tokens "
+          f"{args.max_tokens}, {len(QUESTIONS)} questions; solo answers that differ between "
+          f"the servers: {runs[-1]['solo_answers_differ']}\n")
     print("| batching | clients | requests | 429 / 503 | lost | wrong | answers/s | x 1 client "
           "| p50 s | p95 s | tokens / model call | forwards / model call |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
