@@ -3,7 +3,8 @@ latency, tokens per model call, errors, and whether batched answers equal solo a
 ``python -m benchmarks.bench_serve [--levels 1 2 4 8] [--rounds 3]``
 
 Starts two real ``nest serve`` processes over the demo handbook store (built with ``nest
-index`` once, cached): ``--no-batching`` with its default 2 answering, and batching with 8.
+index`` once, cached): without batching, with its default 2 answering, and ``--batching``
+with 8.
 Each answers every one of :data:`QUESTIONS` alone first (the reference); then for each level
 of N concurrent clients, one server after the other (so both see the same machine, minutes
 apart at most), N clients send ``max(rounds x N, 12)`` requests in all (each client loops
@@ -72,7 +73,7 @@ def start_server(store: Path, port: int, args: argparse.Namespace, batching: boo
     proc = subprocess.Popen(
         [sys.executable, "-m", "nest_core.app.cli", "serve", "--store", str(store),
          "--port", str(port), "--max-concurrent", str(concurrent), "--mode", args.mode,
-         "--max-queue", str(args.max_queue), *([] if batching else ["--no-batching"])],
+         "--max-queue", str(args.max_queue), *(["--batching"] if batching else [])],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, text=True)
     import httpx

@@ -229,7 +229,7 @@ def _service(args: argparse.Namespace) -> Any:
     return open_service(args.store, k=args.k, mode=args.mode, collection=args.collection,
                         embedding=args.embedding,
                         allow_dangerous_deserialization=args.allow_dangerous_deserialization,
-                        batching=getattr(args, "batching", True))
+                        batching=getattr(args, "batching", False))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -352,11 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="interface (default: loopback only)")
     p.add_argument("--port", type=port_number, default=8000, help="TCP port (1-65535)")
     p.add_argument("--max-concurrent", type=positive, default=None,
-                   help="answers decoded at once, their forwards batched (default 8; 2 with "
-                   "--no-batching)")
-    p.add_argument("--no-batching", dest="batching", action="store_false",
-                   help="run each answer's forwards alone instead of batching the concurrent "
-                   "answers' forwards into shared model calls")
+                   help="answers decoded at once (default 2; 8 with --batching)")
+    p.add_argument("--batching", action="store_true",
+                   help="run the concurrent answers' forwards together, in shared model calls "
+                   "(pays with long answers: the paper's --mode nest; see docs/scaling.md)")
     p.add_argument("--max-queue", type=non_negative, default=8,
                    help="requests waiting beyond those; more get 429")
     p.add_argument("--max-tokens-limit", type=new_tokens, default=512,

@@ -249,7 +249,7 @@ def answer(question: str, store: str | os.PathLike[str], *, k: int, max_new_toke
 
 def open_service(store: str | os.PathLike[str], *, k: int = DEFAULT_K, mode: str = DEFAULT_PRESET,
                  collection: str | None = None, embedding: str | None = None,
-                 allow_dangerous_deserialization: bool = False, batching: bool = True) -> Any:
+                 allow_dangerous_deserialization: bool = False, batching: bool = False) -> Any:
     """The :class:`~nest_core.app.service.AnswerService` of ``nest serve`` / ``nest mcp``:
     the store opened, the model loaded and the span datastore found once, for every request
     (``batching``: concurrent answers share model forwards)."""

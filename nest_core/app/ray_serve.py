@@ -78,7 +78,7 @@ class ReplicaSpec:
     limits: ServeLimits = field(default_factory=ServeLimits)
     api_key: str | None = None
     hosts: frozenset[str] | None = None
-    batching: bool = True
+    batching: bool = False
 
 
 def replica_app(spec: ReplicaSpec, replica: str | None = None) -> Any:

@@ -8,9 +8,9 @@
 :mod:`~nest_core.app.completions_api`). A prompt past the model's context window is refused
 with 400 unless the request sends ``"truncation": "auto"``.
 
-Capacity is explicit: ``max_concurrent`` answers decode at once, their forwards batched into
-shared model calls (:mod:`~nest_core.batching`; ``nest serve --no-batching``: one by one,
-where more than two buy little on a small CPU), ``max_queue`` more wait for a slot; a request
+Capacity is explicit: ``max_concurrent`` answers decode at once (threads share the weights;
+with ``--batching`` their forwards run together in shared model calls,
+:mod:`~nest_core.batching`), ``max_queue`` more wait for a slot; a request
 past that is refused at once with 429, and one that waited ``queue_seconds`` without a slot
 gets 503, both with ``Retry-After``. Nothing is dropped silently: every request gets an
 answer or an error.

@@ -29,7 +29,7 @@ class AnswerService:
 
     def __init__(self, source: PassageSource, lm: LanguageModel, *, k: int = 8,
                  config: Any = None, key_cache: Any = None, name: str | None = None,
-                 batching: bool = True) -> None:
+                 batching: bool = False) -> None:
         from nest_core.decoder import NestDecoder
         from nest_core.stores.embeddings import default_embedding_function
 

@@ -287,3 +287,56 @@ def test_a_question_the_store_does_not_answer_gets_the_abstention(server: str,
     assert result["abstained"] is True
     assert result["answer"] == "The documents do not say."
     assert result["citations"] == []
+
+
+def test_a_batching_server_answers_concurrent_clients_as_each_alone(store: Path) -> None:
+    """``nest serve --batching``: four clients at once (the paper's decoding, long answers,
+    so their steps overlap) get the answers and citations each gets alone, and /metrics shows
+    model calls that ran several answers' forwards."""
+    port = free_port()
+    proc = subprocess.Popen([*NEST, "serve", "--store", str(store), "--port", str(port),
+                             "--batching", "--mode", "nest"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    questions = [QUESTION, "How many days of paid leave does an employee receive?",
+                 "What does the Zephyr Widget Company make?", "Who founded the company?"]
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"{base}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def ask(question: str) -> dict[str, Any]:
+        body = {"model": "nest", "max_tokens": 40,
+                "messages": [{"role": "user", "content": question}]}
+        r = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        return {"text": r.json()["choices"][0]["message"]["content"],
+                "citations": r.json()["nest"]["citations"]}
+
+    def metric(name: str) -> float:
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+        return float(next(line.split()[-1] for line in text.splitlines()
+                          if line.startswith(name + " ")))
+
+    try:
+        wait_until_serving(proc, healthy, STARTUP_SECONDS, lambda: "nest serve --batching "
+                           "did not come up")
+        alone = [ask(q) for q in questions]
+        before = metric("nest_model_forwards"), metric("nest_forward_calls_total")
+        together: dict[int, dict[str, Any]] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, ask(
+            questions[i]))) for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert [together[i] for i in range(len(questions))] == alone
+        assert ANSWER in alone[0]["text"]
+        model_calls = metric("nest_model_forwards") - before[0]
+        forward_calls = metric("nest_forward_calls_total") - before[1]
+        assert forward_calls > model_calls > 0  # some model calls ran several answers' steps
+    finally:
+        stop_process(proc, 30)

@@ -218,3 +218,15 @@ def test_index_from_an_empty_store_says_so_before_loading_a_model(tmp_path, caps
     assert "using the only Chroma collection" in err
     assert f"nest: error: {tmp_path} holds no passages with text" in err
     assert "loading the language model" not in err
+
+
+def test_serve_batches_only_when_asked_and_then_admits_more_answers() -> None:
+    """`nest serve` decodes answers one forward at a time (2 at once) by default;
+    `--batching` runs concurrent answers' forwards together and admits 8 (measured: pays with
+    long answers, not with the default short ones; docs/scaling.md)."""
+    plain = build_parser().parse_args(["serve", "--store", "s"])
+    batched = build_parser().parse_args(["serve", "--store", "s", "--batching"])
+    assert (plain.batching, batched.batching) == (False, True)
+    assert plain.max_concurrent is None  # cmd_serve: 2, or BATCHED_CONCURRENT with --batching
+    assert build_parser().parse_args(["serve", "--store", "s", "--batching",
+                                      "--max-concurrent", "3"]).max_concurrent == 3
