@@ -160,6 +160,23 @@ PASSAGES = [
 PROMPT = "Who founded the Zephyr Widget Company?"
 
 
+def assert_copies_are_their_source(dec: Any, max_new_tokens: int = 40) -> Any:
+    """Decode :data:`PROMPT` over :data:`PASSAGES` (with settings that copy) and check every
+    copied span: its tokens are the passage's tokens at its rows, its text the output's and
+    the passage's at its offsets, and the copied-token count adds up; returns the result."""
+    res = dec.generate(PROMPT, PASSAGES, max_new_tokens=max_new_tokens)
+    assert res.spans, "the copy-heavy setting must copy something"
+    by_id = {p.id: p for p in PASSAGES}
+    for span in res.spans:
+        encoded = dec.encoder.encode([by_id[span.passage.id]])[0]
+        rows = encoded.values[span.source_row: span.source_row + span.num_tokens]
+        assert rows.tolist() == res.token_ids[span.token_start:span.token_end]
+        assert res.text[span.out_start:span.out_end] == span.text
+        assert span.passage.text[span.src_start:span.src_end] == span.text
+    assert res.stats.copied_tokens == sum(s.num_tokens for s in res.spans)
+    return res
+
+
 @pytest.fixture(autouse=True)
 def no_calibrated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run the shipped defaults, whatever `nest calibrate` recorded on this machine."""

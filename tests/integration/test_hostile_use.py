@@ -22,7 +22,8 @@ httpx = pytest.importorskip("httpx")
 
 from conftest import free_port, stop_process, wait_until_serving  # noqa: E402
 
-from tests.integration.test_cli import HANDBOOK, NEST, POLICY, QUESTION  # noqa: E402
+from tests.integration.serving import index_handbook  # noqa: E402
+from tests.integration.test_cli import HANDBOOK, NEST, QUESTION  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -58,14 +59,7 @@ def test_smollm_prompt_keeps_its_turns_whatever_the_text_says(smollm) -> None:
 # --- cases 9, 10: a real server on loopback --------------------------------------------------
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nest_core.app.cli import main
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "history.md").write_text(HANDBOOK, encoding="utf-8")
-    (corpus / "policy.txt").write_text(POLICY, encoding="utf-8")
-    out = tmp_path_factory.mktemp("stores") / "faiss"
-    assert main(["index", str(corpus), "--out", str(out), "-q"]) == 0
-    return out
+    return index_handbook(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

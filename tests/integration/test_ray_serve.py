@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,8 @@ psutil = pytest.importorskip("psutil")
 from conftest import free_port, wait_until_serving  # noqa: E402
 
 from nest_core.app.ray_serve import REPLICA_HEADER  # noqa: E402
-from tests.integration.test_cli import HANDBOOK, NEST, POLICY, QUESTION  # noqa: E402
+from tests.integration.serving import burst, index_handbook  # noqa: E402
+from tests.integration.test_cli import NEST, QUESTION  # noqa: E402
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,14 +37,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nest_core.app.cli import main
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "history.md").write_text(HANDBOOK, encoding="utf-8")
-    (corpus / "policy.txt").write_text(POLICY, encoding="utf-8")
-    out = tmp_path_factory.mktemp("stores") / "faiss"
-    assert main(["index", str(corpus), "--out", str(out), "-q"]) == 0
-    return out
+    return index_handbook(tmp_path_factory)
 
 
 class Served:
@@ -206,29 +199,7 @@ def test_bad_requests_get_the_plain_servers_errors(ray_server: Served, plain: An
 def test_past_capacity_requests_are_refused_never_lost(ray_server: Served) -> None:
     """2 replicas x (1 answering + 1 queued): of 6 simultaneous requests at least 2 get 429
     at once; every request gets a response, every answer the right one."""
-    statuses: list[int] = []
-    answers: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(6)
-
-    def call() -> None:
-        start.wait()
-        r = httpx.post(f"{ray_server.base}/v1/chat/completions", json=ask_body(max_tokens=8),
-                       timeout=300)
-        with lock:
-            statuses.append(r.status_code)
-            if r.status_code == 200:
-                answers.append(r.json()["choices"][0]["message"]["content"])
-            else:
-                assert r.json()["error"]["code"] == "queue_full"
-                assert r.headers["retry-after"] == "1"
-
-    threads = [threading.Thread(target=call) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(statuses) == 6
+    statuses, answers = burst(ray_server.base, ask_body(max_tokens=8), 6)
     assert set(statuses) <= {200, 429}
     assert statuses.count(429) >= 2
     assert statuses.count(200) >= 2

@@ -22,7 +22,8 @@ httpx = pytest.importorskip("httpx")
 
 from conftest import free_port, stop_process, wait_until_serving  # noqa: E402
 
-from tests.integration.test_cli import HANDBOOK, NEST, POLICY, QUESTION  # noqa: E402
+from tests.integration.serving import burst, index_handbook  # noqa: E402
+from tests.integration.test_cli import NEST, QUESTION  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +33,7 @@ STARTUP_SECONDS = 300
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from nest_core.app.cli import main
-
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "history.md").write_text(HANDBOOK, encoding="utf-8")
-    (corpus / "policy.txt").write_text(POLICY, encoding="utf-8")
-    out = tmp_path_factory.mktemp("stores") / "faiss"
-    assert main(["index", str(corpus), "--out", str(out), "-q"]) == 0
-    return out
+    return index_handbook(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -185,28 +179,7 @@ def test_errors_are_openai_shaped(server: str) -> None:
 def test_past_capacity_requests_are_refused_never_lost(server: str) -> None:
     """1 answering + 1 queued: of 5 simultaneous requests, the rest get 429 at once; every
     request gets a response, and every answer is the right one."""
-    statuses: list[int] = []
-    answers: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(5)
-
-    def call() -> None:
-        start.wait()
-        r = httpx.post(f"{server}/v1/chat/completions", json=ask_body(), timeout=300)
-        with lock:
-            statuses.append(r.status_code)
-            if r.status_code == 200:
-                answers.append(r.json()["choices"][0]["message"]["content"])
-            else:
-                assert r.json()["error"]["code"] == "queue_full"
-                assert r.headers["retry-after"] == "1"
-
-    threads = [threading.Thread(target=call) for _ in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(statuses) == 5
+    statuses, answers = burst(server, ask_body(), 5)
     assert set(statuses) <= {200, 429}
     assert statuses.count(200) >= 1
     assert statuses.count(429) >= 1

@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT
+from conftest import PASSAGES, PROMPT, assert_copies_are_their_source
 from tiny_archs import ARCHITECTURES, SLIDING, tiny_lm
 
 from nest_core import NestConfig, NestDecoder
@@ -70,17 +70,7 @@ def test_copied_spans_are_their_source_text(arch, dtype):
     # caught: a crop that leaves the KV cache out of step with the output (a sliding layer
     # past its window), so a verified draft is judged on the wrong context
     lm = shared_lm(arch, dtype)
-    dec = NestDecoder(lm, COPY_HEAVY)
-    res = dec.generate(PROMPT, PASSAGES, max_new_tokens=40)
-    assert res.spans, "the copy-heavy setting must copy something"
-    by_id = {p.id: p for p in PASSAGES}
-    for span in res.spans:
-        encoded = dec.encoder.encode([by_id[span.passage.id]])[0]
-        rows = encoded.values[span.source_row: span.source_row + span.num_tokens]
-        assert rows.tolist() == res.token_ids[span.token_start:span.token_end]
-        assert res.text[span.out_start:span.out_end] == span.text
-        assert span.passage.text[span.src_start:span.src_end] == span.text
-    assert res.stats.copied_tokens == sum(s.num_tokens for s in res.spans)
+    assert_copies_are_their_source(NestDecoder(lm, COPY_HEAVY))
 
 
 class RecordingLM(LanguageModel):

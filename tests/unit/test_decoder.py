@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT
+from conftest import PASSAGES, PROMPT, assert_copies_are_their_source
 
 from nest_core import EncodedPassage, NestConfig, NestDecoder, Passage, Span
 from nest_core.app.render import stats_line
@@ -43,17 +43,7 @@ def test_without_retrieval_output_equals_greedy_search(tiny_lm, config, passages
 
 
 def test_every_copied_token_is_the_passage_token_it_cites(tiny_lm):
-    dec = NestDecoder(tiny_lm, COPY_HEAVY)
-    res = dec.generate(PROMPT, PASSAGES, max_new_tokens=40)
-    assert res.spans, "the copy-heavy setting must copy something"
-    by_id = {p.id: p for p in PASSAGES}
-    for span in res.spans:
-        encoded = dec.encoder.encode([by_id[span.passage.id]])[0]
-        rows = encoded.values[span.source_row: span.source_row + span.num_tokens]
-        assert rows.tolist() == res.token_ids[span.token_start:span.token_end]
-        assert res.text[span.out_start:span.out_end] == span.text
-        assert span.passage.text[span.src_start:span.src_end] == span.text
-    assert res.stats.copied_tokens == sum(s.num_tokens for s in res.spans)
+    res = assert_copies_are_their_source(NestDecoder(tiny_lm, COPY_HEAVY))
     assert 0 < res.attribution_ratio <= 1
 
 
