@@ -3,18 +3,22 @@
 A CPU forward of a small LM is bound by reading the weights: a 1-token forward costs about
 what an 8-token one does (:mod:`nest_core.small_batches`). Concurrent requests that take
 turns on the weights each pay that read alone. Here every generation keeps its own loop
-(drafts, verification, spans, stops) and its own KV cache, but hands its forward to one
-:class:`ForwardBatcher` thread, which runs the forwards that are waiting as ONE model call:
+(drafts, verification, spans, stops) and its own KV cache, but hands its forward to the
+model's :class:`ForwardBatcher`, which runs the forwards that are waiting as ONE model call:
 the new tokens of every request side by side in one packed row (no padding), each at its own
 positions, each attending to its own cache only (:func:`packed_attention`). Requests join
 and leave between steps (continuous batching); a new request's prompt is read in the same
-model call as the others' drafts (its logits at its last position only). A forward with no
-other request waiting runs unpacked: one request alone decodes exactly as without batching.
+model call as the others' drafts (its logits at its last position only). A generation alone
+runs its forward in its own thread, unpacked: it decodes exactly as without batching.
+
+It pays where decoding steps dominate an answer; where reading the prompt does (short
+answers on a small CPU: compute-bound, nothing to share) it does not (``nest serve
+--batching``, measured in ``benchmarks/README.md``).
 
 Packed rows go through the same weights as solo rows, but a matrix product of several rows
 may round differently in the last bits from a product of one (another BLAS kernel); where
 two tokens' scores nearly tie, a greedy answer can then differ from the request's solo
-answer (measured in ``benchmarks/bench_serve.py``).
+answer (``benchmarks/bench_serve.py`` counts them: none so far).
 
 Models whose attention cannot be switched (``set_attn_implementation``: flash kernels,
 remote code) keep decoding, each forward alone.
@@ -43,8 +47,6 @@ PACKED = "nest_packed_"  # prefix of the attention implementations registered he
 MAX_PACKED_TOKENS = 512  # most new tokens of all requests in one packed forward
 MAX_WAIT_SECONDS = 0.004  # how long a step waits for the other requests' next forwards
 
-Forward = Callable[..., LMOutput]
-
 
 class PackedCache:
     """The KV caches of the requests in one packed forward, seen by the model as one cache.
@@ -72,10 +74,11 @@ class PackedCache:
 
 
 def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[..., Any]:
-    """An attention function that is ``original`` for ordinary forwards, and for a packed
-    forward (``nest_packed=`` a :class:`PackedCache`) runs ``original`` once per request:
-    its queries against its own keys, causal within its new tokens. ``additive``: the
-    function adds a float mask (eager) instead of taking a boolean one (sdpa)."""
+    """An attention function that is ``original`` for ordinary forwards; in a packed forward
+    (``nest_packed=`` a :class:`PackedCache`) each request's queries attend to its own keys,
+    causal within its new tokens (and its sliding window): in one padded call for sdpa
+    (:func:`_padded_sdpa`), else ``original`` once per request (eager, soft-capping).
+    ``additive``: ``original`` adds a float mask (eager) instead of taking a boolean one."""
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -85,7 +88,7 @@ def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[.
         window = kwargs.get("sliding_window")  # a sliding layer sees this many keys
         if not additive and not any(kwargs.get(k) is not None
                                     for k in ("softcap", "s_aux", "position_bias")):
-            return _padded_sdpa(module, query, packed.lengths, packed.layers[module.layer_idx],
+            return _padded_sdpa(query, packed.lengths, packed.layers[module.layer_idx],
                                 window, kwargs.get("scaling")), None
         outs, start = [], 0
         for t, (k, v) in zip(packed.lengths, packed.layers[module.layer_idx], strict=True):
@@ -115,12 +118,12 @@ def _visible(t: int, length: int, window: int | None, device: torch.device) -> t
     return mask
 
 
-def _padded_sdpa(module: Any, query: torch.Tensor, lengths: Sequence[int],
+def _padded_sdpa(query: torch.Tensor, lengths: Sequence[int],
                  layers: Sequence[tuple[torch.Tensor, torch.Tensor]], window: int | None,
                  scaling: float | None) -> torch.Tensor:
     """Every request's attention in ONE scaled-dot-product call: queries and keys padded to
-    the longest, each request's visible keys in the mask. A call per request cost about
-    0.6 ms per request and layer in Python and kernel launches (SmolLM2, 2 CPU cores)."""
+    the longest, each request's visible keys in the mask (a call per request and layer made
+    an 8-request forward of SmolLM2 about 15% slower on 2 CPU cores)."""
     b, heads, dim = len(lengths), query.shape[1], query.shape[-1]
     t_max, l_max = max(lengths), max(k.shape[-2] for k, _ in layers)
     k0 = layers[0][0]
