@@ -201,7 +201,6 @@ def paper_prompt_layout(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
 
         monkeypatch.setitem(ANSWER_DEFAULTS, "repeat_question", False)
         monkeypatch.setitem(ANSWER_DEFAULTS, "abstain_below", 0.0)
-        monkeypatch.setitem(ANSWER_DEFAULTS, "abstain_unnamed", False)
         monkeypatch.setitem(ANSWER_DEFAULTS, "quote_below", 0.0)
 
 
