@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from nest_core.focus import Embed, cosines, question_names, stem, terms, titled
 from nest_core.types import Passage
 
+_ACRONYM = re.compile(r"\b[A-Z][A-Z0-9]+\b")  # "ISO", "RAID", "UTF8"
+
 # Words an answer adds that say nothing about where it came from (stemmed as terms() does).
 FILLER = frozenset(stem(w) for w in (
     "them", "him", "her", "his", "hers", "one", "also", "yes", "use", "used", "using",
@@ -48,11 +50,15 @@ def relevance(question: str, passages: Sequence[Passage], embed: Embed) -> float
 def missing_names(question: str, passages: Sequence[Passage]) -> list[frozenset[str]]:
     """The names ``question`` writes (:func:`nest_core.focus.question_names`, stemmed words
     each) that no passage holds whole (its title and text, every word of the name); none
-    without passages (nothing to judge by)."""
+    without passages (nothing to judge by). A name written in capitals alone ("ISO",
+    "RAID") does not count: an acronym often qualifies what is asked ("the ISO 3166-1 code
+    of Romania") and the passage that answers need not spell it."""
     bags = [terms(titled(p, p.text)) for p in passages]
     if not bags:
         return []
-    return [n for n in question_names(question) if not any(n <= b for b in bags)]
+    acronyms = {stem(w.lower()) for w in _ACRONYM.findall(question)}
+    return [n for n in question_names(question)
+            if not n <= acronyms and not any(n <= b for b in bags)]
 
 
 def coverage(question: str, passages: Sequence[Passage]) -> float:

@@ -131,3 +131,14 @@ def test_abstention_settings_are_validated():
         NestConfig(abstain_below=1.5)
     with pytest.raises(ValueError, match="abstention"):
         NestConfig(abstention=" ")
+
+
+def test_an_acronym_that_qualifies_the_question_is_not_a_missing_name() -> None:
+    """"The ISO 3166-1 code of Romania" is answered by a passage that never says "ISO": a
+    name in capitals alone does not count as missing; a real name still does."""
+    from nest_core.grounding import missing_names
+
+    romania = [Passage("ro", "Romania: alpha-2 code RO, alpha-3 code ROU, numeric code 642.")]
+    assert missing_names("What is the ISO 3166-1 numeric code of Romania?", romania) == []
+    assert missing_names("What is the ISO code of Pomona Land?", romania) == [
+        frozenset({"pomona", "land"})]
