@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 PACKED = "nest_packed_"  # prefix of the attention implementations registered here
 MAX_PACKED_TOKENS = 512  # most new tokens of all requests in one packed forward
-MAX_WAIT_SECONDS = 0.004  # how long a step waits for the other requests' next forwards
+MAX_WAIT_SECONDS = 0.015  # how long a step waits for the other requests' next forwards
 
 
 class PackedCache:
