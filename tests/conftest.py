@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nest_core.decoding.policy import Shortcuts
+from nest_core.lm import LanguageModel as LanguageModelBase
 from nest_core.types import Passage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -158,6 +159,44 @@ PASSAGES = [
     Passage("fox", "The quick brown fox jumps over the lazy dog."),
 ]
 PROMPT = "Who founded the Zephyr Widget Company?"
+
+
+class RecordingLM(LanguageModelBase):
+    """The real model (not a mock), recording each cached forward: what the cache held
+    before it, the ids fed and the logits it gave. No prefix cache: every prompt is fed."""
+
+    def __init__(self, lm: Any) -> None:
+        super().__init__(lm.model, lm.tokenizer, name=lm.name, prefix_cache_bytes=0)
+        self.calls: list[tuple[int, list[int], torch.Tensor]] = []
+
+    def forward(self, input_ids, cache, key_layer, last_only=False):  # type: ignore[no-untyped-def]
+        before = cache.get_seq_length()
+        out = super().forward(input_ids, cache, key_layer, last_only=last_only)
+        self.calls.append((before, list(input_ids), out.logits))
+        return out
+
+
+def assert_cache_stays_aligned(lm: Any, tol: float = 1e-4) -> tuple[Any, list[int]]:
+    """Decode :data:`PROMPT` with drafts that get partly rejected and check that every
+    forward's logits are those of a fresh forward of all the ids fed so far (a crop that
+    leaves the KV cache out of step with the output fails); returns the result and the ids
+    fed."""
+    from nest_core import NestConfig, NestDecoder
+
+    recording = RecordingLM(lm)
+    cfg = NestConfig(confidence_offset=1.0, relaxation=1.0, span_length=8,
+                     initial_span_length=8)
+    res = NestDecoder(recording, cfg).generate(PROMPT, PASSAGES, max_new_tokens=40)
+    assert res.stats.accepted_draft_tokens < res.stats.drafted_tokens, "need a rejection"
+    fed: list[int] = []
+    cropped = False
+    for before, ids, logits in recording.calls:
+        cropped |= before < len(fed)
+        fed = fed[:before] + ids
+        fresh = lm.forward(fed, lm.new_cache(), -2).logits[-logits.shape[0]:]
+        torch.testing.assert_close(logits, fresh, atol=tol, rtol=tol)
+    assert cropped, "a partial acceptance must crop the cache"
+    return res, fed
 
 
 def assert_copies_are_their_source(dec: Any, max_new_tokens: int = 40) -> Any:

@@ -15,7 +15,7 @@ import functools
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT, assert_copies_are_their_source
+from conftest import PASSAGES, PROMPT, assert_cache_stays_aligned, assert_copies_are_their_source
 from tiny_archs import ARCHITECTURES, SLIDING, tiny_lm
 
 from nest_core import NestConfig, NestDecoder
@@ -73,41 +73,14 @@ def test_copied_spans_are_their_source_text(arch, dtype):
     assert_copies_are_their_source(NestDecoder(lm, COPY_HEAVY))
 
 
-class RecordingLM(LanguageModel):
-    """The real model, recording each cached forward: what the cache held before it, the
-    ids fed and the logits it gave (as in test_decoder.py)."""
-
-    def __init__(self, lm: LanguageModel) -> None:
-        super().__init__(lm.model, lm.tokenizer, name=lm.name, prefix_cache_bytes=0)
-        self.calls: list[tuple[int, list[int], torch.Tensor]] = []
-
-    def forward(self, input_ids, cache, key_layer, last_only=False):
-        before = cache.get_seq_length()
-        out = super().forward(input_ids, cache, key_layer, last_only=last_only)
-        self.calls.append((before, list(input_ids), out.logits))
-        return out
-
-
 @pytest.mark.parametrize(("arch", "dtype"), CASES)
 def test_the_cache_stays_aligned_after_partial_acceptance(arch, dtype):
     # caught: a cropped sliding layer that still holds (or lost) the window's tokens; every
     # forward's logits must be those of a fresh forward of all the ids fed so far
-    lm = RecordingLM(shared_lm(arch, dtype))
-    cfg = NestConfig(confidence_offset=1.0, relaxation=1.0, span_length=8,
-                     initial_span_length=8)
-    res = NestDecoder(lm, cfg).generate(PROMPT, PASSAGES, max_new_tokens=40)
-    assert res.stats.accepted_draft_tokens < res.stats.drafted_tokens, "need a rejection"
-    fed: list[int] = []
-    cropped = 0
     # bf16 rounds the same sums differently in a 1-token and a whole-sequence forward;
     # a misaligned cache changes the logits by O(1)
     tol = 1e-4 if dtype == torch.float32 else 0.1
-    for before, ids, logits in lm.calls:
-        cropped += before < len(fed)
-        fed = fed[:before] + ids
-        fresh = shared_lm(arch, dtype).forward(fed, lm.new_cache(), -2).logits
-        torch.testing.assert_close(logits, fresh[-logits.shape[0]:], atol=tol, rtol=tol)
-    assert cropped, "a partial acceptance must crop the cache"
+    _, fed = assert_cache_stays_aligned(shared_lm(arch, dtype), tol)
     if arch in SLIDING:
         assert len(fed) > 2 * 16, "the sliding window must be passed"
 

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 import torch
-from conftest import PASSAGES, PROMPT, assert_copies_are_their_source
+from conftest import PASSAGES, PROMPT, assert_cache_stays_aligned, assert_copies_are_their_source
 
 from nest_core import EncodedPassage, NestConfig, NestDecoder, Passage, Span
 from nest_core.app.render import stats_line
@@ -168,34 +168,8 @@ def test_only_the_key_layer_is_kept_and_it_is_the_same_state(tiny_lm, key_layer)
     assert ("output_hidden_states" in hooked.kwargs) == (hooked.layer is None)
 
 
-class RecordingLM(LanguageModel):
-    """The real tiny LM, recording what each cached forward saw (not a mock)."""
-
-    def __init__(self, lm: LanguageModel) -> None:
-        super().__init__(lm.model, lm.tokenizer, name=lm.name)
-        self.calls: list[tuple[int, list[int], torch.Tensor]] = []
-
-    def forward(self, input_ids, cache, key_layer, last_only=False):
-        before = cache.get_seq_length()
-        out = super().forward(input_ids, cache, key_layer, last_only=last_only)
-        self.calls.append((before, list(input_ids), out.logits))
-        return out
-
-
 def test_cache_stays_aligned_after_partial_acceptance(tiny_lm):
-    lm = RecordingLM(tiny_lm)
-    cfg = NestConfig(confidence_offset=1.0, relaxation=1.0, span_length=8,
-                     initial_span_length=8)
-    res = NestDecoder(lm, cfg).generate(PROMPT, PASSAGES, max_new_tokens=40)
-    assert res.stats.accepted_draft_tokens < res.stats.drafted_tokens, "need a rejection"
-    fed: list[int] = []
-    cropped = False
-    for before, ids, logits in lm.calls:
-        cropped |= before < len(fed)
-        fed = fed[:before] + ids
-        fresh = tiny_lm.forward(fed, tiny_lm.new_cache(), -2).logits[-logits.shape[0]:]
-        torch.testing.assert_close(logits, fresh, atol=1e-4, rtol=1e-4)
-    assert cropped, "a partial acceptance must crop the cache"
+    res, fed = assert_cache_stays_aligned(tiny_lm)
     prompt = tiny_lm.prompt_ids(PROMPT)
     assert fed[: len(prompt)] == prompt
     assert res.token_ids[: len(fed) - len(prompt)] == fed[len(prompt):]
