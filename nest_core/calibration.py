@@ -7,8 +7,9 @@ corpus puts its unanswerable questions at another distance. ``nest calibrate QUE
 --store DIR`` measures, on the user's questions over their own store, which focus size
 answers most questions right and which abstention threshold declines the unanswerable ones
 while declining at most :data:`MAX_ABSTAIN_ANSWERABLE` of the answerable ones, with and
-without ``abstain_unnamed`` (a name the question writes that no passage holds), which it
-turns on where it declines more unanswerable questions within that cap; it writes
+without each lexical rule (``abstain_unnamed``: a name the question writes that no passage
+holds; ``abstain_rare``: a rare word so), each turned on only where it declines more
+unanswerable questions within that cap; it writes
 them to the settings file (:func:`settings_path`) under the model's name, and
 :func:`~nest_core.config.default_config` applies them for that model on every surface.
 
@@ -19,19 +20,22 @@ question the documents do not answer.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nest_core.grounding import missing_names
+from nest_core.grounding import missing_names, missing_rare_words
 from nest_core.types import NestResult, Passage
 
 SETTINGS_ENV = "NEST_ANSWER_SETTINGS"  # the settings file; "" turns calibrated settings off
-CALIBRATED = ("focus_sentences", "abstain_below", "abstain_unnamed")  # what a calibration may set
+# the abstention rules that decline a question writing a word no passage holds
+LEXICAL_RULES = ("abstain_unnamed", "abstain_rare")
+CALIBRATED = ("focus_sentences", "abstain_below", *LEXICAL_RULES)  # what a calibration may set
 FOCUS_GRID: tuple[int | None, ...] = (1, 2, 3, None)  # None: the top passages whole
 MAX_ABSTAIN_ANSWERABLE = 0.1  # the share of answerable questions abstention may decline
 
@@ -126,8 +130,9 @@ class Calibration:
         rows = ["| focus | right (answerable) |", "|---|---:|"]
         rows += [f"| {k} | {v:.3f} |" for k, v in self.right_by_focus.items()]
         if self.abstain_unanswerable is not None:
+            rules = ", ".join(f"{r}={self.settings.get(r, False)}" for r in LEXICAL_RULES)
             rows += ["", (f"abstain_below={self.settings.get('abstain_below', 0.0):.3f}, "
-                          f"abstain_unnamed={self.settings.get('abstain_unnamed', False)}: "
+                          f"{rules}: "
                           f"abstains on {self.abstain_unanswerable:.0%} of unanswerable and "
                           f"{self.abstain_answerable:.0%} of answerable questions")]
         return "\n".join(rows)
@@ -152,28 +157,46 @@ def _threshold(answerable: Sequence[float], unanswerable: Sequence[float], allow
     return min(ceiling, max(reachable) + 1e-6) if reachable else 0.0
 
 
-def choose_abstention(answerable: Sequence[tuple[float, bool]],
-                      unanswerable: Sequence[tuple[float, bool]],
+def choose_abstention(answerable: Sequence[tuple[float, frozenset[str]]],
+                      unanswerable: Sequence[tuple[float, frozenset[str]]],
                       cap: float = MAX_ABSTAIN_ANSWERABLE) -> dict[str, Any]:
-    """``abstain_below`` and ``abstain_unnamed`` from each question's ``(relevance, a name
-    it writes is in no passage)``: the threshold alone (:func:`choose_threshold`), or the
-    missing names plus the threshold chosen on the questions they leave, within the same
-    cap of answerable questions declined; the names go on only where they decline more
-    unanswerable questions than the threshold alone."""
+    """``abstain_below`` and the :data:`LEXICAL_RULES` from each question's ``(relevance,
+    the lexical rules that would decline it)``: for the threshold alone and for every set of
+    rules, the rules' declines plus the threshold chosen on the questions they leave, within
+    one cap of answerable questions declined; the set that declines the most unanswerable
+    questions wins, then the one that declines fewer answerable ones, then the smaller (a
+    rule goes on only where it declines more)."""
     allowed = int(cap * len(answerable))
-    alone = choose_threshold([s for s, _ in answerable], [s for s, _ in unanswerable], cap)
-    left = [s for s, n in answerable if not n]  # the answerable questions names keep
-    threshold = _threshold(left, [s for s, n in unanswerable if not n],
-                           allowed - (len(answerable) - len(left)))
-    if len(answerable) - len(left) <= allowed and declined(unanswerable, threshold, True) \
-            > declined(unanswerable, alone, False):
-        return {"abstain_below": threshold, "abstain_unnamed": True}
-    return {"abstain_below": alone, "abstain_unnamed": False}
+    best: tuple[tuple[int, int], dict[str, Any]] | None = None
+    for size in range(len(LEXICAL_RULES) + 1):
+        for rules in itertools.combinations(LEXICAL_RULES, size):
+            kept = [s for s, fired in answerable if not fired & set(rules)]
+            spent = len(answerable) - len(kept)
+            if spent > allowed:
+                continue
+            threshold = _threshold(kept, [s for s, fired in unanswerable
+                                          if not fired & set(rules)], allowed - spent)
+            settings = {"abstain_below": threshold, **{r: r in rules for r in LEXICAL_RULES}}
+            score = (declined(unanswerable, settings), -declined(answerable, settings))
+            if best is None or score > best[0]:
+                best = score, settings
+    assert best is not None  # the threshold alone never spends more than the cap
+    return best[1]
 
 
-def declined(questions: Sequence[tuple[float, bool]], threshold: float, unnamed: bool) -> int:
-    """How many of ``questions`` ``(relevance, a name missing)`` the rule declines."""
-    return sum(s < threshold or (unnamed and n) for s, n in questions)
+def declined(questions: Sequence[tuple[float, frozenset[str]]], settings: Mapping[str, Any]
+             ) -> int:
+    """How many of ``questions`` ``(relevance, the lexical rules that fire)`` the
+    ``settings`` (``abstain_below`` and the rules on) decline."""
+    on = {r for r in LEXICAL_RULES if settings.get(r)}
+    return sum(s < settings["abstain_below"] or bool(fired & on) for s, fired in questions)
+
+
+def lexical_rules(question: str, passages: Sequence[Passage]) -> frozenset[str]:
+    """The :data:`LEXICAL_RULES` that would decline ``question`` over ``passages``."""
+    return frozenset(r for r, fires in (("abstain_unnamed", missing_names),
+                                        ("abstain_rare", missing_rare_words))
+                     if fires(question, passages))
 
 
 def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult],
@@ -192,7 +215,7 @@ def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult]
     for focus in focus_grid:
         hits = [q.is_right(answer(q.question, found[q.question],
                                   {"focus_sentences": focus, "abstain_below": 0.0,
-                                   "abstain_unnamed": False}).text)
+                                   **dict.fromkeys(LEXICAL_RULES, False)}).text)
                 for q in answerable]
         right["whole" if focus is None else str(focus)] = \
             sum(hits) / len(hits) if hits else 0.0
@@ -205,15 +228,13 @@ def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult]
     settings: dict[str, Any] = {"focus_sentences": best}
     un = ans = None
     if no:
-        judged = {q.question: (scores[q.question],
-                               bool(missing_names(q.question, found[q.question])))
+        judged = {q.question: (scores[q.question], lexical_rules(q.question, found[q.question]))
                   for q in questions}
         can = [judged[q.question] for q in answerable]
         cannot = [judged[q.question] for q in questions if not q.answerable]
         settings.update(choose_abstention(can, cannot))
-        rule = settings["abstain_below"], settings["abstain_unnamed"]
-        un = declined(cannot, *rule) / len(cannot)
-        ans = declined(can, *rule) / len(can) if can else 0.0
+        un = declined(cannot, settings) / len(cannot)
+        ans = declined(can, settings) / len(can) if can else 0.0
     evidence = {"questions": len(questions), "answerable": len(answerable),
                 "right_by_focus": right,
                 "relevance_answerable_median": statistics.median(yes) if yes else None,
@@ -222,5 +243,5 @@ def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult]
 
 
 __all__ = ["Calibration", "CalibrationQuestion", "calibrate", "calibrated_settings",
-           "choose_abstention", "choose_threshold", "declined", "load_questions", "save_settings",
-           "settings_path"]
+           "choose_abstention", "choose_threshold", "declined", "lexical_rules", "load_questions",
+           "save_settings", "settings_path"]

@@ -78,12 +78,16 @@ def stem(word: str) -> str:
     return str(_SNOWBALL.stemWord(word))
 
 
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` that are not :data:`STOP_WORDS`, lower-cased, in order."""
+    return [w for w in (m.lower() for m in _WORD.findall(text)) if w not in STOP_WORDS]
+
+
 @functools.lru_cache(maxsize=4096)
 def terms(text: str) -> frozenset[str]:
     """The content words of ``text``, lower-cased and stemmed (memoised: a store's passages
     come back query after query)."""
-    return frozenset(stem(w) for w in (m.lower() for m in _WORD.findall(text))
-                     if w not in STOP_WORDS)
+    return frozenset(stem(w) for w in content_words(text))
 
 
 def question_weights(question: str) -> dict[frozenset[str], float]:

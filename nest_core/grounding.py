@@ -16,17 +16,34 @@
   what they lack; handbook dev: 12 of 13 unanswerable questions declined with
   ``abstain_below`` 0.46 (11 without), no answerable one more
   (``benchmarks/abstention_signals.py``).
+* :func:`missing_rare_words`: the rare words the question writes (outside a general English
+  vocabulary: "firewalld", "TOTP", "Proxmox", "systemd") that no retrieved passage holds:
+  the same evidence as a missing name, for the tools and terms users type in lower case and
+  without the common words a name can be ("Zoom", "Cockpit") or the acronyms a question is
+  qualified by ("ISO", in the vocabulary); ``abstain_rare``.
 * :func:`coverage`: the share of the question's content words the passages hold, weighted
   by rarity among them (measured, not used: its threshold did not carry from dev to test).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
+from importlib import resources
 
-from nest_core.focus import Embed, cosines, question_names, stem, terms, titled
+from nest_core.focus import (
+    STOP_WORDS,
+    Embed,
+    content_words,
+    cosines,
+    question_names,
+    stem,
+    terms,
+    titled,
+)
 from nest_core.types import Passage
 
 _ACRONYM = re.compile(r"\b[A-Z][A-Z0-9]+\b")  # "ISO", "RAID", "UTF8"
@@ -59,6 +76,64 @@ def missing_names(question: str, passages: Sequence[Passage]) -> list[frozenset[
     acronyms = {stem(w.lower()) for w in _ACRONYM.findall(question)}
     return [n for n in question_names(question)
             if not n <= acronyms and not any(n <= b for b in bags)]
+
+
+# The whole lower-case words of the bert-base-uncased WordPiece vocabulary (all-MiniLM-L6-v2's,
+# Apache 2.0; 21,719 words): the common English a tokenizer trained on books and Wikipedia
+# keeps whole. A word outside it, and outside it less one affix, is rare.
+_VOCABULARY = "english_words.txt"
+_PREFIXES = ("re", "un", "non", "pre", "dis", "over", "sub", "multi", "inter", "co", "de",
+             "mis", "out")
+_SUFFIXES = ("able", "ible", "less", "ness", "ers", "er", "ing", "ed", "es", "s", "ly", "ful")
+_LETTERS = re.compile(r"[^\W\d_]+")  # runs of letters: the words a vocabulary can judge
+MIN_RARE_LETTERS = 3  # shorter words ("js", the "d" of "d'Ivoire") are fragments, not terms
+
+
+@functools.cache
+def _vocabulary() -> tuple[frozenset[str], frozenset[str]]:
+    """The vocabulary's words and their stems."""
+    text = resources.files("nest_core").joinpath("data", _VOCABULARY).read_text("utf-8")
+    words = frozenset(text.split())
+    return words, frozenset(stem(w) for w in words)
+
+
+def _fold(word: str) -> str:
+    """``word`` without accents ("côte" -> "cote"), as the vocabulary writes it."""
+    return "".join(c for c in unicodedata.normalize("NFKD", word) if not unicodedata.combining(c))
+
+
+@functools.lru_cache(maxsize=8192)
+def familiar(word: str) -> bool:
+    """Whether the lower-case ``word`` is common English: in the vocabulary, by its stem
+    ("enlarges"), or less one common prefix or suffix ("rerun", "writable", "rootless")."""
+    words, stems = _vocabulary()
+
+    def known(w: str) -> bool:
+        return w in words or stem(w) in stems
+
+    word = _fold(word)
+    if known(word):
+        return True
+    return any(word.startswith(p) and len(word) - len(p) >= MIN_RARE_LETTERS
+               and known(word[len(p):]) for p in _PREFIXES) \
+        or any(word.endswith(s) and len(word) - len(s) >= MIN_RARE_LETTERS
+               and (known(word[:-len(s)]) or known(word[:-len(s)] + "e")) for s in _SUFFIXES)
+
+
+def missing_rare_words(question: str, passages: Sequence[Passage]) -> list[str]:
+    """The rare words ``question`` writes (not :func:`familiar`; letters only, at least
+    :data:`MIN_RARE_LETTERS`) that no passage holds (title or text, by stem), lower case;
+    none without passages, and none for a question that does not read as English (no
+    English stop word, or fewer than half its words familiar or stop words: the vocabulary
+    cannot judge "Wie lange dauert die Elternzeit?")."""
+    bags = [terms(titled(p, p.text)) for p in passages]
+    words = [m.lower() for m in _LETTERS.findall(question)]
+    english = sum(w in STOP_WORDS or familiar(w) for w in words)
+    if not bags or not STOP_WORDS.intersection(words) or 2 * english < len(words):
+        return []
+    rare = [w for w in dict.fromkeys(content_words(question))
+            if w.isalpha() and len(w) >= MIN_RARE_LETTERS and not familiar(w)]
+    return [w for w in rare if not any(stem(w) in b for b in bags)]
 
 
 def coverage(question: str, passages: Sequence[Passage]) -> float:

@@ -37,6 +37,7 @@ from nest_core.grounding import (
     answer_support,
     asks_yes_or_no,
     missing_names,
+    missing_rare_words,
     relevance,
 )
 from nest_core.lm import LanguageModel, Message
@@ -98,10 +99,13 @@ def abstains(config: NestConfig, question: str, passages: Sequence[Passage],
              embed: Embed | None = None) -> bool:
     """Whether the ``passages`` do not hold the question: its cosine to the best of them is
     below ``abstain_below`` (with ``embed``), or, with ``abstain_unnamed``, a name it writes
-    is in none of them. Never without passages (nothing was retrieved to judge by)."""
+    is in none of them, or, with ``abstain_rare``, a rare word it writes is in none of them.
+    Never without passages (nothing was retrieved to judge by)."""
     if not passages:
         return False
     if config.abstain_unnamed and missing_names(question, passages):
+        return True
+    if config.abstain_rare and missing_rare_words(question, passages):
         return True
     return bool(config.abstain_below) and embed is not None \
         and relevance(question, passages, embed) < config.abstain_below

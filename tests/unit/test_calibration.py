@@ -15,6 +15,7 @@ from nest_core.calibration import (
     calibrated_settings,
     choose_abstention,
     choose_threshold,
+    declined,
     load_questions,
     save_settings,
 )
@@ -36,29 +37,57 @@ def test_the_threshold_declines_the_unanswerable_within_the_answerable_cap():
     assert choose_threshold(answerable, [0.6]) == 0.0  # none can go within the cap
 
 
+NAMED, RARE, NONE = (frozenset({"abstain_unnamed"}), frozenset({"abstain_rare"}),
+                     frozenset())
+
+
 def test_missing_names_go_on_only_where_they_decline_more_within_the_cap():
     # caught: names on whatever they cost; the cap not shared between names and threshold;
     # names on where they add nothing; the threshold chosen over the named questions too
-    answerable = [(0.9, False), (0.8, False), (0.7, False), (0.65, False), (0.6, False),
-                  (0.55, False), (0.5, False), (0.45, False), (0.44, False), (0.3, False)]
+    answerable = [(0.9, NONE), (0.8, NONE), (0.7, NONE), (0.65, NONE), (0.6, NONE),
+                  (0.55, NONE), (0.5, NONE), (0.45, NONE), (0.44, NONE), (0.3, NONE)]
     # the threshold alone declines 0.2 and 0.35 (at most 1 of 10 answerable below it);
     # a named 0.7 one only with the names
-    unanswerable = [(0.2, False), (0.35, False), (0.7, True)]
+    unanswerable = [(0.2, NONE), (0.35, NONE), (0.7, NAMED)]
     on = choose_abstention(answerable, unanswerable)
     assert on["abstain_unnamed"] is True
+    assert on["abstain_rare"] is False  # no rare word missing: nothing to add
     assert on["abstain_below"] == pytest.approx(0.35, abs=1e-5)
     # one answerable question named too: it uses the cap, so the threshold must keep 0.3
-    named_answerable = [*answerable[:-2], (0.95, True), (0.3, False)]
-    both = choose_abstention(named_answerable, [*unanswerable, (0.75, True)])
+    named_answerable = [*answerable[:-2], (0.95, NAMED), (0.3, NONE)]
+    both = choose_abstention(named_answerable, [*unanswerable, (0.75, NAMED)])
     assert both["abstain_unnamed"] is True
     assert both["abstain_below"] == pytest.approx(0.2, abs=1e-5)  # 0.35 would take 0.3
     # the names add nothing: off, the threshold alone
-    alone = choose_abstention(answerable, [(0.2, True), (0.35, False)])
-    assert alone == {"abstain_below": pytest.approx(0.35, abs=1e-5), "abstain_unnamed": False}
+    alone = choose_abstention(answerable, [(0.2, NAMED), (0.35, NONE)])
+    assert alone == {"abstain_below": pytest.approx(0.35, abs=1e-5), "abstain_unnamed": False,
+                     "abstain_rare": False}
     # the names cost more answerable questions than the cap: off, however many they catch
-    costly = [(s, i < 2) for i, (s, _) in enumerate(answerable)]
-    many = [*unanswerable, (0.75, True), (0.8, True)]
+    costly = [(s, NAMED if i < 2 else NONE) for i, (s, _) in enumerate(answerable)]
+    many = [*unanswerable, (0.75, NAMED), (0.8, NAMED)]
     assert choose_abstention(costly, many)["abstain_unnamed"] is False
+
+
+def test_each_lexical_rule_goes_on_alone_or_with_the_other_where_it_declines_more():
+    # caught: one rule's declines credited to the other; both on where one does as well
+    # (ties keep the smaller set); the rules' answerable declines not charged to the cap
+    answerable = [(0.9 - 0.05 * i, NONE) for i in range(10)]  # 10: 1 may be declined
+    rare_only = choose_abstention(answerable, [(0.2, NONE), (0.7, RARE), (0.8, RARE)])
+    assert (rare_only["abstain_rare"], rare_only["abstain_unnamed"]) == (True, False)
+    together = choose_abstention(answerable, [(0.7, RARE), (0.8, NAMED), (0.85, NAMED | RARE)])
+    assert (together["abstain_rare"], together["abstain_unnamed"]) == (True, True)
+    # both rules fire on the same questions: one is enough (the first in LEXICAL_RULES)
+    same = choose_abstention(answerable, [(0.7, NAMED | RARE)])
+    assert (same["abstain_unnamed"], same["abstain_rare"]) == (True, False)
+    # a rule declining two answerable questions spends more than the cap of one
+    costly = [(s, RARE if i < 2 else NONE) for i, (s, _) in enumerate(answerable)]
+    assert choose_abstention(costly, [(0.7, RARE), (0.8, RARE)])["abstain_rare"] is False
+    # the one a rule declines of the answerable is the one the threshold could have taken
+    cheap = [*answerable[:-1], (0.2, RARE)]
+    rule = choose_abstention(cheap, [(0.7, RARE), (0.1, NONE)])
+    assert rule["abstain_rare"] is True
+    assert declined(cheap, rule) == 1
+    assert declined([(0.1, NONE), (0.7, RARE)], rule) == 2
 
 
 def test_questions_file_is_checked(tmp_path: Path):
@@ -124,4 +153,5 @@ def test_calibrate_measures_each_focus_with_the_real_decoder(tiny_lm):
     assert cal.settings["focus_sentences"] == 1  # best or tied: the smallest
     assert cal.settings["abstain_below"] == pytest.approx(0.2, abs=1e-5)
     assert cal.settings["abstain_unnamed"] is False  # no name missing: nothing to add
+    assert cal.settings["abstain_rare"] is False
     assert (cal.abstain_unanswerable, cal.abstain_answerable) == (1.0, 0.0)

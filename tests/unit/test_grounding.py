@@ -9,7 +9,13 @@ from conftest import PASSAGES, PROMPT
 from nest_core import NestConfig, NestDecoder, Passage
 from nest_core.config import default_config
 from nest_core.decoding.policy import context
-from nest_core.grounding import answer_support, missing_names, relevance
+from nest_core.grounding import (
+    answer_support,
+    familiar,
+    missing_names,
+    missing_rare_words,
+    relevance,
+)
 from nest_core.stores.embeddings import HashingEmbeddings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -63,17 +69,65 @@ def test_a_question_naming_what_no_passage_holds_gets_the_abstention(tiny_lm):
     # caught: the option ignored, or applied when off; the names rule needing an embedder
     # (it is lexical); abstaining without passages
     q = "What does a Pomona robot cost at the Zephyr Widget Company?"  # no "Pomona" anywhere
-    on = default_config("tiny", abstain_unnamed=True, abstention="Not in the documents.")
+    on = default_config("tiny", abstain_unnamed=True, abstain_rare=False,
+                        abstention="Not in the documents.")
     assert context(on, q, q, PASSAGES).abstain
     assert not context(on, PROMPT, PROMPT, PASSAGES).abstain  # every name held
     assert not context(on, q, q, []).abstain
-    assert not context(default_config("tiny"), q, q, PASSAGES).abstain  # off by default
+    assert not context(default_config("tiny", abstain_rare=False), q, q, PASSAGES).abstain
     res = NestDecoder(tiny_lm, on).generate(q, PASSAGES, max_new_tokens=8)
     assert (res.finish_reason, res.text, res.token_ids) == (
         "abstained", "Not in the documents.", [])
     assert not NestDecoder(tiny_lm, on).generate(PROMPT, PASSAGES, max_new_tokens=4).abstained
     with pytest.raises(ValueError, match="abstain_unnamed"):
         NestConfig(abstain_unnamed="yes")  # type: ignore[arg-type]
+
+
+def test_familiar_words_are_the_vocabularys_by_stem_or_one_affix():
+    # caught: the stem or an affix not tried; accents kept; an affix leaving a fragment
+    assert all(familiar(w) for w in ("configure", "zones", "apt", "iso", "romania"))
+    assert familiar("enlarges")  # by its stem ("enlarge")
+    assert all(familiar(w) for w in ("rerun", "writable", "rootless"))  # less one affix
+    assert familiar("côte")  # the vocabulary writes it "cote"
+    assert not any(familiar(w) for w in ("firewalld", "kubernetes", "fstrim", "totp",
+                                         "proxmox", "pomona"))
+    assert not familiar("reed" + "zq")  # "re" + a fragment the vocabulary lacks
+
+
+def test_missing_rare_words_are_the_question_terms_outside_common_english_no_passage_holds():
+    # caught: common words counted; a rare word held by one passage (by stem) still counted;
+    # lower case not judged (unlike names); no passages judged; other languages judged
+    trim = [*BOOK, Passage("trim", "The fstrim.timer unit trims mounted filesystems weekly.")]
+    assert missing_rare_words("How do I configure firewalld zones with APT?", trim) == [
+        "firewalld"]
+    assert missing_rare_words("how do i run kubernetes?", trim) == ["kubernetes"]  # no capital
+    assert missing_rare_words("How often does fstrim run?", trim) == []  # held
+    assert missing_rare_words("How often does fstrim run with zpool or Podman?", trim) == [
+        "zpool", "podman"]
+    assert missing_rare_words("How do I run Kubernetes?", []) == []  # nothing to judge by
+    # an acronym the vocabulary knows ("ISO") qualifies, it is not the thing asked about
+    romania = [Passage("ro", "Romania: alpha-2 code RO, alpha-3 code ROU, numeric code 642.")]
+    assert missing_rare_words("What is the ISO 3166-1 numeric code of Romania?", romania) == []
+    assert missing_rare_words("What is the TOTP code of Romania?", romania) == ["totp"]
+    # not English: no stop word, or most words unknown to the vocabulary
+    assert missing_rare_words("Wie lange dauert die Elternzeit bei Zephyr?", PASSAGES) == []
+    assert missing_rare_words("Ist die Datei gross?", PASSAGES) == []  # familiar, no stop word
+    assert missing_rare_words("Kubernetes Proxmox Nextcloud zpool at fstrim?", trim) == []
+
+
+def test_a_question_writing_a_rare_word_no_passage_holds_gets_the_abstention(tiny_lm):
+    # caught: the option ignored, or applied when off; needing an embedder (it is lexical)
+    q = "How do I install firewalld at the Zephyr Widget Company?"
+    on = default_config("tiny", abstain_rare=True, abstention="Not in the documents.")
+    assert context(on, q, q, PASSAGES).abstain
+    assert not context(on, PROMPT, PROMPT, PASSAGES).abstain  # "Zephyr" is held
+    assert not context(on, q, q, []).abstain
+    assert not context(default_config("tiny", abstain_rare=False), q, q, PASSAGES).abstain
+    res = NestDecoder(tiny_lm, on).generate(q, PASSAGES, max_new_tokens=8)
+    assert (res.finish_reason, res.text, res.token_ids) == (
+        "abstained", "Not in the documents.", [])
+    with pytest.raises(ValueError, match="abstain_rare"):
+        NestConfig(abstain_rare=1)  # type: ignore[arg-type]
 
 
 def _decoder(tiny_lm, **overrides):
@@ -86,7 +140,8 @@ def test_a_question_far_from_every_passage_gets_the_abstention(tiny_lm):
     embed = HashingEmbeddings(256)
     far, near = "What is the price of a Pomona robot?", "Who founded the Zephyr Widget Company?"
     threshold = (relevance(far, PASSAGES, embed) + relevance(near, PASSAGES, embed)) / 2
-    config = default_config("tiny", abstain_below=threshold, abstention="Not in the documents.")
+    config = default_config("tiny", abstain_below=threshold, abstain_rare=False,
+                            abstention="Not in the documents.")
     dec = NestDecoder(tiny_lm, config, embed=embed)
     res = dec.generate(far, PASSAGES, max_new_tokens=8)
     assert res.abstained
