@@ -25,12 +25,15 @@ Signals (higher = more evidence the documents answer the question):
   terms (a name one term, weighing 1.5x, held only whole);
 * ``names_held``: 1 when every name the question writes (capitalised mid-sentence) is held
   by some passage, else 0 (:func:`nest_core.grounding.missing_names`,
-  ``NestConfig.abstain_unnamed``).
+  ``NestConfig.abstain_unnamed``);
+* ``rare_held``: 1 when every rare word the question writes (outside a general English
+  vocabulary) is held by some passage, else 0 (:func:`nest_core.grounding.missing_rare_words`,
+  ``NestConfig.abstain_rare``, shipped).
 
 Rules: each signal alone (abstain below t), and ``passage_cos < a OR <second> < b`` for a
 grid of ``a``, ``b`` (``--combine``): the two measure different things (topic, fact).
-``names_held`` has one threshold (a name missing or not): ``passage_cos < a OR a name
-missing`` is the shipped option (``abstain_below`` = a, ``abstain_unnamed``).
+``names_held`` and ``rare_held`` have one threshold (missing or not): ``passage_cos < a OR
+a rare word missing`` is the shipped default (``abstain_below`` = a, ``abstain_rare``).
 
 Run: ``python -m benchmarks.abstention_signals [--rules ...]``
 """
@@ -63,7 +66,7 @@ def compute(questions: Sequence[Question], found: dict[str, list[Any]], embed: A
             store_df: Counter[str], store_size: int, sentences: bool = True
             ) -> list[Signals]:
     from nest_core.focus import cosines, split_sentences, terms, titled
-    from nest_core.grounding import coverage, missing_names, relevance
+    from nest_core.grounding import coverage, missing_names, missing_rare_words, relevance
 
     out = []
     for q in questions:
@@ -87,6 +90,7 @@ def compute(questions: Sequence[Question], found: dict[str, list[Any]], embed: A
             "coverage_best": max((len(asked & b) / len(asked) for b in bags), default=0.0)
             if asked else 1.0,
             "names_held": float(not missing_names(q.question, ps)),
+            "rare_held": float(not missing_rare_words(q.question, ps)),
             "coverage_named": named_coverage(q.question, bags),
         }
         out.append(Signals(q, values))
@@ -142,7 +146,8 @@ def combined_rules(second: str, rows: dict[str, list[Signals]],
     lines: list[str] = []
     if any(math.isnan(r.values[second]) for r in rows["dev"]):  # not computed
         return lines
-    if second == "names_held":
+    held = {"names_held": "a name missing", "rare_held": "a rare word missing"}
+    if second in held:
         grid = (1.0,)
     for a in cos_grid:
         for b in grid:
@@ -150,7 +155,7 @@ def combined_rules(second: str, rows: dict[str, list[Signals]],
                 return v["passage_cos"] < a or v[second] < b
             un, ans = rate(rows["dev"], rule)
             tu, ta = rate(rows["test"], rule)
-            name = "a name missing" if second == "names_held" else f"{second} < {b:.2f}"
+            name = held.get(second, f"{second} < {b:.2f}")
             lines.append(f"| passage_cos < {a:.2f} or {name} | {un:.2f} / "
                          f"{ans:.2f} | {tu:.2f} / {ta:.2f} | {meets(un, ans)} | "
                          f"{meets(tu, ta)} |")
@@ -160,8 +165,8 @@ def combined_rules(second: str, rows: dict[str, list[Signals]],
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--signals", default="passage_cos,sentence_cos,margin,coverage_any,"
-                    "coverage_idf,coverage_local,coverage_best,names_held")
-    ap.add_argument("--combine", default="names_held,coverage_local,coverage_named,"
+                    "coverage_idf,coverage_local,coverage_best,names_held,rare_held")
+    ap.add_argument("--combine", default="rare_held,names_held,coverage_local,coverage_named,"
                     "coverage_idf,coverage_any,sentence_cos",
                     help="second signals tried with passage_cos (OR)")
     ap.add_argument("--dump", action="store_true", help="print every question's signals")
