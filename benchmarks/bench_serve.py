@@ -73,7 +73,8 @@ def start_server(store: Path, port: int, args: argparse.Namespace, batching: boo
     proc = subprocess.Popen(
         [sys.executable, "-m", "nest_core.app.cli", "serve", "--store", str(store),
          "--port", str(port), "--max-concurrent", str(concurrent), "--mode", args.mode,
-         "--max-queue", str(args.max_queue), *(["--batching"] if batching else [])],
+         "--max-queue", str(args.max_queue), *(["--batching"] if batching else []),
+         *(["--dtype", args.dtype] if args.dtype else [])],
         env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, text=True)
     import httpx
@@ -212,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", default="default",
                     help="the servers' --mode (nest: the paper's decoding, longer answers)")
     ap.add_argument("--out", default="serve_load.json", help="file name under results/")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="the model's dtype in both servers (default: nest serve's)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     store = build_store()
@@ -232,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     solo = runs[0]["reference"]
     for run in runs:  # a request alone decodes the same whatever the setting
         run["solo_answers_differ"] = sum(run["reference"][q] != solo[q] for q in QUESTIONS)
-    out = {"mode": args.mode, "max_tokens": args.max_tokens, "cpu_count": os.cpu_count(),
+    out = {"mode": args.mode, "max_tokens": args.max_tokens, "dtype": args.dtype or "float32",
+           "cpu_count": os.cpu_count(),
            "questions": len(QUESTIONS), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -6,7 +6,9 @@ call, so a 4-token forward of SmolLM2-135M costs about twice a 1-token one (2 th
 ``(W @ x^T)^T`` reads the weight as it lies and costs about as much as the 1-token forward
 (``python -m benchmarks.bench_forward``). It is the same product; another kernel may round
 differently in the last bits (SmolLM2's logits came out bit-identical here, and 0 of 30
-doc-QA answers changed).
+doc-QA answers changed). In bfloat16 the plain product is the faster one (oneDNN's bf16
+kernels: 2-16 rows 43-58 ms against 57-66 ms, 1 row 44 ms, 2 threads, AVX512-BF16), so only
+float32 takes the weight-first one.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ MAX_ROWS = 32  # from 2 up to this many rows (batch x tokens) take the weight-fi
 
 
 class WeightFirstLinear(torch.nn.Linear):
-    """``nn.Linear`` whose CPU forwards of 2 to :data:`MAX_ROWS` rows compute
+    """``nn.Linear`` whose CPU float32 forwards of 2 to :data:`MAX_ROWS` rows compute
     ``(W @ x^T)^T``; everything else is ``F.linear``. Same parameters and state dict."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = x.shape[-1]
         rows = x.numel() // features if features else 0
-        if not 1 < rows <= MAX_ROWS or x.device.type != "cpu":
+        if not 1 < rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         out = (self.weight @ x.reshape(rows, features).T).T  # [rows, out]
         if self.bias is not None:

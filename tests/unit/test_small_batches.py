@@ -28,6 +28,20 @@ def test_weight_first_computes_the_linear_layer(shape, bias):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_weight_first_is_the_float32_product_only():
+    # caught: bfloat16 sent through the weight-first product (slower there: oneDNN's bf16
+    # kernels serve F.linear), or float32 few-row inputs not sent through it
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40)
+    layer.__class__ = WeightFirstLinear
+    x = torch.randn(4, 24)
+    weight_first = (layer.weight @ x.T).T + layer.bias
+    assert torch.equal(layer(x), weight_first.contiguous())
+    half = copy.deepcopy(layer).to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(half(xb), torch.nn.functional.linear(xb, half.weight, half.bias))
+
+
 def test_use_weight_first_changes_plain_linear_layers_only():
     class Adapter(torch.nn.Linear):
         pass
