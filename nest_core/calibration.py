@@ -169,13 +169,13 @@ def choose_abstention(answerable: Sequence[tuple[float, frozenset[str]]],
     allowed = int(cap * len(answerable))
     best: tuple[tuple[int, int], dict[str, Any]] | None = None
     for size in range(len(LEXICAL_RULES) + 1):
-        for rules in itertools.combinations(LEXICAL_RULES, size):
-            kept = [s for s, fired in answerable if not fired & set(rules)]
+        for rules in map(frozenset, itertools.combinations(LEXICAL_RULES, size)):
+            kept = [s for s, fired in answerable if not fired & rules]
             spent = len(answerable) - len(kept)
             if spent > allowed:
                 continue
-            threshold = _threshold(kept, [s for s, fired in unanswerable
-                                          if not fired & set(rules)], allowed - spent)
+            threshold = _threshold(kept, [s for s, fired in unanswerable if not fired & rules],
+                                   allowed - spent)
             settings = {"abstain_below": threshold, **{r: r in rules for r in LEXICAL_RULES}}
             score = (declined(unanswerable, settings), -declined(answerable, settings))
             if best is None or score > best[0]:

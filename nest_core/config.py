@@ -226,9 +226,8 @@ ANSWER_DEFAULTS: dict[str, Any] = {
     # "Proxmox", "TOTP") is in no retrieved passage: handbook dev unanswerable 85% -> 92%,
     # answerable 2.2% unchanged; iso-codes doc-QA dev 60 recall 0.80 unchanged, two wrong
     # cited answers (gold passage not retrieved) declined instead. (`abstain_unnamed`, the
-    # same for capitalised names, ties on handbook dev but declines "What is the ISO
-    # 3166-1 numeric code of Romania?" over a passage that never says "ISO" and questions
-    # naming a common word: off; docs/settings.md)
+    # same for capitalised names, ties with it on handbook dev but misses what users type
+    # in lower case and counts common words used as names: off; docs/settings.md)
     "abstain_rare": True,
     # the focus sentence, quoted whole and cited, where the model's answer adds a content
     # word it does not hold (yes/no questions aside): handbook dev right 0.337 -> 0.483
