@@ -304,6 +304,7 @@ async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request,
             if piece.result is not None:
                 return piece.result
             if gone.is_set():
+                logger.info("the client left: stopped decoding its answer")
                 return None
         raise AssertionError("stream ended without a result")  # pragma: no cover
 
