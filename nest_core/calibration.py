@@ -29,12 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nest_core.grounding import missing_names, missing_rare_words
+from nest_core.grounding import LEXICAL_RULES
 from nest_core.types import NestResult, Passage
 
 SETTINGS_ENV = "NEST_ANSWER_SETTINGS"  # the settings file; "" turns calibrated settings off
-# the abstention rules that decline a question writing a word no passage holds
-LEXICAL_RULES = ("abstain_unnamed", "abstain_rare")
 CALIBRATED = ("focus_sentences", "abstain_below", *LEXICAL_RULES)  # what a calibration may set
 FOCUS_GRID: tuple[int | None, ...] = (1, 2, 3, None)  # None: the top passages whole
 MAX_ABSTAIN_ANSWERABLE = 0.1  # the share of answerable questions abstention may decline
@@ -160,8 +158,9 @@ def _threshold(answerable: Sequence[float], unanswerable: Sequence[float], allow
 def choose_abstention(answerable: Sequence[tuple[float, frozenset[str]]],
                       unanswerable: Sequence[tuple[float, frozenset[str]]],
                       cap: float = MAX_ABSTAIN_ANSWERABLE) -> dict[str, Any]:
-    """``abstain_below`` and the :data:`LEXICAL_RULES` from each question's ``(relevance,
-    the lexical rules that would decline it)``: for the threshold alone and for every set of
+    """``abstain_below`` and the :data:`~nest_core.grounding.LEXICAL_RULES` from each
+    question's ``(relevance, the lexical rules that would decline it)``: for the threshold
+    alone and for every set of
     rules, the rules' declines plus the threshold chosen on the questions they leave, within
     one cap of answerable questions declined; the set that declines the most unanswerable
     questions wins, then the one that declines fewer answerable ones, then the smaller (a
@@ -193,10 +192,9 @@ def declined(questions: Sequence[tuple[float, frozenset[str]]], settings: Mappin
 
 
 def lexical_rules(question: str, passages: Sequence[Passage]) -> frozenset[str]:
-    """The :data:`LEXICAL_RULES` that would decline ``question`` over ``passages``."""
-    return frozenset(r for r, fires in (("abstain_unnamed", missing_names),
-                                        ("abstain_rare", missing_rare_words))
-                     if fires(question, passages))
+    """The :data:`~nest_core.grounding.LEXICAL_RULES` that would decline ``question`` over
+    ``passages``."""
+    return frozenset(r for r, missing in LEXICAL_RULES.items() if missing(question, passages))
 
 
 def calibrate(answer: Callable[[str, list[Passage], dict[str, Any]], NestResult],

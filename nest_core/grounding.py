@@ -31,7 +31,7 @@ import functools
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 
 from nest_core.focus import (
@@ -64,13 +64,18 @@ def relevance(question: str, passages: Sequence[Passage], embed: Embed) -> float
     return max(cosines(question, [titled(p, p.text) for p in passages], embed))
 
 
+def passage_terms(passages: Sequence[Passage]) -> list[frozenset[str]]:
+    """Each passage's :func:`~nest_core.focus.terms`, its title included."""
+    return [terms(titled(p, p.text)) for p in passages]
+
+
 def missing_names(question: str, passages: Sequence[Passage]) -> list[frozenset[str]]:
     """The names ``question`` writes (:func:`nest_core.focus.question_names`, stemmed words
     each) that no passage holds whole (its title and text, every word of the name); none
     without passages (nothing to judge by). A name written in capitals alone ("ISO",
     "RAID") does not count: an acronym often qualifies what is asked ("the ISO 3166-1 code
     of Romania") and the passage that answers need not spell it."""
-    bags = [terms(titled(p, p.text)) for p in passages]
+    bags = passage_terms(passages)
     if not bags:
         return []
     acronyms = {stem(w.lower()) for w in _ACRONYM.findall(question)}
@@ -126,7 +131,7 @@ def missing_rare_words(question: str, passages: Sequence[Passage]) -> list[str]:
     none without passages, and none for a question that does not read as English (no
     English stop word, or fewer than half its words familiar or stop words: the vocabulary
     cannot judge "Wie lange dauert die Elternzeit?")."""
-    bags = [terms(titled(p, p.text)) for p in passages]
+    bags = passage_terms(passages)
     words = [m.lower() for m in _LETTERS.findall(question)]
     english = sum(w in STOP_WORDS or familiar(w) for w in words)
     if not bags or not STOP_WORDS.intersection(words) or 2 * english < len(words):
@@ -134,6 +139,14 @@ def missing_rare_words(question: str, passages: Sequence[Passage]) -> list[str]:
     rare = [w for w in dict.fromkeys(content_words(question))
             if w.isalpha() and len(w) >= MIN_RARE_LETTERS and not familiar(w)]
     return [w for w in rare if not any(stem(w) in b for b in bags)]
+
+
+# The abstention rules that decline a question writing a word no retrieved passage holds:
+# the NestConfig flag that turns each on, and what it finds missing (nothing: it passes).
+LEXICAL_RULES: dict[str, Callable[[str, Sequence[Passage]], Sequence[object]]] = {
+    "abstain_unnamed": missing_names,
+    "abstain_rare": missing_rare_words,
+}
 
 
 def coverage(question: str, passages: Sequence[Passage]) -> float:
@@ -146,7 +159,7 @@ def coverage(question: str, passages: Sequence[Passage]) -> float:
         return 1.0
     if not passages:
         return 0.0
-    bags = [terms(titled(p, p.text)) for p in passages]
+    bags = passage_terms(passages)
     n = len(bags)
     weight = {t: math.log(1.0 + (n + 1) / (1 + sum(t in b for b in bags))) for t in asked}
     return sum(w for t, w in weight.items() if any(t in b for b in bags)) / sum(weight.values())

@@ -33,11 +33,10 @@ from nest_core.decoding.judges import (
 from nest_core.decoding.stops import EndOfSequence, RepetitionStop, TokenStop
 from nest_core.focus import Sentence, best_sentences, continues_passage, focus_passages
 from nest_core.grounding import (
+    LEXICAL_RULES,
     Embed,
     answer_support,
     asks_yes_or_no,
-    missing_names,
-    missing_rare_words,
     relevance,
 )
 from nest_core.lm import LanguageModel, Message
@@ -103,9 +102,8 @@ def abstains(config: NestConfig, question: str, passages: Sequence[Passage],
     Never without passages (nothing was retrieved to judge by)."""
     if not passages:
         return False
-    if config.abstain_unnamed and missing_names(question, passages):
-        return True
-    if config.abstain_rare and missing_rare_words(question, passages):
+    if any(getattr(config, flag) and missing(question, passages)
+           for flag, missing in LEXICAL_RULES.items()):
         return True
     return bool(config.abstain_below) and embed is not None \
         and relevance(question, passages, embed) < config.abstain_below
