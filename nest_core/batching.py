@@ -18,8 +18,13 @@ answers on a small CPU: compute-bound, nothing to share) it does not (``nest ser
 Packed rows go through the same weights as solo rows, but a matrix product of several rows
 may round differently in the last bits from a product of one (another BLAS kernel); where
 two tokens' scores nearly tie, a greedy answer can then differ from the request's solo
-answer (``benchmarks/bench_serve.py`` counts them: 0 of 108 in float32; in bfloat16, whose
-products round far more coarsely, 53 of 336 batched answers differed from their solo ones).
+answer. In float32 that is rare (``benchmarks/bench_serve.py``: 0 of 108 batched answers
+differed from their solo ones). bfloat16 rounds every product into 8 bits, so there the
+packed forward is made to compute each request's rows exactly as its solo forward does:
+each request's attention runs alone at its own shapes (padding its keys to the longest
+request's changes how the kernel blocks the sum), and a lone forward's one-row products
+take the multi-row kernel (:class:`~nest_core.small_batches.PairedRowLinear`). Before that,
+53 of 336 batched bfloat16 answers differed from their solo ones.
 
 Models whose attention cannot be switched (``set_attn_implementation``: flash kernels,
 remote code) keep decoding, each forward alone.
@@ -41,6 +46,7 @@ from typing import Any
 import torch
 
 from nest_core.lm import KeyLayer, LanguageModel, LMOutput
+from nest_core.small_batches import use_paired_rows
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +83,9 @@ class PackedCache:
 def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[..., Any]:
     """An attention function that is ``original`` for ordinary forwards; in a packed forward
     (``nest_packed=`` a :class:`PackedCache`) each request's queries attend to its own keys,
-    causal within its new tokens (and its sliding window): in one padded call for sdpa
-    (:func:`_padded_sdpa`), else ``original`` once per request (eager, soft-capping).
+    causal within its new tokens (and its sliding window): in one padded call for float32
+    sdpa (:func:`_padded_sdpa`), else ``original`` once per request (eager, soft-capping,
+    and bfloat16, where only a request's own shapes give its solo forward's bits).
     ``additive``: ``original`` adds a float mask (eager) instead of taking a boolean one."""
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -87,8 +94,8 @@ def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[.
         if packed is None:
             return original(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
         window = kwargs.get("sliding_window")  # a sliding layer sees this many keys
-        if not additive and not any(kwargs.get(k) is not None
-                                    for k in ("softcap", "s_aux", "position_bias")):
+        if not additive and query.dtype == torch.float32 and not any(
+                kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):
             return _padded_sdpa(query, packed.lengths, packed.layers[module.layer_idx],
                                 window, kwargs.get("scaling")), None
         outs, start = [], 0
@@ -150,8 +157,9 @@ def _padded_sdpa(query: torch.Tensor, lengths: Sequence[int],
 
 def enable_packing(lm: LanguageModel) -> bool:
     """Switch ``lm``'s attention to one that also runs packed forwards (and is the model's
-    own for every other forward). Idempotent; False where the model's attention cannot be
-    switched (its forwards then run one by one)."""
+    own for every other forward); a bfloat16 model on CPU also gets paired-row linears (a
+    lone forward then rounds as a packed one). Idempotent; False where the model's attention
+    cannot be switched (its forwards then run one by one)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
@@ -181,6 +189,8 @@ def enable_packing(lm: LanguageModel) -> bool:
     except (ValueError, TypeError, AttributeError) as err:  # pragma: no cover - exotic models
         logger.warning("batching is off for %s: %s", lm.name, err)
         return False
+    if lm.dtype == torch.bfloat16 and lm.device.type == "cpu":
+        use_paired_rows(model)
     return True
 
 

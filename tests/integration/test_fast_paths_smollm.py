@@ -77,3 +77,46 @@ def test_smollm_loads_with_weight_first_layers_and_answers_the_same(smollm):
             question, PASSAGES, max_new_tokens=32)
         assert fast.stats.drafted_tokens > 0
         assert fast.token_ids == want.token_ids
+
+
+def test_bfloat16_steps_and_answers_packed_with_others_equal_their_solo_ones():
+    """``nest serve --batching --dtype bfloat16``'s promise on the real SmolLM2: a request's
+    forward packed with others' (1, 2, 4 or 8 new tokens, or a prompt read) gives the
+    logits of the same forward alone, bit for bit, and answers decoded together are the
+    answers decoded alone. Caught: a lone one-token step on oneDNN's one-row kernel (layer
+    10's down projection rounds otherwise), a request's keys padded to the longest's."""
+    import random
+
+    import torch
+
+    from nest_core.batching import batcher_for, forward_packed
+    from nest_core.models import load_model
+
+    lm = load_model(dtype="bfloat16", shared=False, prefix_cache_bytes=0)
+    batcher_for(lm)  # what a batching server does once, before any answer
+    rng = random.Random(0)
+    words = " ".join(p.text for p in PASSAGES).split()
+    key_layer = default_config(lm.name).key_layer
+
+    def text_ids(n: int) -> list[int]:
+        start = rng.randrange(len(words) - 10)
+        return lm.tokenizer(" ".join((words * 4)[start:start + n]))["input_ids"]
+
+    for _ in range(6):
+        prompts = [text_ids(rng.randint(20, 90)) for _ in range(rng.randint(2, 4))]
+        steps = [text_ids(12)[:rng.choice([1, 1, 2, 4, 8, 12])] for _ in prompts]
+        reads = [len(s) == 12 for s in steps]  # a new prompt: its last position only
+        caches, alone = [], []
+        for ids, step, read in zip(prompts, steps, reads, strict=True):
+            cache, solo = lm.new_cache(), lm.new_cache()
+            lm.forward(ids, cache, key_layer, last_only=True)
+            lm.forward(ids, solo, key_layer, last_only=True)
+            caches.append(cache)
+            alone.append(lm.forward(step, solo, key_layer, last_only=read))
+        packed = forward_packed(lm, list(zip(steps, caches, strict=True)), key_layer, reads)
+        for got, want in zip(packed, alone, strict=True):
+            assert torch.equal(got.logits, want.logits)
+    dec = NestDecoder(lm, default_config(lm.name))
+    solo = [dec.generate(q, PASSAGES, max_new_tokens=32).token_ids for q in QUESTIONS]
+    together = dec.generate_many(QUESTIONS, [PASSAGES] * 3, max_new_tokens=32)
+    assert [r.token_ids for r in together] == solo
