@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
-from typing import TypeVar
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -37,3 +39,45 @@ async def close_in_thread(iterator: Iterator[object]) -> None:
             await asyncio.to_thread(close)
         except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
             logger.debug("decoder stream abandoned while a step was running")
+
+
+async def aiter_on(pool: Executor, iterator: Iterator[_T]) -> AsyncGenerator[_T, None]:
+    """Drive a blocking iterator from async code in ONE call on ``pool``: a thread of it runs
+    the iterator to its end and hands each item to the event loop, instead of a hop to a
+    thread per item (a turn of the loop per decoding step, and the loop's default pool,
+    shared with everything else, caps how many run at once). When the consumer stops early
+    the thread stops after the item it is computing and closes the iterator itself."""
+    loop = asyncio.get_running_loop()
+    items: asyncio.Queue[tuple[Any, BaseException | None]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def hand(item: Any, err: BaseException | None = None) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(items.put_nowait, (item, err))
+
+    def run() -> None:
+        try:
+            for item in iterator:
+                if stop.is_set():
+                    break
+                hand(item)
+            else:
+                hand(_DONE)
+        except Exception as err:  # raised in the consumer
+            hand(_DONE, err)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    loop.run_in_executor(pool, run)
+    try:
+        while True:
+            item, err = await items.get()
+            if err is not None:
+                raise err
+            if item is _DONE:
+                return
+            yield item
+    finally:
+        stop.set()

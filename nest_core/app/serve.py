@@ -29,12 +29,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 try:
     from fastapi import FastAPI, Request
@@ -61,10 +60,11 @@ from nest_core.app.openai_api import (
 )
 from nest_core.app.schemas import REQUEST_BODIES, components, request_body
 from nest_core.app.service import AnswerService
-from nest_core.async_iter import aiter_in_thread, close_in_thread
+from nest_core.async_iter import aiter_on
 from nest_core.types import NestChunk, NestResult, Passage
 
 logger = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 
 
@@ -134,7 +134,14 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
     # one thread per answer decoding at once (each decodes in one call), whatever the cores
     workers = ThreadPoolExecutor(max_workers=limits.max_concurrent,
                                  thread_name_prefix="nest-answer")
-    app = FastAPI(title="nest", version=__version__,
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # at shutdown: stop waiting answers; a running one ends when its client is gone
+        workers.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="nest", version=__version__, lifespan=lifespan,
                   summary="Answers grounded in your documents, with their citations")
     _document_bodies(app)
 
@@ -198,7 +205,7 @@ def create_app(service: AnswerService, limits: ServeLimits | None = None,
                 metrics.answered(result)
                 return plain(retrieved, result)
             events = _sse(pieces, streamed(retrieved), lambda: gate.leave(True),
-                          metrics.answered)
+                          metrics.answered, workers)
             handed_off = True  # the stream leaves the gate when it ends
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -259,13 +266,23 @@ def _call(fn: Any, *args: Any) -> Any:
     """Run ``fn``; a failure becomes an OpenAI-shaped error that says what went wrong."""
     try:
         return fn(*args)
-    except ApiError:
-        raise
-    except TimeoutError as err:
-        raise ApiError(503, str(err), type="server_error", code="store_timeout") from err
-    except (ValueError, TypeError, OSError) as err:
-        logger.exception("request failed")
-        raise ApiError(500, f"{type(err).__name__}: {err}", type="server_error") from err
+    except (TimeoutError, ValueError, TypeError, OSError) as err:
+        raise _api_error(err) from err
+
+
+async def _call_async(awaitable: Awaitable[_R]) -> _R:
+    """:func:`_call` for a coroutine."""
+    try:
+        return await awaitable
+    except (TimeoutError, ValueError, TypeError, OSError) as err:
+        raise _api_error(err) from err
+
+
+def _api_error(err: Exception) -> ApiError:
+    if isinstance(err, TimeoutError):
+        return ApiError(503, str(err), type="server_error", code="store_timeout")
+    logger.exception("request failed")
+    return ApiError(500, f"{type(err).__name__}: {err}", type="server_error")
 
 
 async def _json_body(request: Any, max_bytes: int) -> Any:
@@ -292,43 +309,40 @@ DISCONNECT_POLL_SECONDS = 0.1  # how often a non-streamed answer checks its clie
 
 async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request,
                               workers: ThreadPoolExecutor) -> NestResult | None:
-    """The answer's result, decoded in one call on one of ``workers`` (a hop to a thread
-    per piece cost every decoding step a turn of the event loop, and the loop's default
-    pool has ``cpu_count + 4`` threads: 6 answers at most on 2 cores); ``None`` as soon as
-    the client has left (polled every :data:`DISCONNECT_POLL_SECONDS`, checked between
-    pieces: the decoder stops there)."""
-    gone = threading.Event()
+    """The answer's result, decoded in one call on one of ``workers`` (:func:`aiter_on`: a
+    hop to a thread per piece cost every decoding step a turn of the event loop, and the
+    loop's default pool has ``cpu_count + 4`` threads: 6 answers at most on 2 cores);
+    ``None`` as soon as the client has left (polled every :data:`DISCONNECT_POLL_SECONDS`;
+    the decoder stops after the piece it is computing)."""
 
-    def drain() -> NestResult | None:
-        for piece in pieces:
-            if piece.result is not None:
-                return piece.result
-            if gone.is_set():
-                logger.info("the client left: stopped decoding its answer")
-                return None
+    async def result() -> NestResult:
+        async with aclosing(aiter_on(workers, pieces)) as stream:
+            async for piece in stream:
+                if piece.result is not None:
+                    return piece.result
         raise AssertionError("stream ended without a result")  # pragma: no cover
 
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        gone.set()
-
-    watcher = asyncio.create_task(watch())
+    answer = asyncio.ensure_future(_call_async(result()))
     try:
-        return await asyncio.get_running_loop().run_in_executor(workers, _call, drain)
+        while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if await request.is_disconnected():
+                logger.info("the client left: stopped decoding its answer")
+                return None
+        return answer.result()
     finally:
-        watcher.cancel()
-        await close_in_thread(pieces)
+        answer.cancel()  # stops the decoder where the route itself is cancelled too
 
 
 async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callable[[], None],
-               answered: Callable[[NestResult], None]) -> AsyncIterator[str]:
-    """Server-sent events of one streamed answer in one wire format (``events``). A failure
-    mid-answer is sent as the format's error event (the status line is already out)."""
+               answered: Callable[[NestResult], None],
+               workers: ThreadPoolExecutor) -> AsyncIterator[str]:
+    """Server-sent events of one streamed answer in one wire format (``events``), decoded in
+    one call on one of ``workers`` (as a non-streamed answer is). A failure mid-answer is
+    sent as the format's error event (the status line is already out)."""
     try:
         for event in events.opening():
             yield event
-        async with aclosing(aiter_in_thread(lambda: pieces)) as stream:  # closes it early too
+        async with aclosing(aiter_on(workers, pieces)) as stream:  # stops it early too
             async for piece in stream:
                 for event in events.text(piece.text) if piece.text else []:
                     yield event
