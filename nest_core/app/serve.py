@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 try:
     from fastapi import FastAPI, Request
@@ -64,7 +65,6 @@ from nest_core.async_iter import aiter_on
 from nest_core.types import NestChunk, NestResult, Passage
 
 logger = logging.getLogger(__name__)
-_R = TypeVar("_R")
 
 
 
@@ -266,23 +266,13 @@ def _call(fn: Any, *args: Any) -> Any:
     """Run ``fn``; a failure becomes an OpenAI-shaped error that says what went wrong."""
     try:
         return fn(*args)
-    except (TimeoutError, ValueError, TypeError, OSError) as err:
-        raise _api_error(err) from err
-
-
-async def _call_async(awaitable: Awaitable[_R]) -> _R:
-    """:func:`_call` for a coroutine."""
-    try:
-        return await awaitable
-    except (TimeoutError, ValueError, TypeError, OSError) as err:
-        raise _api_error(err) from err
-
-
-def _api_error(err: Exception) -> ApiError:
-    if isinstance(err, TimeoutError):
-        return ApiError(503, str(err), type="server_error", code="store_timeout")
-    logger.exception("request failed")
-    return ApiError(500, f"{type(err).__name__}: {err}", type="server_error")
+    except ApiError:
+        raise
+    except TimeoutError as err:
+        raise ApiError(503, str(err), type="server_error", code="store_timeout") from err
+    except (ValueError, TypeError, OSError) as err:
+        logger.exception("request failed")
+        raise ApiError(500, f"{type(err).__name__}: {err}", type="server_error") from err
 
 
 async def _json_body(request: Any, max_bytes: int) -> Any:
@@ -309,28 +299,38 @@ DISCONNECT_POLL_SECONDS = 0.1  # how often a non-streamed answer checks its clie
 
 async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request,
                               workers: ThreadPoolExecutor) -> NestResult | None:
-    """The answer's result, decoded in one call on one of ``workers`` (:func:`aiter_on`: a
-    hop to a thread per piece cost every decoding step a turn of the event loop, and the
-    loop's default pool has ``cpu_count + 4`` threads: 6 answers at most on 2 cores);
-    ``None`` as soon as the client has left (polled every :data:`DISCONNECT_POLL_SECONDS`;
-    the decoder stops after the piece it is computing)."""
+    """The answer's result, decoded in one call on one of ``workers`` (a hop to a thread
+    per piece cost every decoding step a turn of the event loop, and the loop's default
+    pool has ``cpu_count + 4`` threads: 6 answers at most on 2 cores); ``None`` as soon as
+    the client has left (polled every :data:`DISCONNECT_POLL_SECONDS`, checked between
+    pieces: the decoder stops there, as it does when the route itself is cancelled)."""
+    gone = threading.Event()
 
-    async def result() -> NestResult:
-        async with aclosing(aiter_on(workers, pieces)) as stream:
-            async for piece in stream:
+    def drain() -> NestResult | None:
+        try:
+            for piece in pieces:
                 if piece.result is not None:
                     return piece.result
-        raise AssertionError("stream ended without a result")  # pragma: no cover
+                if gone.is_set():
+                    logger.info("the client left: stopped decoding its answer")
+                    return None
+            raise AssertionError("stream ended without a result")  # pragma: no cover
+        finally:
+            close = getattr(pieces, "close", None)
+            if close is not None:
+                close()
 
-    answer = asyncio.ensure_future(_call_async(result()))
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
     try:
-        while not (await asyncio.wait({answer}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-            if await request.is_disconnected():
-                logger.info("the client left: stopped decoding its answer")
-                return None
-        return answer.result()
+        return await asyncio.get_running_loop().run_in_executor(workers, _call, drain)
     finally:
-        answer.cancel()  # stops the decoder where the route itself is cancelled too
+        gone.set()
+        watcher.cancel()
 
 
 async def _sse(pieces: Iterator[NestChunk], events: EventStream, release: Callable[[], None],
