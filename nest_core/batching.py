@@ -9,7 +9,8 @@ the new tokens of every request side by side in one packed row (no padding), eac
 positions, each attending to its own cache only (:func:`packed_attention`). Requests join
 and leave between steps (continuous batching); a new request's prompt is read in the same
 model call as the others' drafts (its logits at its last position only). A generation alone
-runs its forward in its own thread, unpacked: it decodes exactly as without batching.
+runs its forward in its own thread; in float32 unpacked: it decodes exactly as without
+batching.
 
 It pays where decoding steps dominate an answer; where reading the prompt does (short
 answers on a small CPU: compute-bound, nothing to share) it does not (``nest serve
@@ -19,12 +20,12 @@ Packed rows go through the same weights as solo rows, but a matrix product of se
 may round differently in the last bits from a product of one (another BLAS kernel); where
 two tokens' scores nearly tie, a greedy answer can then differ from the request's solo
 answer. In float32 that is rare (``benchmarks/bench_serve.py``: 0 of 108 batched answers
-differed from their solo ones). bfloat16 rounds every product into 8 bits, so there the
-packed forward is made to compute each request's rows exactly as its solo forward does:
-each request's attention runs alone at its own shapes (padding its keys to the longest
-request's changes how the kernel blocks the sum), and a lone forward's one-row products
-take the multi-row kernel (:class:`~nest_core.small_batches.PairedRowLinear`). Before that,
-53 of 336 batched bfloat16 answers differed from their solo ones.
+differed from their solo ones). bfloat16 rounds every product into 8 bits, so there every
+forward of a batching model, a lone one too, runs the packed path, which computes each
+request's rows as they come out alone: each request's attention at its own shapes (padding
+its keys to the longest request's changes how the kernel blocks the sum), and one-row
+products on the multi-row kernel (:class:`~nest_core.small_batches.PairedRowLinear`).
+Before that, 53 of 336 batched bfloat16 answers differed from their solo ones.
 
 Models whose attention cannot be switched (``set_attn_implementation``: flash kernels,
 remote code) keep decoding, each forward alone.
@@ -63,9 +64,11 @@ class PackedCache:
     keys and values that request attends to, which :func:`packed_attention` reads by layer.
     """
 
-    def __init__(self, caches: Sequence[Any], lengths: Sequence[int]) -> None:
-        self.caches, self.lengths = list(caches), list(lengths)
+    def __init__(self, caches: Sequence[Any], lengths: Sequence[int],
+                 device: torch.device) -> None:
+        self.caches, self.lengths, self.device = list(caches), list(lengths), device
         self.layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._masks: dict[tuple[int, int, int | None], torch.Tensor] = {}
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int,
                *_: Any, **__: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,14 +82,26 @@ class PackedCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are passed explicitly
 
+    def mask(self, t: int, length: int, window: int | None) -> torch.Tensor | None:
+        """``[1, 1, t, length]``: what a request's t new tokens see of its ``length`` keys
+        (:func:`_visible`), made once per forward; ``None`` where they see every key."""
+        if t == 1 and not (window and length > window):
+            return None
+        found = self._masks.get((t, length, window))
+        if found is None:
+            found = self._masks[t, length, window] = _visible(t, length, window, self.device)[
+                None, None]
+        return found
+
 
 def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[..., Any]:
     """An attention function that is ``original`` for ordinary forwards; in a packed forward
     (``nest_packed=`` a :class:`PackedCache`) each request's queries attend to its own keys,
-    causal within its new tokens (and its sliding window): in one padded call for float32
-    sdpa (:func:`_padded_sdpa`), else ``original`` once per request (eager, soft-capping,
-    and bfloat16, where only a request's own shapes give its solo forward's bits).
-    ``additive``: ``original`` adds a float mask (eager) instead of taking a boolean one."""
+    causal within its new tokens (and its sliding window): in float32, in one padded sdpa
+    call (:func:`_padded_sdpa`); in a lower precision, once per request at its own shapes
+    (what keeps its bits those of its forward alone), in float32 for sdpa (:func:`_own_sdpa`)
+    and with ``original`` otherwise (eager, soft-capping). ``additive``: ``original`` adds a
+    float mask (eager) instead of taking a boolean one."""
 
     def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -94,26 +109,38 @@ def packed_attention(original: Callable[..., Any], additive: bool) -> Callable[.
         if packed is None:
             return original(module, query, key, value, attention_mask, **kwargs)  # type: ignore[no-any-return]
         window = kwargs.get("sliding_window")  # a sliding layer sees this many keys
-        if not additive and query.dtype == torch.float32 and not any(
-                kwargs.get(k) is not None for k in ("softcap", "s_aux", "position_bias")):
-            return _padded_sdpa(query, packed.lengths, packed.layers[module.layer_idx],
-                                window, kwargs.get("scaling")), None
+        layers = packed.layers[module.layer_idx]
+        sdpa = not additive and not any(kwargs.get(k) is not None
+                                        for k in ("softcap", "s_aux", "position_bias"))
+        if sdpa and query.dtype == torch.float32:
+            return _padded_sdpa(query, packed.lengths, layers, window, kwargs.get("scaling")), None
         outs, start = [], 0
-        for t, (k, v) in zip(packed.lengths, packed.layers[module.layer_idx], strict=True):
+        for t, (k, v) in zip(packed.lengths, layers, strict=True):
             q = query[:, :, start:start + t]  # [1, H, T_i, d]
             start += t
-            mask = None
-            length = k.shape[-2]  # the keys of the last `length` positions, new ones last
-            if t > 1 or (window and length >= t + window):
-                mask = _visible(t, length, window, q.device)[None, None]  # [1, 1, T_i, L]
-                if additive:
-                    mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) \
-                        .masked_fill(~mask, torch.finfo(q.dtype).min)
+            mask = packed.mask(t, k.shape[-2], window)
+            if sdpa:
+                outs.append(_own_sdpa(q, k, v, mask, kwargs.get("scaling")))
+                continue
+            if additive and mask is not None:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) \
+                    .masked_fill(~mask, torch.finfo(q.dtype).min)
             out, _ = original(module, q, k, v, mask, **kwargs)  # [1, T_i, H, d]
             outs.append(out)
         return torch.cat(outs, dim=1), None
 
     return attention
+
+
+def _own_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """One request's attention at its own shapes, computed in float32 (``[1, T, H, d]`` in
+    the query's dtype): on CPU the bfloat16 kernel costs 0.23 ms a call however small (a
+    step of SmolLM2: 1 query, 300 keys), float32's 0.04 ms plus the casts."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), key.float(), value.float(), attn_mask=mask, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])  # [1, H, T, d]
+    return out.to(query.dtype).transpose(1, 2)
 
 
 def _visible(t: int, length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -206,7 +233,7 @@ def forward_packed(lm: LanguageModel, calls: Sequence[tuple[Sequence[int], Any]]
     keep: list[int] = []  # the packed positions whose logits are wanted
     for end, t, only in zip(itertools.accumulate(lengths), lengths, last, strict=True):
         keep += [end - 1] if only else list(range(end - t, end))
-    packed = PackedCache(caches, lengths)
+    packed = PackedCache(caches, lengths, lm.device)
     ids = torch.tensor([[int(i) for ids, _ in calls for i in ids]], dtype=torch.long,
                        device=lm.device)  # [1, sum(T_i)]
     positions = torch.tensor([[c.get_seq_length() + j for c, t in zip(caches, lengths,
@@ -254,18 +281,22 @@ class ForwardBatcher:
     """Runs the forwards of every generation of one model on one thread, packed.
 
     A generation opens a :meth:`session` for its life and calls :meth:`forward` like
-    ``lm.forward``. A session alone runs its forward in its own thread, unpacked (no hand-off:
-    about 3% of a lone answer's time). Otherwise the call waits for its turn: the batcher's
-    thread waits up to ``max_wait`` for the sessions that have not handed in their next
-    forward (each is checking its last draft), then runs all that are waiting packed
-    (:func:`forward_packed`), at most ``max_tokens`` new tokens per model call (a longer
-    prompt is read alone). One forward of the model runs at a time.
+    ``lm.forward``. A session alone runs its forward in its own thread (no hand-off: about
+    3% of a lone answer's time), unpacked in float32 and packed (a pack of one) below it.
+    Otherwise the call waits for its turn: the batcher's thread waits up to ``max_wait`` for
+    the sessions that have not handed in their next forward (each is checking its last
+    draft), then runs all that are waiting packed (:func:`forward_packed`), at most
+    ``max_tokens`` new tokens per model call (a longer prompt is read alone). One forward of
+    the model runs at a time.
     """
 
     def __init__(self, lm: LanguageModel, *, max_tokens: int = MAX_PACKED_TOKENS,
                  max_wait: float = MAX_WAIT_SECONDS) -> None:
         self.lm, self.max_tokens, self.max_wait = lm, max_tokens, max_wait
         self.packs = enable_packing(lm)
+        # below float32 a forward alone runs packed too: a request then rounds the same
+        # whoever it shares its forwards with
+        self.alone_packed = self.packs and lm.dtype != torch.float32
         self.stats = BatchStats()
         self._pending: list[_Call] = []
         self._sessions = 0
@@ -346,7 +377,7 @@ class ForwardBatcher:
 
     def _run(self, group: list[_Call]) -> None:
         try:
-            if len(group) == 1:
+            if len(group) == 1 and not self.alone_packed:
                 c = group[0]
                 outs = [self.lm.forward(c.ids, c.cache, c.key_layer, last_only=c.last_only)]
             else:

@@ -83,8 +83,9 @@ def test_bfloat16_steps_and_answers_packed_with_others_equal_their_solo_ones():
     """``nest serve --batching --dtype bfloat16``'s promise on the real SmolLM2: a request's
     forward packed with others' (1, 2, 4 or 8 new tokens, or a prompt read) gives the
     logits of the same forward alone, bit for bit, and answers decoded together are the
-    answers decoded alone. Caught: a lone one-token step on oneDNN's one-row kernel (layer
-    10's down projection rounds otherwise), a request's keys padded to the longest's."""
+    answers decoded alone. Caught: a forward alone run unpacked (bfloat16 attention, not the
+    packed path's float32), a lone one-token step on oneDNN's one-row kernel (layer 10's
+    down projection rounds otherwise), a request's keys padded to the longest's."""
     import random
 
     import torch
@@ -93,7 +94,7 @@ def test_bfloat16_steps_and_answers_packed_with_others_equal_their_solo_ones():
     from nest_core.models import load_model
 
     lm = load_model(dtype="bfloat16", shared=False, prefix_cache_bytes=0)
-    batcher_for(lm)  # what a batching server does once, before any answer
+    batcher = batcher_for(lm)  # what a batching server does once, before any answer
     rng = random.Random(0)
     words = " ".join(p.text for p in PASSAGES).split()
     key_layer = default_config(lm.name).key_layer
@@ -112,7 +113,7 @@ def test_bfloat16_steps_and_answers_packed_with_others_equal_their_solo_ones():
             lm.forward(ids, cache, key_layer, last_only=True)
             lm.forward(ids, solo, key_layer, last_only=True)
             caches.append(cache)
-            alone.append(lm.forward(step, solo, key_layer, last_only=read))
+            alone.append(batcher.forward(step, solo, key_layer, last_only=read))
         packed = forward_packed(lm, list(zip(steps, caches, strict=True)), key_layer, reads)
         for got, want in zip(packed, alone, strict=True):
             assert torch.equal(got.logits, want.logits)

@@ -216,3 +216,45 @@ def test_sigterm_takes_the_cluster_down(ray_server: Served) -> None:
     assert not alive, [(p.pid, p.name()) for p in alive]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{ray_server.base}/health", timeout=5)
+
+
+def test_on_a_running_cluster_it_answers_and_leaves_the_cluster_up(
+        store: Path, plain: Any, tmp_path: Path) -> None:
+    """``--ray-address``: a cluster someone already runs (started here, as ``ray start
+    --head`` would): one replica answers with the plain server's citations; SIGTERM removes
+    this app only, and the cluster, with Ray Serve on it, stays up for its other users."""
+    import ray
+    from ray import serve
+
+    from nest_core.app.ray_serve import APP_NAME
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        port, log = free_port(), tmp_path / "stderr.log"
+        with log.open("w") as err:
+            proc = subprocess.Popen(
+                [*NEST, "serve", "--ray", "--replicas", "1", "--ray-address",
+                 ray.get_runtime_context().gcs_address, "--store", str(store), "--port",
+                 str(port), "--max-concurrent", "1", "--max-queue", "1",
+                 "--max-tokens-limit", "64"],
+                env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
+                stderr=err, text=True)
+        try:
+            wait_until_serving(
+                proc, lambda: "1 replica(s) running" in log.read_text(errors="replace"),
+                STARTUP_SECONDS, lambda: f"nest serve --ray-address: {log.read_text()[-4000:]}")
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=ask_body(),
+                           timeout=300)
+            assert r.status_code == 200, r.text
+            expected = plain.post("/v1/chat/completions", json=ask_body()).json()
+            assert r.json()["choices"][0]["message"] == expected["choices"][0]["message"]
+            assert r.json()["nest"]["citations"] == expected["nest"]["citations"]
+            assert ANSWER in r.json()["choices"][0]["message"]["content"]
+            proc.terminate()
+            assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+        finally:
+            _stop(proc)
+        assert APP_NAME not in serve.status().applications  # this app is gone
+        assert ray.cluster_resources().get("CPU") == 2  # the cluster is not
+    finally:
+        ray.shutdown()

@@ -206,15 +206,17 @@ def test_generate_many_checks_its_arguments(lm: LanguageModel) -> None:
 def test_packing_on_every_tested_architecture(arch: str, dtype: torch.dtype) -> None:
     """Llama, Qwen, Mistral, Gemma and Phi-3 layouts: a packed forward equals each request
     alone, past the sliding window too (prompts of 7, 20 and 30 tokens, window 16), bit for
-    bit in bfloat16 (each request's attention at its own shapes, paired-row linears), and
-    answers decoded together are the answers decoded alone."""
+    bit in bfloat16 (a forward alone packed too, each request's attention at its own shapes,
+    paired-row linears), and answers decoded together are the answers decoded alone."""
     lm = tiny_lm(arch, dtype)
-    assert enable_packing(lm)
+    batcher = batcher_for(lm)  # a forward alone: unpacked in fp32, a pack of one in bf16
+    assert batcher.packs
     torch.manual_seed(2)
     prompts = [torch.randint(3, 300, (n,)).tolist() for n in (7, 20, 30)]
     steps = [[5, 6, 7], [9], [10, 11, 12, 13]]
     alone_caches, packed_caches = prefilled(lm, prompts), prefilled(lm, prompts)
-    alone = [lm.forward(s, c, key_layer=2) for s, c in zip(steps, alone_caches, strict=True)]
+    alone = [batcher.forward(s, c, key_layer=2)
+             for s, c in zip(steps, alone_caches, strict=True)]
     packed = forward_packed(lm, list(zip(steps, packed_caches, strict=True)), key_layer=2)
     tol = 1e-5 if dtype == torch.float32 else 0.0
     for a, p in zip(alone, packed, strict=True):
