@@ -9,11 +9,15 @@ many answers differ in token ids (a lossless change must show 0). ``--keep`` cop
 of the working tree into the old core (e.g. ``focus``, when another change to it would
 otherwise make the answers differ). Run, e.g.:
 ``python -m benchmarks.bench_ab --old 0786df8 --task docqa --items 30 --keep focus``.
+``--new-config '{"abstain_rare": false}'`` sets options of the new default (one added since
+the old revision, say), so that both decode the same answers and only their speed differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import re
 import statistics
@@ -47,15 +51,17 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--keep", nargs="*", default=[], help="modules taken from the work tree")
+    ap.add_argument("--new-config", default="{}",
+                    help="JSON of NestConfig fields set on the new default_config()")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = Path(tempfile.mkdtemp(prefix="nest-ab-"))
     unpack_old(args.old, args.keep, folder)
     sys.path.insert(0, str(folder))
     import nest_old.config
-    import nest_old.datastore
     import nest_old.decoder
     import nest_old.lm
+    import nest_old.stores.datastore
     import nest_old.types
     import torch
 
@@ -75,8 +81,10 @@ def main() -> None:
     spans = cache_dir() / "bench" / "spans"
     decoders: dict[str, Any] = {
         "old": nest_old.decoder.NestDecoder(old_lm, nest_old.config.default_config(lm.name),
-                                            key_cache=nest_old.datastore.SpanDatastore(spans)),
-        "new": NestDecoder(lm, default_config(lm.name), key_cache=SpanDatastore(spans))}
+                                            key_cache=nest_old.stores.datastore.SpanDatastore(spans)),
+        "new": NestDecoder(lm, dataclasses.replace(default_config(lm.name),
+                                                   **json.loads(args.new_config)),
+                           key_cache=SpanDatastore(spans))}
     for dec in decoders.values():
         dec.generate("Hello", max_new_tokens=2)  # one-off set-up, untimed
     rows: dict[str, list[Any]] = {name: [] for name in decoders}

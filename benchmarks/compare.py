@@ -113,14 +113,17 @@ def main(argv: Sequence[str] | None = None) -> None:
 def decoder(overrides: dict[str, Any], dtype: str | None, default: bool, store: Any) -> Any:
     """The decoder of one setting: ``default`` (or ``"defaults": true`` in its JSON) starts
     from ``default_config()``, else from ``paper_config()``; ``"dtype"`` loads its own model
-    (``"bfloat16"``), else ``--dtype``'s."""
+    (``"bfloat16"``), else ``--dtype``'s; ``"batching": true`` decodes as a batching
+    server's lone answer does (in bfloat16 that is the packed path: don't mix it with a
+    bfloat16 setting without batching, they share the model)."""
     from nest_core import NestDecoder, load_model
     from nest_core.config import default_config, paper_config
 
     settings = dict(overrides)
     lm = load_model(dtype=settings.pop("dtype", dtype))
+    batching = bool(settings.pop("batching", False))
     start = default_config if settings.pop("defaults", default) else paper_config
-    return NestDecoder(lm, start(lm.name, **settings), key_cache=store)
+    return NestDecoder(lm, start(lm.name, **settings), key_cache=store, batching=batching)
 
 
 def table(rows: dict[str, list[dict[str, Any]]]) -> str:

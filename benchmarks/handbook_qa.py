@@ -16,7 +16,8 @@ an unanswerable question, and still carry a citation: the worst outcome), **abst
 on unanswerable and on answerable questions (the result's
 ``finish_reason == "abstained"``, or a baseline saying it does not know), seconds per answer.
 
-Run: ``python -m benchmarks.handbook_qa [--split dev] [--items N] [--systems ...]``
+Run: ``python -m benchmarks.handbook_qa [--split dev] [--items N] [--systems ...]
+[--dtype bfloat16]``
 (``make bench`` installs ``debian-handbook``).
 """
 
@@ -194,9 +195,11 @@ def table(summary: dict[str, Any]) -> str:
 
 
 # --- running ---------------------------------------------------------------------------------
-def decoders(lm: Any, key_cache: Any, systems: Sequence[str]) -> dict[str, Any]:
+def decoders(lm: Any, key_cache: Any, systems: Sequence[str],
+             batching: bool = False) -> dict[str, Any]:
     """A decoder per system; ``default:name=value,...`` is the default with overrides
-    (values as Python literals), for measuring a setting on dev."""
+    (values as Python literals), for measuring a setting on dev; ``batching``: each decodes
+    through the model's batcher (as ``nest serve --batching`` does)."""
     import ast
 
     from nest_core import NestConfig, NestDecoder
@@ -212,8 +215,8 @@ def decoders(lm: Any, key_cache: Any, systems: Sequence[str]) -> dict[str, Any]:
             pairs = (kv.split("=", 1) for kv in s.split(":", 1)[1].split(";"))
             configs[s] = default_config(lm.name, **{k: ast.literal_eval(v) for k, v in pairs})
     embed = default_embedding_function()  # the abstention's evidence, as every surface has
-    return {s: NestDecoder(lm, configs[s], key_cache=key_cache, embed=embed) for s in systems
-            if s in configs}
+    return {s: NestDecoder(lm, configs[s], key_cache=key_cache, embed=embed, batching=batching)
+            for s in systems if s in configs}
 
 
 def answer(system: str, decs: dict[str, Any], lookup: Any, q: Question,
@@ -265,6 +268,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="comma-separated; default:name=value;... measures an override")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="", help="results file stem (default: handbook-<split>)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the model's dtype, for every system")
+    ap.add_argument("--batching", action="store_true",
+                    help="decode as a batching server's lone answers do (nest serve --batching)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -288,10 +295,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     chosen = [q for q in questions if q.split == args.split]
     chosen = chosen[:args.items] if args.items else chosen
     search = open_stores(passages, corpus="debian-handbook")["faiss"]
-    lm = load_model()
+    lm = load_model(dtype=args.dtype)
     store = SpanDatastore(cache_dir() / "bench" / "spans")
     systems = [s for s in args.systems.split(",") if s]
-    decs = decoders(lm, store, systems)
+    decs = decoders(lm, store, systems, batching=args.batching)
     lookup = PromptLookup(lm)
     embed = default_embedding_function()
     for dec in decs.values():
