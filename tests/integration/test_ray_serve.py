@@ -254,6 +254,8 @@ def test_on_a_running_cluster_it_answers_and_leaves_the_cluster_up(
             assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         finally:
             _stop(proc)
+        actors = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        assert "SERVE_CONTROLLER_ACTOR" in actors  # Ray Serve still runs for the others
         assert APP_NAME not in serve.status().applications  # this app is gone
         assert ray.cluster_resources().get("CPU") == 2  # the cluster is not
     finally:
