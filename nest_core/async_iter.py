@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections.abc import AsyncGenerator, Callable, Iterator
@@ -52,7 +53,7 @@ async def aiter_on(pool: Executor, iterator: Iterator[_T]) -> AsyncGenerator[_T,
     stop = threading.Event()
 
     def hand(item: Any, err: BaseException | None = None) -> None:
-        if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
             loop.call_soon_threadsafe(items.put_nowait, (item, err))
 
     def run() -> None:
