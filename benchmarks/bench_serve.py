@@ -13,7 +13,9 @@ latency, and whether a 200 answer equals the solo answer token for token. A batc
 may round differently in the last bits from a solo one (:mod:`nest_core.batching`), so a
 near tie can flip an answer: ``wrong`` counts those, never hidden. Tokens per model call
 comes from the server's ``/metrics`` (``nest_generated_tokens_total`` over
-``nest_model_forwards``). Writes ``results/serve_load.json`` and prints a markdown table.
+``nest_model_forwards``). ``--stream``: the clients stream their answers (server-sent events,
+the text put together and checked against the solo answer; seconds to the first text too).
+Writes ``results/serve_load.json`` and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -92,19 +94,36 @@ def start_server(store: Path, port: int, args: argparse.Namespace, batching: boo
     raise SystemExit("nest serve did not come up within 300 s")
 
 
-def ask(url: str, question: str, max_tokens: int) -> tuple[int, float, str | None]:
+def ask(url: str, question: str, max_tokens: int, stream: bool = False
+        ) -> tuple[int, float, str | None, float | None]:
+    """One chat request: status (-1: no response at all), seconds, the answer's text, and
+    (streamed) seconds to its first text."""
     import httpx
 
-    body = {"model": "nest", "max_tokens": max_tokens,
+    body = {"model": "nest", "max_tokens": max_tokens, "stream": stream,
             "messages": [{"role": "user", "content": question}]}
     started = time.perf_counter()
     try:
-        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+        if not stream:
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=600)
+            text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 \
+                else None
+            return r.status_code, time.perf_counter() - started, text, None
+        parts: list[str] = []
+        first: float | None = None
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines() if r.status_code == 200 else []:
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[len("data: "):])["choices"]:
+                    piece = choice["delta"].get("content") or ""
+                    if piece and first is None:
+                        first = time.perf_counter() - started
+                    parts.append(piece)
+        return (r.status_code, time.perf_counter() - started,
+                "".join(parts) if r.status_code == 200 else None, first)
     except httpx.TransportError:
-        return -1, time.perf_counter() - started, None  # lost: no response at all
-    seconds = time.perf_counter() - started
-    text = r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None
-    return r.status_code, seconds, text
+        return -1, time.perf_counter() - started, None, None  # lost: no response at all
 
 
 def counters(url: str) -> dict[str, float]:
@@ -134,9 +153,9 @@ def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[
                 budget[0] -= 1
             question = questions[n % len(questions)]
             n += clients
-            status, seconds, text = ask(url, question, args.max_tokens)
+            status, seconds, text, first = ask(url, question, args.max_tokens, args.stream)
             with lock:
-                records.append({"status": status, "seconds": seconds,
+                records.append({"status": status, "seconds": seconds, "first": first,
                                 "wrong": status == 200 and text != reference[question]})
             if status in (429, 503):
                 time.sleep(1.0)  # Retry-After: 1
@@ -161,6 +180,8 @@ def run_level(url: str, clients: int, questions: Sequence[str], reference: dict[
             "wrong": sum(r["wrong"] for r in records),
             "answers_per_second": len(ok) / wall if wall else 0.0,
             "p50_seconds": percentile(ok, 0.5), "p95_seconds": percentile(ok, 0.95),
+            "p50_first_text_seconds": percentile(
+                [r["first"] for r in records if r["first"] is not None], 0.5),
             "mean_seconds": statistics.fmean(ok) if ok else float("nan"),
             "tokens_per_model_call": tokens / forwards if forwards else 0.0,
             "forwards_per_model_call": calls / forwards if forwards else 0.0,
@@ -184,7 +205,7 @@ class Server:
     def solo_answers(self, args: argparse.Namespace) -> None:
         ask(self.url, QUESTIONS[0], args.max_tokens)  # warm-up: first-call costs out
         for q in QUESTIONS:
-            status, _, text = ask(self.url, q, args.max_tokens)
+            status, _, text, _ = ask(self.url, q, args.max_tokens)
             if status != 200 or text is None:
                 raise SystemExit(f"the reference answer failed with status {status}")
             self.reference[q] = text
@@ -213,6 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mode", default="default",
                     help="the servers' --mode (nest: the paper's decoding, longer answers)")
     ap.add_argument("--out", default="serve_load.json", help="file name under results/")
+    ap.add_argument("--stream", action="store_true",
+                    help="clients stream their answers (checked against the solo answers)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="the model's dtype in both servers (default: nest serve's)")
     args = ap.parse_args(argv)
@@ -236,16 +259,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in runs:  # a request alone decodes the same whatever the setting
         run["solo_answers_differ"] = sum(run["reference"][q] != solo[q] for q in QUESTIONS)
     out = {"mode": args.mode, "max_tokens": args.max_tokens, "dtype": args.dtype or "float32",
-           "cpu_count": os.cpu_count(),
+           "stream": args.stream, "cpu_count": os.cpu_count(),
            "questions": len(QUESTIONS), "runs": runs}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"nest serve --mode {args.mode} on loopback, {os.cpu_count()} CPUs, max_tokens "
-          f"{args.max_tokens}, {len(QUESTIONS)} questions; solo answers that differ between "
-          f"the servers: {runs[-1]['solo_answers_differ']}\n")
+          f"{args.max_tokens}, {len(QUESTIONS)} questions{', streamed' if args.stream else ''}; "
+          f"solo answers that differ between the servers: {runs[-1]['solo_answers_differ']}\n")
+    first = " | p50 s to first text" if args.stream else ""
     print("| batching | clients | requests | 429 / 503 | lost | wrong | answers/s | x 1 client "
-          "| p50 s | p95 s | tokens / model call | forwards / model call |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"| p50 s | p95 s | tokens / model call | forwards / model call{first} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * bool(first))
     for run in runs:
         one = run["levels"][0]["answers_per_second"] or float("nan")
         for lv in run["levels"]:
@@ -255,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{st.get('503', 0)} | {lv['lost']} | {lv['wrong']} | "
                   f"{lv['answers_per_second']:.2f} | {lv['answers_per_second'] / one:.2f} | "
                   f"{lv['p50_seconds']:.1f} | {lv['p95_seconds']:.1f} | "
-                  f"{lv['tokens_per_model_call']:.2f} | {lv['forwards_per_model_call']:.2f} |")
+                  f"{lv['tokens_per_model_call']:.2f} | {lv['forwards_per_model_call']:.2f} |"
+                  + (f" {lv['p50_first_text_seconds']:.2f} |" if args.stream else ""))
     return 0
 
 
