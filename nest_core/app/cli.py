@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers decoded at once (default 2; 8 with --batching)")
     p.add_argument("--batching", action="store_true",
                    help="run the concurrent answers' forwards together, in shared model calls "
-                   "(pays with long answers: the paper's --mode nest; see docs/scaling.md)")
+                   "(pays with --dtype bfloat16 on a CPU with AVX512-BF16, or with long "
+                   "answers: the paper's --mode nest; see docs/scaling.md)")
     p.add_argument("--max-queue", type=non_negative, default=8,
                    help="requests waiting beyond those; more get 429")
     p.add_argument("--max-tokens-limit", type=new_tokens, default=512,

@@ -222,8 +222,9 @@ def test_index_from_an_empty_store_says_so_before_loading_a_model(tmp_path, caps
 
 def test_serve_batches_only_when_asked_and_then_admits_more_answers() -> None:
     """`nest serve` decodes answers one forward at a time (2 at once) by default;
-    `--batching` runs concurrent answers' forwards together and admits 8 (measured: pays with
-    long answers, not with the default short ones; docs/scaling.md)."""
+    `--batching` runs concurrent answers' forwards together and admits 8 (measured: pays in
+    bfloat16, and with long answers; not with the default's short ones in float32;
+    docs/scaling.md)."""
     plain = build_parser().parse_args(["serve", "--store", "s"])
     batched = build_parser().parse_args(["serve", "--store", "s", "--batching"])
     assert (plain.batching, batched.batching) == (False, True)
