@@ -31,15 +31,21 @@ async def aiter_in_thread(make: Callable[[], Iterator[_T]]) -> AsyncGenerator[_T
         await close_in_thread(iterator)
 
 
+def close(iterator: Iterator[object]) -> None:
+    """Close a generator, which runs its cleanup (the decoder releases its caches); another
+    iterator has nothing to close."""
+    closing = getattr(iterator, "close", None)
+    if closing is not None:
+        closing()
+
+
 async def close_in_thread(iterator: Iterator[object]) -> None:
-    """Close a generator (which runs its cleanup: the decoder releases its caches) off the
-    event loop; one still mid-step in another thread is left to the garbage collector."""
-    close = getattr(iterator, "close", None)
-    if close is not None:
-        try:
-            await asyncio.to_thread(close)
-        except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
-            logger.debug("decoder stream abandoned while a step was running")
+    """:func:`close` off the event loop; a generator still mid-step in another thread is left
+    to the garbage collector."""
+    try:
+        await asyncio.to_thread(close, iterator)
+    except ValueError:  # cancelled mid-step: the generator is still running; GC ends it
+        logger.debug("decoder stream abandoned while a step was running")
 
 
 async def aiter_on(pool: Executor, iterator: Iterator[_T]) -> AsyncGenerator[_T, None]:
@@ -67,9 +73,7 @@ async def aiter_on(pool: Executor, iterator: Iterator[_T]) -> AsyncGenerator[_T,
         except Exception as err:  # raised in the consumer
             hand(_DONE, err)
         finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            close(iterator)
 
     loop.run_in_executor(pool, run)
     try:

@@ -160,11 +160,10 @@ def choose_abstention(answerable: Sequence[tuple[float, frozenset[str]]],
                       cap: float = MAX_ABSTAIN_ANSWERABLE) -> dict[str, Any]:
     """``abstain_below`` and the :data:`~nest_core.grounding.LEXICAL_RULES` from each
     question's ``(relevance, the lexical rules that would decline it)``: for the threshold
-    alone and for every set of
-    rules, the rules' declines plus the threshold chosen on the questions they leave, within
-    one cap of answerable questions declined; the set that declines the most unanswerable
-    questions wins, then the one that declines fewer answerable ones, then the smaller (a
-    rule goes on only where it declines more)."""
+    alone and for every set of rules, the rules' declines plus the threshold chosen on the
+    questions they leave, within one cap of answerable questions declined; the set that
+    declines the most unanswerable questions wins, then the one that declines fewer
+    answerable ones, then the smaller (a rule goes on only where it declines more)."""
     allowed = int(cap * len(answerable))
     best: tuple[tuple[int, int], dict[str, Any]] | None = None
     for size in range(len(LEXICAL_RULES) + 1):

@@ -61,7 +61,7 @@ from nest_core.app.openai_api import (
 )
 from nest_core.app.schemas import REQUEST_BODIES, components, request_body
 from nest_core.app.service import AnswerService
-from nest_core.async_iter import aiter_on
+from nest_core.async_iter import aiter_on, close
 from nest_core.types import NestChunk, NestResult, Passage
 
 logger = logging.getLogger(__name__)
@@ -316,9 +316,7 @@ async def _result_unless_gone(pieces: Iterator[NestChunk], request: Request,
                     return None
             raise AssertionError("stream ended without a result")  # pragma: no cover
         finally:
-            close = getattr(pieces, "close", None)
-            if close is not None:
-                close()
+            close(pieces)
 
     async def watch() -> None:
         while not await request.is_disconnected():
